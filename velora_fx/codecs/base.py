@@ -1,0 +1,42 @@
+"""The codec protocol: what a compressed site saves in forward and rebuilds in backward.
+
+A codec emits ``encode`` nodes right after the activation (forward side of the joint graph) and
+``decode`` nodes right before each weight-gradient consumer (backward side).  The rewrite pass
+tags the encoded nodes MUST_SAVE, so they are what the partitioner keeps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch.fx as fx
+
+__all__ = ["Codec", "register_codec", "get_codec"]
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, graph: fx.Graph, activation: fx.Node, site_key: str) -> list[fx.Node]:
+        """Insert forward nodes computing what is saved instead of ``activation``."""
+
+    def decode(self, graph: fx.Graph, saved: list[fx.Node], activation: fx.Node) -> fx.Node:
+        """Insert backward nodes rebuilding an approximation with ``activation``'s shape/dtype."""
+
+    def uuid(self) -> str:
+        """Identity of the codec and its options, for inductor's cache key."""
+
+
+_CODECS: dict[str, Callable[..., Codec]] = {}
+
+
+def register_codec(name: str):
+    def wrap(factory: Callable[..., Codec]) -> Callable[..., Codec]:
+        _CODECS[name] = factory
+        return factory
+    return wrap
+
+
+def get_codec(name: str, **options) -> Codec:
+    if name not in _CODECS:
+        raise ValueError(f"unknown codec {name!r}; registered: {sorted(_CODECS)}")
+    return _CODECS[name](**options)

@@ -1,0 +1,155 @@
+"""Configuration of the VeLoRA pass: one frozen dataclass, validated at construction."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+__all__ = ["VeloraConfig", "ConfigError", "RECIPES"]
+
+_INIT_RE = re.compile(r"^(first_batch|batch|random|ema:(0(\.\d+)?|1(\.0*)?))$")
+_MODES = ("auto", "all")
+_COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """An option, or an option against the model, is wrong (bad group size, unknown mode...)."""
+
+
+def _as_patterns(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a glob string or a list of them, got {value!r}") from None
+    if not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{name} must hold glob strings, got {value!r}")
+    return patterns
+
+
+def _as_dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str) and value.replace("torch.", "") in _COEFF_DTYPES:
+        dtype = _COEFF_DTYPES[value.replace("torch.", "")]
+    else:
+        raise ConfigError(f"coeff_dtype must be one of {sorted(_COEFF_DTYPES)} or None, got {value!r}")
+    if dtype is not None and dtype not in _COEFF_DTYPES.values():
+        raise ConfigError(f"unsupported coeff_dtype {dtype}; use float32, float16 or bfloat16")
+    return dtype
+
+
+@dataclass(frozen=True)
+class VeloraConfig:
+    """Options of the VeLoRA rewrite (Miles et al., 2024, "VeLoRA: Memory Efficient Training
+    using Rank-1 Sub-Token Projections").
+
+    Exactly one of ``num_groups`` / ``sub_token_size`` sets the sub-token size g; with neither,
+    ``num_groups=32`` as in the paper's code.  A feature size that g does not divide is an error
+    (no silent padding).
+    """
+
+    num_groups: int | None = field(default=None, metadata={"help": "sub-tokens per token (g = D / num_groups)"})
+    sub_token_size: int | None = field(default=None, metadata={"help": "size g of each sub-token"})
+    init: str = field(default="first_batch", metadata={"help": "first_batch | batch | ema:<decay> | random"})
+    scale: float = field(default=1.0, metadata={"help": "multiplier on the reconstructed weight gradient"})
+    mode: str = field(default="auto", metadata={"help": "auto: only sites that free saved bytes; all: every site"})
+    include: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to consider"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
+    coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.num_groups is not None and self.sub_token_size is not None:
+            raise ConfigError("give num_groups or sub_token_size, not both")
+        for name in ("num_groups", "sub_token_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_groups is None and self.sub_token_size is None:
+            set_(self, "num_groups", 32)
+        if not isinstance(self.init, str) or not _INIT_RE.match(self.init):
+            raise ConfigError(f"init must be 'first_batch', 'batch', 'ema:<decay in [0, 1]>' or 'random', got {self.init!r}")
+        if self.mode not in _MODES:
+            raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ConfigError(f"scale must be a number, got {self.scale!r}")
+        set_(self, "scale", float(self.scale))
+        set_(self, "include", _as_patterns(self.include, "include"))
+        set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
+        set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def ema_decay(self) -> float | None:
+        return float(self.init.split(":", 1)[1]) if self.init.startswith("ema:") else None
+
+    def sub_token_size_for(self, features: int, where: str = "") -> int:
+        """The sub-token size g for a feature size D, or a ConfigError naming the site."""
+        at = f" at {where}" if where else ""
+        if self.sub_token_size is not None:
+            if features % self.sub_token_size:
+                raise ConfigError(
+                    f"sub_token_size={self.sub_token_size} does not divide the feature size {features}{at}; "
+                    "choose a divisor, or exclude the site")
+            return self.sub_token_size
+        if features % self.num_groups:
+            raise ConfigError(
+                f"num_groups={self.num_groups} does not divide the feature size {features}{at}; "
+                "choose a divisor, or exclude the site")
+        return features // self.num_groups
+
+    def selects(self, module_path: str) -> bool:
+        """Whether include/exclude let a module path through."""
+        if self.include and not any(fnmatch.fnmatchcase(module_path, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(module_path, p) for p in self.exclude)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["coeff_dtype"] = None if self.coeff_dtype is None else str(self.coeff_dtype).replace("torch.", "")
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VeloraConfig":
+        return cls.from_options(**data)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "VeloraConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            hint = {n: _closest(n, names) for n in unknown}
+            raise TypeError("unknown velora_fx option(s): " + ", ".join(
+                f"{n!r}" + (f" (did you mean {hint[n]!r}?)" if hint[n] else "") for n in unknown))
+        return cls(**options)
+
+    @classmethod
+    def from_recipe_name(cls, name: str, **overrides: Any) -> "VeloraConfig":
+        if name not in RECIPES:
+            raise ConfigError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+        return cls.from_options(**{**RECIPES[name], **overrides})
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str | None:
+    import difflib
+    match = difflib.get_close_matches(name, list(candidates), n=1)
+    return match[0] if match else None
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # the paper's LLaMA configuration: v_proj and down_proj inputs, D/32 sub-tokens, fixed first-batch v
+    "paper": dict(num_groups=32, init="first_batch", mode="all", include=("*v_proj", "*down_proj")),
+    # partition-aware: every site whose compression removes bytes from the saved set
+    "auto": dict(num_groups=32, init="first_batch", mode="auto"),
+}

@@ -1,0 +1,1 @@
+"""Graph passes over AOTAutograd joint graphs (see README.md in this folder for invariants)."""

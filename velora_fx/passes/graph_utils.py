@@ -1,0 +1,139 @@
+"""Small helpers over AOTAutograd joint graphs: op classes, dependency flags, bytes, node creation."""
+from __future__ import annotations
+
+import contextlib
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .._compat import fake_mode_of, int_hint, is_joint_primal, is_joint_tangent
+
+aten = torch.ops.aten
+
+# Ops that only re-label or copy the same values: a saved tensor reached through them is "the
+# same activation" for memory purposes (GPT-2's Conv1D saves xᵀ, Linear saves view(x)).
+VIEW_LIKE = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.clone.default,
+    aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
+}
+# Layout ops that swap the last two dims when applied to a 2-D/3-D tensor.
+SWAP_LIKE = {aten.t.default, aten.transpose.int, aten.permute.default}
+MATMULS = {aten.mm.default, aten.bmm.default}
+FORWARD_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default}
+GRAD_PASSTHROUGH = VIEW_LIKE | {aten.add.Tensor}
+
+
+def tensor_val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def nbytes(node: fx.Node) -> int:
+    val = tensor_val(node)
+    if val is None:
+        return 0
+    return int_hint(val.numel()) * val.element_size()
+
+
+def output_values(gm: fx.GraphModule) -> list[Any]:
+    return list(gm.graph.find_nodes(op="output")[0].args[0])
+
+
+@dataclass
+class JointFlags:
+    """Per-node flags of a joint graph: does it depend on tangents / on a non-parameter input."""
+
+    tangent: dict[fx.Node, bool]
+    activation: dict[fx.Node, bool]
+    primals: list[fx.Node]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, param_indices: Iterable[int]) -> "JointFlags":
+        params = set(param_indices)
+        primals = [n for n in gm.graph.nodes if is_joint_primal(n)]
+        tangent: dict[fx.Node, bool] = {}
+        activation: dict[fx.Node, bool] = {}
+        for i, p in enumerate(primals):
+            activation[p] = i not in params
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                tangent[node] = is_joint_tangent(node)
+                activation.setdefault(node, False)
+                continue
+            inputs = node.all_input_nodes
+            tangent[node] = any(tangent.get(i, False) for i in inputs)
+            activation[node] = any(activation.get(i, False) for i in inputs)
+        return cls(tangent, activation, primals)
+
+
+def strip_views(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk up through view-like ops: (root, chain from root to ``node`` excluding root)."""
+    chain: list[fx.Node] = []
+    while node.op == "call_function" and node.target in VIEW_LIKE:
+        chain.append(node)
+        node = node.args[0]
+    return node, list(reversed(chain))
+
+
+def view_forms(root: fx.Node) -> list[fx.Node]:
+    """``root`` and every node reachable from it through view-like ops only."""
+    forms, stack = [], [root]
+    while stack:
+        n = stack.pop()
+        forms.append(n)
+        stack.extend(u for u in n.users if u.op == "call_function" and u.target in VIEW_LIKE and u.args[0] is n)
+    return forms
+
+
+def swaps_last_two(node: fx.Node) -> bool | None:
+    """True if a SWAP_LIKE node swaps the last two dims, False if it keeps them, None if neither."""
+    val_in, val_out = tensor_val(node.args[0]), tensor_val(node)
+    if val_in is None or val_out is None:
+        return None
+    nd = val_in.dim()
+    if node.target is aten.t.default:
+        return nd == 2
+    if node.target is aten.transpose.int:
+        d0, d1 = sorted(d % nd for d in node.args[1:3])
+        return (d0, d1) == (nd - 2, nd - 1) or (None if d1 >= nd - 2 else False)
+    perm = [d % nd for d in node.args[1]]
+    if perm == list(range(nd)):
+        return False
+    if perm == list(range(nd - 2)) + [nd - 1, nd - 2]:
+        return True
+    return None
+
+
+def create_node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None,
+                like: fx.Node | None = None) -> fx.Node:
+    """Insert a call_function node at the graph's insertion point with a fresh ``meta["val"]``."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    if like is not None:
+        for key in ("partitioner_tag", "nn_module_stack", "fwd_nn_module_stack", "seq_nr", "stack_trace"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+    if target is operator.getitem:
+        node.meta["val"] = fake_args[0][fake_args[1]]
+        return node
+    mode = fake_mode_of(list(_leaves((fake_args, fake_kwargs))))
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _leaves(tree: Any):
+    if isinstance(tree, (list, tuple)):
+        for t in tree:
+            yield from _leaves(t)
+    elif isinstance(tree, dict):
+        for t in tree.values():
+            yield from _leaves(t)
+    elif isinstance(tree, torch.Tensor):
+        yield tree
+
