@@ -8,8 +8,11 @@ from typing import Any
 __all__ = ["SiteReport", "GraphReport", "Report"]
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f}"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 @dataclass
@@ -84,18 +87,18 @@ class Report:
                 "graphs": [g.to_dict() for g in self.graphs]}
 
     def table(self) -> str:
-        header = ("site", "op", "shape", "dtype", "base saves", "MiB before", "MiB after", "decision", "reason")
+        header = ("site", "op", "shape", "dtype", "base saves", "saved before", "saved after", "decision", "reason")
         rows = [header]
         for s in self.sites:
             rows.append((s.name, s.op, "x".join(map(str, s.shape)), s.dtype, "yes" if s.saved_by_baseline else "no",
-                         _mib(s.bytes_before), _mib(s.bytes_after), s.decision, s.reason))
+                         _size(s.bytes_before), _size(s.bytes_after), s.decision, s.reason))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         for g in self.graphs:
             if g.status not in ("rewritten", "unchanged") or g.message:
                 lines.append(f"graph {g.graph_id}: {g.status}{': ' + g.message if g.message else ''}")
-        lines.append(f"saved activations: {_mib(self.saved_bytes_before)} MiB -> {_mib(self.saved_bytes_after)} MiB"
+        lines.append(f"saved activations: {_size(self.saved_bytes_before)} -> {_size(self.saved_bytes_after)}"
                      f" ({len(self.compressed)} of {len(self.sites)} sites compressed)")
         return "\n".join(lines)
 

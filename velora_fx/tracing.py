@@ -1,7 +1,7 @@
 """Capture the joint forward+backward graph AOTAutograd hands to inductor's partitioner."""
 from __future__ import annotations
 
-import copy
+from .passes.graph_utils import clone_graph_module
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,7 +31,7 @@ class _Capture(_compat.CustomPartitionerFn):
 
     def __call__(self, gm, joint_inputs, **kwargs):
         num_fwd_outputs = kwargs.pop("num_fwd_outputs")
-        self.graphs.append(JointGraph(copy.deepcopy(gm), joint_inputs, num_fwd_outputs, list(self.param_indices),
+        self.graphs.append(JointGraph(clone_graph_module(gm), joint_inputs, num_fwd_outputs, list(self.param_indices),
                                       dict(kwargs), list(self.labels)))
         return _compat.min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -137,3 +138,11 @@ def _leaves(tree: Any):
     elif isinstance(tree, torch.Tensor):
         yield tree
 
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (same node names, shallow-copied meta) that shares
+    gm's attributes.  ``copy.deepcopy(gm)`` would also copy constants, which fails for fake ones."""
+    clone = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    clone.meta = dict(getattr(gm, "meta", {}))
+    return clone

@@ -1,7 +1,7 @@
 """Ask the real partitioner what a joint graph would save (on a copy, so the graph stays intact)."""
 from __future__ import annotations
 
-import copy
+from .graph_utils import clone_graph_module
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -37,7 +37,7 @@ class SavedSet:
 
 def probe_partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], partition: PartitionFn,
                     num_fwd_outputs: int, **kwargs: Any) -> SavedSet:
-    gm = copy.deepcopy(joint)
+    gm = clone_graph_module(joint)
     fwd, bwd = partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     activations, inputs = {}, {}
     for node in output_values(fwd)[num_fwd_outputs:]:

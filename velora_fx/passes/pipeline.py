@@ -2,7 +2,7 @@
 partition again -> verify (auto: revert what freed nothing) -> report.  Only sequencing here."""
 from __future__ import annotations
 
-import copy
+from .graph_utils import clone_graph_module
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -12,7 +12,8 @@ from ..codecs.base import get_codec
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
 from ..state import SiteStore
-from .graph_utils import nbytes, tensor_val
+from .._compat import int_hint
+from .graph_utils import tensor_val
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import Decision, plan_groups
 from .rewrite import rewrite_group
@@ -56,10 +57,10 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, store: SiteStore, grap
         if not chosen:
             result_gm, after, saved_names = ctx.gm, baseline, {}
             break
-        result_gm = copy.deepcopy(ctx.gm)
+        result_gm = clone_graph_module(ctx.gm)
         saved_names = {id(d): _rewrite(result_gm, d, config, store) for d in chosen}
         after = ctx.probe(result_gm)
-        if config.mode == "all" or not _revert_unpaid(chosen, after):
+        if config.mode == "all" or not _revert_unpaid(chosen, after, saved_names):
             break
     if config.mode == "auto" and saved_names and after.activation_bytes >= baseline.activation_bytes:
         for d in decisions:
@@ -68,34 +69,45 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, store: SiteStore, grap
         result_gm, after, saved_names = ctx.gm, baseline, {}
     report = GraphReport(graph_id=graph_id, status="rewritten" if saved_names else "unchanged",
                          saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes)
+    for d in decisions:
+        if d.compress and not after.which(saved_names[id(d)]):
+            d.reason += "; its encode runs in backward (nothing saved for it)"
     report.sites = [_site_report(ctx.gm, d, baseline, after, saved_names.get(id(d), []), config) for d in decisions]
     return PipelineResult(result_gm, after, report)
 
 
 def _rewrite(gm: fx.GraphModule, decision: Decision, config: VeloraConfig, store: SiteStore) -> list[str]:
     group = decision.group
-    activation = next(n for n in gm.graph.nodes if n.name == group.activation)
-    g = config.sub_token_size_for(tensor_val(activation).shape[-1], group.name)
+    activation = next(n for n in gm.graph.nodes if n.name == group.encode_at)
+    g = config.sub_token_size_for(int(tensor_val(activation).shape[-1]), group.name)
     codec = get_codec("velora", sub_token_size=g, coeff_dtype=config.coeff_dtype, scale=config.scale)
     store.get(group.name)
-    return rewrite_group(gm, group.activation, decision.sites, codec, store.key(group.name))
+    return rewrite_group(gm, group.encode_at, decision.sites, codec, store.key(group.name))
 
 
-def _revert_unpaid(chosen: list[Decision], after: SavedSet) -> bool:
-    """Drop groups whose activation is still saved after the rewrite; True if any was dropped."""
+def _revert_unpaid(chosen: list[Decision], after: SavedSet, saved_names: dict[int, list[str]]) -> bool:
+    """Drop groups that freed nothing on the real partition; True if any was dropped.
+
+    Either the activation is still saved (another backward op keeps it), or the partitioner
+    moved the encode into backward on a recomputed activation: then exact recompute is what
+    frees the memory, and approximating the gradient buys nothing."""
     dropped = False
     for d in chosen:
         still = after.which(d.group.forms)
         if still:
             d.sites, d.reason = [], f"still saved after rewrite (as {', '.join(still)}): another backward op keeps it"
-            dropped = True
+        elif not after.which(saved_names[id(d)]):
+            d.sites, d.reason = [], "partitioner recomputes it in backward instead: exact recompute frees it as well"
+        else:
+            continue
+        dropped = True
     return dropped
 
 
 def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: SavedSet,
                  saved_names: list[str], config: VeloraConfig) -> SiteReport:
     group = d.group
-    activation = next(n for n in gm.graph.nodes if n.name == group.activation)
+    activation = next(n for n in gm.graph.nodes if n.name == group.encode_at)
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
     bytes_before = baseline.bytes_of(group.forms)
@@ -103,13 +115,11 @@ def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: Sav
         bytes_after = after.bytes_of(group.forms) + after.bytes_of(saved_names)
     else:
         bytes_after = bytes_before
-    g = None
-    if d.compress:
-        g = config.sub_token_size_for(val.shape[-1], group.name)
+    g = config.sub_token_size_for(int(val.shape[-1]), group.name) if d.compress else None
     return SiteReport(
         name=group.name, consumers=[s.module_path for s in group.sites],
         op="/".join(sorted({s.forward_op for s in group.sites})),
-        shape=tuple(int(s) if isinstance(s, int) else -1 for s in val.shape), dtype=str(val.dtype).replace("torch.", ""),
+        shape=tuple(int_hint(s) for s in val.shape), dtype=str(val.dtype).replace("torch.", ""),
         saved_by_baseline=bool(before_forms), saved_forms=before_forms, bytes_before=bytes_before,
         bytes_after=bytes_after, decision="compressed" if d.compress else "skipped", reason=d.reason,
         sub_token_size=g)

@@ -28,7 +28,9 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
     activation = nodes[activation_name]
     with graph.inserting_before(activation.next):  # keeps the encode nodes in order
         saved = codec.encode(graph, activation, site_key)
-    for node in saved:
+    # the encode op is stateful (it may update v): it must run once, in forward, and its outputs
+    # be saved; never let the partitioner recompute it in backward from a kept activation
+    for node in {*saved, *(a for n in saved for a in n.all_input_nodes if a is not activation)}:
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
     for site in sites:
         matmul = nodes[site.grad_matmul]

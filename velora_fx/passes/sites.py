@@ -29,7 +29,7 @@ class Site:
     forward_op: str          # addmm / mm / bmm of the forward matmul, or "?" if not found
     grad_matmul: str         # node name of the weight-gradient mm/bmm
     operand_index: int       # which argument of grad_matmul carries the activation
-    chain: list[str]         # view-like nodes from the activation to that operand
+    chain: list[str]         # view-like nodes from the encode point to that operand
 
 
 @dataclass
@@ -37,6 +37,7 @@ class ActivationGroup:
     """All weight-gradient uses of one activation tensor."""
 
     activation: str                      # node name of the activation (root, views stripped)
+    encode_at: str = ""                  # node the codec encodes (root or a view of it)
     sites: list[Site] = field(default_factory=list)
     forms: list[str] = field(default_factory=list)  # activation and its view-like descendants
     is_graph_input: bool = False
@@ -65,16 +66,16 @@ def _common_prefix(paths: Sequence[str]) -> str:
     return ".".join(common) + "." if common else ""
 
 
-_SOURCE_ITEM = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^'\"\]]+)['\"]?\]|\.([A-Za-z_]\w*)")
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])*")
+_SOURCE_ITEM = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
 
 
 def module_path_from_source(source: str) -> str:
     """``L['self']._modules['layers']._modules['0'].q_proj`` -> ``layers.0.q_proj``: dynamo
-    source / nn_module_stack strings to the module path a user writes in include/exclude."""
-    items = [next(g for g in m.groups() if g is not None) for m in _SOURCE_ITEM.finditer(source)]
-    if source.startswith(("L[", "G[")) and items:
-        items = items[1:]  # the root local (self / model) is not part of the module path
-    return ".".join(items)
+    source / nn_module_stack strings to the module path a user writes in include/exclude.
+    The root local (``L['self']``, ``L['args'][0]``: the compiled module itself) is dropped."""
+    rest = _ROOT.sub("", source)
+    return ".".join(next(g for g in m.groups() if g is not None) for m in _SOURCE_ITEM.finditer(rest))
 
 
 def _module_of(node: fx.Node) -> tuple[str, str] | None:
@@ -147,20 +148,23 @@ def find_groups(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: Sequenc
             found = _activation_operand(mm, flags)
             if found is None:
                 continue
-            operand_index, root, chain, layout_ok = found
+            operand_index, root, encode_at, chain, layout_ok = found
             forms = view_forms(root)
             fwd = _forward_matmul(forms, param, flags)
             module = (_module_of(fwd) if fwd is not None else None) or _label(primal_labels, index, param)
             group = groups.setdefault(root, ActivationGroup(activation=root.name,
                                                               forms=[f.name for f in forms],
                                                               is_graph_input=root.op == "placeholder"))
+            if group.sites and group.encode_at != encode_at.name:
+                group.unsupported = "its weight-gradient consumers read it in different layouts"
+            group.encode_at = encode_at.name
             if not layout_ok:
                 group.unsupported = f"unsupported layout at {mm.name}: feature dim is contracted"
             group.sites.append(Site(
                 module_path=module[0], module_type=module[1], param_index=index,
                 forward_op=getattr(fwd.target, "__name__", str(fwd.target)).split(".")[0] if fwd is not None else "?",
                 grad_matmul=mm.name, operand_index=operand_index, chain=[c.name for c in chain]))
-            site_nodes.setdefault(root, set()).update([mm, *chain])
+            site_nodes.setdefault(root, set()).update([mm, *chain])  # chain below encode point
     for root, group in groups.items():
         used = site_nodes[root]
         others = {user for form in view_forms(root) for user in form.users
@@ -171,7 +175,11 @@ def find_groups(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: Sequenc
 
 
 def _activation_operand(mm: fx.Node, flags: JointFlags):
-    """(operand index, activation root, view chain, feature-dim-not-contracted) or None."""
+    """(operand index, activation root, encode point, chain from it, layout ok) or None.
+
+    The root is the activation with views stripped (what the partitioner may save in any view
+    form); the encode point is the highest node of the view chain whose last dim is still the
+    linear's feature dim (for o_proj: the [B, T, H*hd] view of the attention output)."""
     candidates = []
     for i, operand in enumerate(mm.args[:2]):
         if not isinstance(operand, fx.Node) or flags.tangent[operand]:
@@ -183,21 +191,29 @@ def _activation_operand(mm: fx.Node, flags: JointFlags):
     if len(candidates) != 1:
         return None
     i, root, chain = candidates[0]
-    swaps = 0
-    for node in chain:
-        if node.target in SWAP_LIKE:
-            s = swaps_last_two(node)
-            if s is None:
-                return i, root, chain, False
-            swaps += int(s)
-        else:
-            before, after = tensor_val(node.args[0]), tensor_val(node)
-            if before is None or after is None or before.dim() == 0 or after.dim() == 0 \
-                    or before.shape[-1] != after.shape[-1]:
-                return i, root, chain, False
-    # weight-grad matmul contracts over tokens: the activation's features must stay un-contracted
+    nodes = [root, *chain]
+    start, swaps = len(nodes) - 1, 0
+    while start > 0:
+        step = _layout_step(nodes[start])
+        if step is None:
+            break
+        swaps += step
+        start -= 1
+    # the weight-grad matmul contracts over tokens: the features must stay un-contracted
     layout_ok = (i == 1 and swaps % 2 == 0) or (i == 0 and swaps % 2 == 1)
-    return i, root, chain, layout_ok
+    return i, root, nodes[start], nodes[start + 1:], layout_ok
+
+
+def _layout_step(node: fx.Node) -> int | None:
+    """1 if ``node`` swaps the last two dims, 0 if it keeps the last (feature) dim as is,
+    None if it reshapes features (the chain above it is not token-major with the same features)."""
+    if node.target in SWAP_LIKE:
+        swapped = swaps_last_two(node)
+        return None if swapped is None else int(swapped)
+    before, after = tensor_val(node.args[0]), tensor_val(node)
+    if before is None or after is None or before.dim() == 0 or after.dim() == 0:
+        return None
+    return 0 if before.shape[-1] == after.shape[-1] else None
 
 
 def _label(primal_labels, index: int, param: fx.Node) -> tuple[str, str]:
