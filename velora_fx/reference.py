@@ -68,8 +68,9 @@ class VeLoRALinear(nn.Module):
         self.transposed = not isinstance(inner, nn.Linear)  # Conv1D keeps W as [in, out]
         features = inner.weight.shape[0] if self.transposed else inner.weight.shape[1]
         self.sub_token_size = config.sub_token_size_for(features, name)
-        self.register_buffer("v", torch.zeros(self.sub_token_size), persistent=True)
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool), persistent=True)
+        device = inner.weight.device
+        self.register_buffer("v", torch.zeros(self.sub_token_size, device=device), persistent=True)
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool, device=device), persistent=True)
 
     def _vector(self, x: Tensor) -> Tensor:
         init, g = self.config.init, self.sub_token_size
