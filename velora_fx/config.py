@@ -138,7 +138,11 @@ class VeloraConfig:
     def from_recipe_name(cls, name: str, **overrides: Any) -> "VeloraConfig":
         if name not in RECIPES:
             raise ConfigError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-        return cls.from_options(**{**RECIPES[name], **overrides})
+        recipe = dict(RECIPES[name])
+        if "sub_token_size" in overrides or "num_groups" in overrides:  # an override replaces the recipe's size
+            recipe.pop("num_groups", None)
+            recipe.pop("sub_token_size", None)
+        return cls.from_options(**{**recipe, **overrides})
 
 
 def _closest(name: str, candidates: Iterable[str]) -> str | None:

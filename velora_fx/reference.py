@@ -73,6 +73,8 @@ class VeLoRALinear(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool, device=device), persistent=True)
 
     def _vector(self, x: Tensor) -> Tensor:
+        # v evolves on every forward that carries gradients, whatever ``self.training`` says: the
+        # compiled backend only sees the training graph, and the two must agree
         init, g = self.config.init, self.sub_token_size
         with torch.no_grad():
             if not bool(self.initialised):
@@ -83,7 +85,7 @@ class VeLoRALinear(nn.Module):
                 self.initialised.fill_(True)
             elif init == "batch":
                 self.v.copy_(initial_vector(x, g))
-            elif init.startswith("ema:") and self.training:
+            elif init.startswith("ema:"):
                 d = self.config.ema_decay
                 mixed = d * self.v + (1 - d) * initial_vector(x, g)
                 self.v.copy_(mixed / mixed.norm().clamp_min(1e-12))
@@ -104,8 +106,12 @@ def apply_velora(model: nn.Module, config: VeloraConfig | None = None, **options
     """Swap selected nn.Linear / Conv1D modules of ``model`` for VeLoRALinear, in place.
     Returns the module paths wrapped.  ``include``/``exclude`` globs select as in the backend."""
     config = config or VeloraConfig.from_options(**options)
+    if isinstance(model, VeLoRALinear) or not model._modules:
+        raise ValueError("apply_velora wraps the submodules of a model; wrap a bare layer in a container first")
+    wrapped = {id(m.inner) for m in model.modules() if isinstance(m, VeLoRALinear)}
     targets = [(name, m) for name, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or _is_conv1d(m)) and config.selects(name)]
+               if name and (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in wrapped
+               and config.selects(name)]
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

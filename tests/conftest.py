@@ -1,0 +1,25 @@
+"""Shared pytest fixtures and hypothesis settings for the velora_fx test-suite.
+
+Kept deliberately small; add fixtures here only when several test files need them.
+- ``seed`` (autouse): every test starts from ``torch.manual_seed(0)``.
+- hypothesis profile "ci" (default): ``deadline=None`` because the first call of a torch op is
+  slow (kernel / dispatcher warm-up), which would otherwise trip hypothesis' deadline.
+  Select another profile with ``HYPOTHESIS_PROFILE=thorough``.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", deadline=None, max_examples=30,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", deadline=None, max_examples=500,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    yield 0
