@@ -23,3 +23,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def seed():
     torch.manual_seed(0)
     yield 0
+
+
+@pytest.fixture
+def strict_pass(monkeypatch):
+    """Make a pass bug raise instead of silently falling back to the unrewritten graph."""
+    monkeypatch.setenv("VELORA_FX_STRICT", "1")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

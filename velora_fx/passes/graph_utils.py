@@ -25,7 +25,11 @@ VIEW_LIKE = {
 SWAP_LIKE = {aten.t.default, aten.transpose.int, aten.permute.default}
 MATMULS = {aten.mm.default, aten.bmm.default}
 FORWARD_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default}
-GRAD_PASSTHROUGH = VIEW_LIKE | {aten.add.Tensor}
+# dtype casts (autocast puts them on weights and on weight gradients)
+CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+# ops through which a weight-gradient matmul's output still reaches the parameter's gradient
+# linearly (views, casts, accumulation of several uses)
+GRAD_PASSTHROUGH = VIEW_LIKE | CASTS | {aten.add.Tensor}
 
 
 def tensor_val(node: Any) -> torch.Tensor | None:
@@ -71,10 +75,10 @@ class JointFlags:
         return cls(tangent, activation, primals)
 
 
-def strip_views(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+def strip_views(node: fx.Node, through: set = VIEW_LIKE) -> tuple[fx.Node, list[fx.Node]]:
     """Walk up through view-like ops: (root, chain from root to ``node`` excluding root)."""
     chain: list[fx.Node] = []
-    while node.op == "call_function" and node.target in VIEW_LIKE:
+    while node.op == "call_function" and node.target in through:
         chain.append(node)
         node = node.args[0]
     return node, list(reversed(chain))

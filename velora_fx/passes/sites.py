@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch.fx as fx
 
-from .graph_utils import (FORWARD_MATMULS, GRAD_PASSTHROUGH, MATMULS, SWAP_LIKE, JointFlags,
+from .graph_utils import (CASTS, VIEW_LIKE, FORWARD_MATMULS, GRAD_PASSTHROUGH, MATMULS, SWAP_LIKE, JointFlags,
                           output_values, strip_views, swaps_last_two, tensor_val, view_forms)
 
 __all__ = ["Site", "ActivationGroup", "find_groups", "module_path_from_source"]
@@ -124,7 +124,7 @@ def _forward_matmul(forms: list[fx.Node], param: fx.Node, flags: JointFlags) -> 
             if user.op != "call_function" or user.target not in FORWARD_MATMULS or flags.tangent[user]:
                 continue
             for other in user.args[-2:]:  # (x, W) of mm / bmm / addmm(b, x, W)
-                if isinstance(other, fx.Node) and other is not form and strip_views(other)[0] is param:
+                if isinstance(other, fx.Node) and other is not form and strip_views(other, VIEW_LIKE | CASTS)[0] is param:
                     return user
     return None
 
