@@ -109,9 +109,9 @@ class VeloraBackend:
         except Exception as exc:
             if os.environ.get("VELORA_FX_STRICT") == "1":  # tests: surface pass bugs instead of falling back
                 raise  # noqa: BLE001 - never crash a compile: fall back to plain inductor
-            message = f"velora_fx: graph {graph_id} compiled without the rewrite ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            self.warn_once(message)
-            self.reports.append(GraphReport(graph_id, "fallback", message))
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
+            self.reports.append(GraphReport(graph_id, "fallback", reason))
             return _compat.min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                                                **kwargs)
         self.reports.append(result.report)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .graph_utils import clone_graph_module
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -17,19 +18,24 @@ PartitionFn = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
 
 @dataclass
 class SavedSet:
-    """Tensors the forward graph hands to backward, by joint-graph node name."""
+    """Tensors the forward graph hands to backward, by joint-graph node name.
 
-    activations: dict[str, int]   # non-input saved tensors -> bytes
-    inputs: dict[str, int]        # saved graph inputs (parameters, caller-held inputs) -> bytes
+    Memory is counted per storage: a saved view (a q slice of a fused qkv output, a transpose)
+    costs its base tensor's bytes, once however many views of it are saved."""
+
+    activations: dict[str, str]   # saved non-input tensor -> name of the base it aliases
+    inputs: dict[str, str]        # saved graph inputs (parameters, caller-held inputs) -> base
+    base_bytes: dict[str, int]    # base name -> bytes
     fwd: fx.GraphModule
     bwd: fx.GraphModule
 
     @property
     def activation_bytes(self) -> int:
-        return sum(self.activations.values())
+        return sum(self.base_bytes[b] for b in set(self.activations.values()))
 
     def bytes_of(self, names: Sequence[str]) -> int:
-        return sum(self.activations.get(n, 0) + self.inputs.get(n, 0) for n in names)
+        bases = {self.activations.get(n) or self.inputs.get(n) for n in names} - {None}
+        return sum(self.base_bytes[b] for b in bases)
 
     def which(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n in self.activations or n in self.inputs]
@@ -39,9 +45,35 @@ def probe_partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], partitio
                     num_fwd_outputs: int, **kwargs: Any) -> SavedSet:
     gm = clone_graph_module(joint)
     fwd, bwd = partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-    activations, inputs = {}, {}
+    activations, inputs, base_bytes = {}, {}, {}
     for node in output_values(fwd)[num_fwd_outputs:]:
         if not isinstance(node, fx.Node) or tensor_val(node) is None:
             continue
-        (inputs if is_joint_primal(node) else activations)[node.name] = nbytes(node)
-    return SavedSet(activations, inputs, fwd, bwd)
+        base = alias_base(node)
+        base_bytes[base.name] = nbytes(base)
+        (inputs if is_joint_primal(base) else activations)[node.name] = base.name
+    return SavedSet(activations, inputs, base_bytes, fwd, bwd)
+
+
+def alias_base(node: fx.Node) -> fx.Node:
+    """The tensor whose storage ``node`` views (itself if it owns its storage), following the
+    ops' schemas: an output with alias info (view, transpose, split...) shares its input's storage."""
+    while node.op == "call_function":
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            if not _returns_alias(parent):
+                break
+            node = parent.args[0]
+        elif _returns_alias(node):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _returns_alias(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    info = schema.returns[0].alias_info
+    return info is not None and not info.is_write

@@ -1,0 +1,268 @@
+"""Targeted behaviour of the backend's pass: what "auto" skips and why, layouts (Conv1D, bmm),
+state across steps/recompiles/graph breaks, inference, fallback, errors, transform/explain."""
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import velora_fx
+from pass_helpers import Block, Stack, reference_twin, saved_activation_bytes, train_step, twin_grads
+
+pytestmark = pytest.mark.usefixtures("strict_pass")
+
+
+def _by_name(backend):
+    return {s.name: s for s in backend.report().sites}
+
+
+class TanhMLP(nn.Module):
+    def __init__(self, d=8, hidden=16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x * 2)))
+
+
+def test_auto_skips_an_activation_another_backward_keeps_and_its_gradient_stays_exact():
+    model, x = TanhMLP(), torch.randn(4, 8)
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager")
+    _, _, grads = train_step(model, x, backend)
+    sites = _by_name(backend)
+    assert sites["fc2"].decision == "skipped" and "tanh" in sites["fc2"].reason
+    assert sites["fc1"].decision == "compressed"  # x * 2 is saved only for fc1's weight grad
+    _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)
+    torch.testing.assert_close(grads["fc2.weight"], exact["fc2.weight"])
+    assert not torch.allclose(grads["fc1.weight"], exact["fc1.weight"], atol=1e-4)
+
+
+def test_graph_inputs_are_not_compressed_in_auto_but_are_in_all():
+    model, x = nn.Sequential(nn.Linear(8, 8)), torch.randn(3, 8)
+    auto = velora_fx.backend(sub_token_size=2, compiler="eager")
+    train_step(model, x, auto)
+    (site,) = auto.report().sites
+    assert site.decision == "skipped" and site.reason.startswith("graph input")
+    model.zero_grad()
+    everything = velora_fx.backend(sub_token_size=2, compiler="eager", mode="all")
+    train_step(model, x, everything)
+    assert everything.report().sites[0].decision == "compressed"
+
+
+def test_shared_input_is_compressed_for_all_consumers_or_none():
+    model, x = Block(8, 16), torch.randn(2, 3, 8)
+    only_v = velora_fx.backend(sub_token_size=2, compiler="eager", include=["v"])
+    train_step(model, x, only_v)
+    shared = _by_name(only_v)["{q,k,v}"]
+    assert shared.decision == "skipped" and "unselected" in shared.reason
+    model.zero_grad()
+    paper = velora_fx.backend(sub_token_size=2, compiler="eager", include=["v"], mode="all")
+    _, _, grads = train_step(model, x, paper)
+    assert [s.consumers for s in paper.report().compressed] == [["q", "k", "v"]]
+    _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)
+    torch.testing.assert_close(grads["q.weight"], exact["q.weight"])  # only v's weight grad changes
+    assert not torch.allclose(grads["v.weight"], exact["v.weight"], atol=1e-4)
+
+
+def test_gpt2_conv1d_saves_transposed_inputs_and_the_pass_frees_them():
+    from transformers import GPT2Config, GPT2Model
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32,
+                                 resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, attn_implementation="sdpa"))
+    ids = torch.randint(0, 64, (2, 8))
+    fn = lambda m: (lambda i: m(i).last_hidden_state)  # noqa: E731
+    plain = velora_fx.backend(sub_token_size=4, compiler="eager", include=["<nothing>"])
+    inputs = [*model.parameters(), *model.buffers(), ids]  # graph inputs the caller holds anyway
+    before, _ = saved_activation_bytes(torch.compile(fn(model), backend=plain), ids, params=inputs)
+    torch._dynamo.reset()
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager")
+    after, out = saved_activation_bytes(torch.compile(fn(model), backend=backend), ids, params=inputs)
+    sites = _by_name(backend)
+    for name in ("h.0.attn.c_attn", "h.0.mlp.c_fc", "h.0.mlp.c_proj"):
+        assert sites[name].decision == "compressed", sites[name].reason
+        assert sites[name].saved_by_baseline and sites[name].bytes_freed > 0
+    assert sites["h.0.attn.c_proj"].decision == "skipped"  # attention output: SDPA backward keeps it
+    assert backend.report().saved_bytes_before == before and backend.report().saved_bytes_after == after < before
+    out.float().pow(2).mean().backward()
+    twin = reference_twin(model, backend)
+    twin(ids).last_hidden_state.float().pow(2).mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+class BatchedAdapter(nn.Module):
+    """A per-group weight applied with bmm: y[b] = x[b] @ W[b] (batched LoRA-style adapter)."""
+
+    def __init__(self, groups=3, d=8, r=4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(groups, d, r) / d ** 0.5)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return torch.bmm(self.norm(x), self.w).relu().sum(-1)
+
+
+def test_bmm_with_a_batched_weight_is_a_site_and_matches_the_formula():
+    model, x = BatchedAdapter(), torch.randn(3, 5, 8)
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager", mode="all")
+    _, _, grads = train_step(model, x, backend)
+    (site,) = backend.report().compressed
+    assert site.op == "bmm"
+    v = backend.state_dict()["sites"][site.name]["vector"]
+    h = F.layer_norm(x, (8,), model.norm.weight, model.norm.bias).detach()
+    h_hat = ((h.reshape(3, 5, 2, 4) @ v)[..., None] * v).reshape(3, 5, 8)
+    y = torch.bmm(h, model.w.detach())
+    grad_y = (y > 0).float() * (2 * y.relu().sum(-1, keepdim=True) / y.shape[0] / y.shape[1])
+    torch.testing.assert_close(grads["w"], h_hat.transpose(1, 2) @ grad_y, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_size_the_group_does_not_divide_is_a_clear_error():
+    model, x = Stack(12, 12), torch.randn(2, 3, 12)
+    with pytest.raises(Exception, match=r"sub_token_size=5 does not divide the feature size 12"):
+        train_step(model, x, velora_fx.backend(sub_token_size=5, compiler="eager"))
+
+
+def test_first_batch_v_is_fixed_and_state_round_trips_into_a_new_backend():
+    model = Stack(8, 16)
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager")
+    train_step(model, torch.randn(2, 3, 8), backend)
+    state = backend.state_dict()
+    first = {k: v["vector"].clone() for k, v in state["sites"].items() if v["vector"] is not None}
+    assert first
+    fn = torch.compile(model, backend=backend)
+    fn(torch.randn(2, 3, 8) + 3).sum().backward()
+    for name, vec in first.items():
+        assert torch.equal(backend.state_dict()["sites"][name]["vector"], vec)
+    resumed = velora_fx.backend(sub_token_size=4, compiler="eager")
+    resumed.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
+    train_step(model, torch.randn(2, 3, 8) - 2, resumed)
+    for name, vec in first.items():
+        assert torch.equal(resumed.state_dict()["sites"][name]["vector"], vec)
+
+
+def _roundtrip(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_batch_and_ema_inits_move_v_every_step():
+    for init in ("batch", "ema:0.5"):
+        model = Stack(8, 16)
+        backend = velora_fx.backend(sub_token_size=4, compiler="eager", init=init)
+        train_step(model, torch.randn(2, 3, 8), backend)
+        before = {k: v["vector"].clone() for k, v in backend.state_dict()["sites"].items() if v["vector"] is not None}
+        torch.compile(model, backend=backend)(torch.randn(2, 3, 8) * 3 + 1).sum().backward()
+        after = backend.state_dict()["sites"]
+        assert any(not torch.allclose(after[k]["vector"], v) for k, v in before.items()), init
+
+
+def test_dynamic_shapes_reuse_the_same_sites_and_vectors():
+    model = Stack(8, 16)
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager")
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=backend, dynamic=True)
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 8)
+        fn(x).pow(2).mean().backward()
+        if batch == 2:
+            names = set(backend.state_dict()["sites"])
+            vectors = {k: v["vector"].clone() for k, v in backend.state_dict()["sites"].items()}
+    assert set(backend.state_dict()["sites"]) == names
+    for k, v in vectors.items():
+        assert torch.equal(backend.state_dict()["sites"][k]["vector"], v)
+    # the second batch ran through the same (symbolic) graph or a recompile: either way, same state
+    model.zero_grad()
+    x = torch.randn(4, 3, 8)
+    fn(x).pow(2).mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    _, _, ref = twin_grads(reference_twin(model, backend), x)
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-4, atol=1e-5)
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Stack(8, 16), Stack(3, 6)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_graph_breaks_give_one_report_per_graph_and_distinct_sites():
+    model = Broken()
+    backend = velora_fx.backend(sub_token_size=1, compiler="eager", mode="all")
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(torch.randn(2, 3, 8)).sum().backward()
+    report = backend.report()
+    assert len(report.graphs) == 2 and all(g.status == "rewritten" for g in report.graphs)
+    names = [s.name for s in report.sites]
+    assert len(names) == len(set(names))
+    assert any(n.startswith("a.") for n in names) and any(n.startswith("b.") for n in names)
+
+
+def test_inference_is_a_pass_through():
+    model, x = Stack(8, 16), torch.randn(2, 3, 8)
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, model(x))
+    assert backend.report().sites == []
+    assert all(v["vector"] is None for v in backend.state_dict()["sites"].values())
+
+
+def test_a_pass_failure_falls_back_to_the_exact_graph_with_one_warning(monkeypatch):
+    import velora_fx.passes.pipeline as pipeline
+    monkeypatch.delenv("VELORA_FX_STRICT")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("unexpected graph shape")
+
+    monkeypatch.setattr(pipeline, "find_groups", boom)
+    model = Broken()
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager")
+    x = torch.randn(2, 3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, grads = train_step(model, x, backend)
+    ours = [w for w in caught if "velora_fx" in str(w.message)]
+    assert len(ours) == 1 and "unexpected graph shape" in str(ours[0].message)
+    assert {g.status for g in backend.report().graphs} == {"fallback"}
+    _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, exact[n])
+
+
+def test_transform_rewrites_a_traced_joint_graph_and_the_partition_saves_coefficients():
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    model, x = Stack(8, 16, act="gelu"), torch.randn(2, 3, 8)
+    joint = velora_fx.trace_joint(model, x)
+    gm, report = velora_fx.transform(joint, sub_token_size=4)
+    assert report.compressed and gm is not joint.gm
+    encodes = [n for n in gm.graph.nodes if "velora_fx.encode" in str(n.target)]
+    assert len(encodes) == len(report.compressed)
+    fwd, _ = min_cut_rematerialization_partition(gm, joint.joint_inputs, num_fwd_outputs=joint.num_fwd_outputs,
+                                                 **joint.partition_kwargs)
+    saved = {str(a) for a in fwd.graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs:]}
+    coeffs = {u.name for e in encodes for u in e.users}
+    assert coeffs <= saved
+    for site in report.compressed:
+        assert not set(site.saved_forms) & saved, site.name
+
+
+def test_explain_reports_every_site_and_serialises():
+    model, x = Stack(8, 16, layers=2, act="tanh", attention=True), torch.randn(2, 4, 8)
+    report = velora_fx.explain(model, x, sub_token_size=2)
+    assert {s.decision for s in report.sites} == {"compressed", "skipped"}
+    table = str(report)
+    assert "blocks.1.fc2" in table and "saved activations" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["saved_bytes_after"] < data["saved_bytes_before"]
+    assert all(p.grad is None for p in model.parameters())
