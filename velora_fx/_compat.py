@@ -17,6 +17,7 @@ if TORCH_VERSION < (2, 11):  # pragma: no cover - guarded by pyproject
 from torch._dynamo import list_backends, register_backend  # noqa: E402,F401
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402,F401
 from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402,F401
+from torch._functorch.compile_utils import fx_graph_cse  # noqa: E402,F401
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: E402,F401
 from torch._guards import detect_fake_mode  # noqa: E402,F401
 from torch._inductor import config as inductor_config  # noqa: E402,F401

@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 
-from .._compat import fake_mode_of, int_hint, is_joint_primal, is_joint_tangent
+from .._compat import fake_mode_of, fx_graph_cse, int_hint, is_joint_primal, is_joint_tangent
 
 aten = torch.ops.aten
 
@@ -144,9 +145,14 @@ def _leaves(tree: Any):
 
 
 
-def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+def clone_graph_module(gm: fx.GraphModule, cse: bool = False) -> fx.GraphModule:
     """A new GraphModule with a copied graph (same node names, shallow-copied meta) that shares
-    gm's attributes.  ``copy.deepcopy(gm)`` would also copy constants, which fails for fake ones."""
-    clone = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    gm's attributes.  ``copy.deepcopy(gm)`` would also copy constants, which fails for fake ones.
+    ``cse=True`` also merges identical computations, as the min-cut partitioner does first (under
+    autocast, q, k and v each cast the shared norm output: one cast after CSE, one site group)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree spec deprecation noise on copy
+        graph = fx_graph_cse(gm.graph) if cse else copy.deepcopy(gm.graph)
+    clone = fx.GraphModule(gm, graph)
     clone.meta = dict(getattr(gm, "meta", {}))
     return clone

@@ -48,6 +48,7 @@ class PipelineResult:
 
 
 def run_pipeline(ctx: JointContext, config: VeloraConfig, store: SiteStore, graph_id: int = 0) -> PipelineResult:
+    ctx.gm = clone_graph_module(ctx.gm, cse=True)  # the partitioner's view: duplicates merged
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels)
     baseline = ctx.probe(ctx.gm)
     decisions = plan_groups(groups, baseline, config)
