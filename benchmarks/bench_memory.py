@@ -98,9 +98,12 @@ def prepare(regime: str, model_name: str, model: torch.nn.Module, args):
         budget = float(regime.rsplit("_", 1)[1])
         patch = torch._functorch.config.patch(activation_memory_budget=budget)
         return torch.compile(model), None, patch, {"activation_memory_budget": budget}
-    if regime in ("velora_auto", "velora_all"):
-        b = velora_fx.backend(num_groups=args.num_groups, mode=regime.split("_", 1)[1], compiler=args.compiler)
-        return torch.compile(model, backend=b), b, contextlib.nullcontext(), {"velora": b.config.to_dict()}
+    if regime.startswith(("velora_auto", "velora_all")):  # velora_<mode>[_budget_<x>]: composes with recompute
+        mode, _, budget = regime[len("velora_"):].partition("_budget_")
+        b = velora_fx.backend(num_groups=args.num_groups, mode=mode, compiler=args.compiler)
+        ctx = torch._functorch.config.patch(activation_memory_budget=float(budget)) if budget else contextlib.nullcontext()
+        notes = {"velora": b.config.to_dict(), **({"activation_memory_budget": float(budget)} if budget else {})}
+        return torch.compile(model, backend=b), b, ctx, notes
     if regime == "eager_reference":
         include = REFERENCE_INCLUDE[model_name]
         wrapped = apply_velora(model, include=include, num_groups=args.num_groups, init="first_batch")
@@ -250,7 +253,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2"], choices=["llama", "gpt2"])
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES),
-                    help=f"subset of {REGIMES}; inductor_budget_<x> takes any budget")
+                    help=f"subset of {REGIMES}; inductor_budget_<x> and velora_<mode>_budget_<x> take any budget")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--ref-dtype", default="float32", choices=["float32", "same"],

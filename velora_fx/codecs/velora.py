@@ -16,9 +16,9 @@ from ..passes.graph_utils import create_node
 from ..state import lookup_site
 from .base import register_codec
 
-__all__ = ["project", "reconstruct", "initial_vector", "random_vector", "encode_op", "decode_op", "VeloraCodec"]
+__all__ = ["project", "reconstruct", "initial_vector", "random_vector", "encode_op", "VeloraCodec"]
 
-OP_NAME = "velora_fx::encode"
+aten, prims = torch.ops.aten, torch.ops.prims
 _EPS = 1e-12
 
 
@@ -61,11 +61,14 @@ def _normalised(u: Tensor) -> Tensor:
     return u / norm
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
+@torch.library.custom_op("velora_fx::encode", mutates_args=())
 def encode_op(x: Tensor, site: str, sub_token_size: int, coeff_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Forward half of the codec inside a compiled graph: updates the site's v (per its init
-    rule) from ``x`` and returns ``(coefficients, v)``; v (g floats) is saved beside the
-    coefficients so backward reconstructs with exactly the v forward used."""
+    """Forward half of the codec in a compiled graph: the site's v for this step (updated from
+    ``x`` per its init rule) and the coefficients ``subtokens(x) @ v``.
+
+    Opaque on purpose: the partitioner cannot recompute it, so it runs once per step, in forward,
+    and its (small) outputs are what gets saved.  v is returned too, so backward reconstructs with
+    exactly the v forward used; reconstruction itself is plain aten ops that inductor fuses."""
     v = lookup_site(site).vector_for(x, sub_token_size)
     return project(x, v, coeff_dtype), v.clone()
 
@@ -76,21 +79,25 @@ def _(x: Tensor, site: str, sub_token_size: int, coeff_dtype: torch.dtype) -> tu
     return c, x.new_empty((sub_token_size,), dtype=torch.float32)
 
 
-@torch.library.custom_op("velora_fx::decode", mutates_args=())
-def decode_op(coeff: Tensor, v: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
-    """Backward half: ``x̂ = scale · (c ⊗ v)`` with the activation's dtype and shape [..., D]."""
-    x_hat = reconstruct(coeff, v, dtype)
-    return x_hat * scale if scale != 1.0 else x_hat
+def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    if node.meta["val"].dtype == dtype:
+        return node
+    return create_node(graph, prims.convert_element_type.default, (node, dtype), like=node)
 
 
-@decode_op.register_fake
-def _(coeff: Tensor, v: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
-    return coeff.new_empty((*coeff.shape[:-1], coeff.shape[-1] * v.shape[0]), dtype=dtype)
+def _sizes(graph: fx.Graph, node: fx.Node, dims: range) -> list:
+    """Sizes of ``node`` as graph arguments: ints, or sym_size nodes for symbolic dims."""
+    shape = node.meta["val"].shape
+    return [shape[d] if isinstance(shape[d], int) else create_node(graph, aten.sym_size.int, (node, d))
+            for d in dims]
 
 
 @register_codec("velora")
 class VeloraCodec:
-    """Rank-1 sub-token projection of one activation (one v per activation group)."""
+    """Rank-1 sub-token projection of one activation (one v per activation group).
+
+    encode: ``c, v = velora_fx::encode(x)`` (opaque, stateful)
+    decode: ``x̂ = view(c[..., None] * v, [..., D]) * scale`` in the activation's dtype (aten)."""
 
     name = "velora"
 
@@ -107,8 +114,13 @@ class VeloraCodec:
 
     def decode(self, graph: fx.Graph, saved: list[fx.Node], activation: fx.Node) -> fx.Node:
         coeff, v = saved
-        return create_node(graph, torch.ops.velora_fx.decode.default,
-                           (coeff, v, activation.meta["val"].dtype, self.scale))
+        dtype = activation.meta["val"].dtype
+        node = lambda target, *args: create_node(graph, target, args)  # noqa: E731
+        outer = node(aten.mul.Tensor, node(aten.unsqueeze.default, _cast(graph, coeff, dtype), -1), _cast(graph, v, dtype))
+        ndim = coeff.meta["val"].dim()
+        x_hat = node(aten.view.default, outer, [*_sizes(graph, coeff, range(ndim - 1)),
+                                                 int(coeff.meta["val"].shape[-1]) * self.sub_token_size])
+        return node(aten.mul.Tensor, x_hat, self.scale) if self.scale != 1.0 else x_hat
 
     def uuid(self) -> str:
         return f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}"

@@ -33,12 +33,20 @@ class SavedSet:
     def activation_bytes(self) -> int:
         return sum(self.base_bytes[b] for b in set(self.activations.values()))
 
+    def _saved(self):
+        yield from self.activations.items()
+        yield from self.inputs.items()
+
     def bytes_of(self, names: Sequence[str]) -> int:
-        bases = {self.activations.get(n) or self.inputs.get(n) for n in names} - {None}
+        """Bytes of the storages of ``names`` that are saved, directly or through a view."""
+        names = set(names)
+        bases = {base for saved, base in self._saved() if saved in names or base in names}
         return sum(self.base_bytes[b] for b in bases)
 
     def which(self, names: Sequence[str]) -> list[str]:
-        return [n for n in names if n in self.activations or n in self.inputs]
+        """The saved tensors that are ``names`` or views of them."""
+        names = set(names)
+        return [saved for saved, base in self._saved() if saved in names or base in names]
 
 
 def probe_partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], partition: PartitionFn,

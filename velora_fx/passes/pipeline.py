@@ -52,28 +52,28 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, store: SiteStore, grap
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels)
     baseline = ctx.probe(ctx.gm)
     decisions = plan_groups(groups, baseline, config)
-    result_gm, after, saved_names = ctx.gm, baseline, {}
+    result_gm, after, encoded = ctx.gm, baseline, {}
     for _ in range(_MAX_ROUNDS):
         chosen = [d for d in decisions if d.compress]
         if not chosen:
-            result_gm, after, saved_names = ctx.gm, baseline, {}
+            result_gm, after, encoded = ctx.gm, baseline, {}
             break
         result_gm = clone_graph_module(ctx.gm)
-        saved_names = {id(d): _rewrite(result_gm, d, config, store) for d in chosen}
+        encoded = {id(d): _rewrite(result_gm, d, config, store) for d in chosen}
         after = ctx.probe(result_gm)
-        if config.mode == "all" or not _revert_unpaid(chosen, after, saved_names):
+        if config.mode == "all" or not _revert_unpaid(chosen, after, encoded):
             break
-    if config.mode == "auto" and saved_names and after.activation_bytes >= baseline.activation_bytes:
+    if config.mode == "auto" and encoded and after.activation_bytes >= baseline.activation_bytes:
         for d in decisions:
             if d.compress:
                 d.sites, d.reason = [], "no net gain in saved bytes on the real partition"
-        result_gm, after, saved_names = ctx.gm, baseline, {}
-    report = GraphReport(graph_id=graph_id, status="rewritten" if saved_names else "unchanged",
+        result_gm, after, encoded = ctx.gm, baseline, {}
+    report = GraphReport(graph_id=graph_id, status="rewritten" if encoded else "unchanged",
                          saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes)
     for d in decisions:
-        if d.compress and not after.which(saved_names[id(d)]):
+        if d.compress and _encodes_in_backward(after, encoded[id(d)]):
             d.reason += "; its encode runs in backward (nothing saved for it)"
-    report.sites = [_site_report(ctx.gm, d, baseline, after, saved_names.get(id(d), []), config) for d in decisions]
+    report.sites = [_site_report(ctx.gm, d, baseline, after, encoded.get(id(d), []), config) for d in decisions]
     return PipelineResult(result_gm, after, report)
 
 
@@ -86,7 +86,13 @@ def _rewrite(gm: fx.GraphModule, decision: Decision, config: VeloraConfig, store
     return rewrite_group(gm, group.encode_at, decision.sites, codec, store.key(group.name))
 
 
-def _revert_unpaid(chosen: list[Decision], after: SavedSet, saved_names: dict[int, list[str]]) -> bool:
+def _encodes_in_backward(saved: SavedSet, encode_names: list[str]) -> bool:
+    """The partitioner placed (part of) the encode in the backward graph."""
+    names = set(encode_names)
+    return any(n.op == "call_function" and n.name in names for n in saved.bwd.graph.nodes)
+
+
+def _revert_unpaid(chosen: list[Decision], after: SavedSet, encoded: dict[int, list[str]]) -> bool:
     """Drop groups that freed nothing on the real partition; True if any was dropped.
 
     Either the activation is still saved (another backward op keeps it), or the partitioner
@@ -97,7 +103,7 @@ def _revert_unpaid(chosen: list[Decision], after: SavedSet, saved_names: dict[in
         still = after.which(d.group.forms)
         if still:
             d.sites, d.reason = [], f"still saved after rewrite (as {', '.join(still)}): another backward op keeps it"
-        elif not after.which(saved_names[id(d)]):
+        elif _encodes_in_backward(after, encoded[id(d)]):
             d.sites, d.reason = [], "partitioner recomputes it in backward instead: exact recompute frees it as well"
         else:
             continue
@@ -106,14 +112,14 @@ def _revert_unpaid(chosen: list[Decision], after: SavedSet, saved_names: dict[in
 
 
 def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: SavedSet,
-                 saved_names: list[str], config: VeloraConfig) -> SiteReport:
+                 encoded: list[str], config: VeloraConfig) -> SiteReport:
     group = d.group
     activation = next(n for n in gm.graph.nodes if n.name == group.encode_at)
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
     bytes_before = baseline.bytes_of(group.forms)
     if d.compress:
-        bytes_after = after.bytes_of(group.forms) + after.bytes_of(saved_names)
+        bytes_after = after.bytes_of(group.forms) + after.bytes_of(encoded)
     else:
         bytes_after = bytes_before
     g = config.sub_token_size_for(int(val.shape[-1]), group.name) if d.compress else None

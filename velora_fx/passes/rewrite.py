@@ -22,27 +22,35 @@ _TAGS = ("partitioner_tag", "seq_nr", "fwd_nn_module_stack")
 
 def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], codec: Codec,
                   site_key: str) -> list[str]:
-    """Rewrite one activation group in place; returns the names of the saved (encoded) nodes."""
+    """Rewrite one activation group in place; returns the names of all encode nodes (the
+    tensors meant to be saved come last)."""
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     activation = nodes[activation_name]
+    before = set(graph.nodes)
     with graph.inserting_before(activation.next):  # keeps the encode nodes in order
         saved = codec.encode(graph, activation, site_key)
-    # the encode op is stateful (it may update v): it must run once, in forward, and its outputs
-    # be saved; never let the partitioner recompute it in backward from a kept activation
-    for node in {*saved, *(a for n in saved for a in n.all_input_nodes if a is not activation)}:
+    encode_nodes = [n for n in graph.nodes if n not in before]
+    # the encoded tensors are what backward reads: ask the partitioner to save them (it may still
+    # compute them in backward when the activation is kept anyway; the pipeline checks that)
+    for node in saved:
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
     for site in sites:
         matmul = nodes[site.grad_matmul]
+        known = set(graph.nodes)
         with graph.inserting_before(matmul):
             rebuilt = codec.decode(graph, saved, activation)
-            _copy_tags(matmul, rebuilt)
             mapping = {activation: rebuilt}
             for name in site.chain:  # replay the views/transposes on the reconstruction
                 original = nodes[name]
                 args, kwargs = fx.node.map_arg((original.args, original.kwargs), lambda n: mapping.get(n, n))
                 mapping[original] = create_node(graph, original.target, args, kwargs, like=original)
-                _copy_tags(matmul, mapping[original])
+        # decode is tangent-free, so min-cut could run it in forward and save the full-size
+        # reconstruction: pin it (and the replayed views) to backward
+        for node in graph.nodes:
+            if node not in known:
+                _copy_tags(matmul, node)
+                node.meta["partitioner_tag"] = "must_be_in_backward"
         operand = matmul.args[site.operand_index]
         new_args = list(matmul.args)
         new_args[site.operand_index] = mapping[operand] if site.chain else rebuilt
@@ -50,7 +58,7 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return [n.name for n in saved]
+    return [n.name for n in encode_nodes]
 
 
 def _copy_tags(src: fx.Node, dst: fx.Node) -> None:
