@@ -94,8 +94,15 @@ class VeLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and self.inner.weight.requires_grad):
             return self.inner(x)
-        return velora_linear(x, self.inner.weight, self.inner.bias, self._vector(x), self.config.scale,
-                             self.transposed, self.config.coeff_dtype)
+        weight, bias = self.inner.weight, self.inner.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # cast like autocast's linear, outside the Function
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return velora_linear(x, weight, bias, self._vector(x), self.config.scale, self.transposed,
+                                 self.config.coeff_dtype)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
