@@ -57,7 +57,7 @@ def check_against_reference(name, model, ids, mode):
     for site, entry in b.state_dict()["sites"].items():
         if entry["vector"] is not None:
             vectors[site] = entry["vector"]
-    compressed = {c: s.name for s in report.compressed for c in s.consumers}
+    compressed = {c: s.name for s in report.compressed for c in s.approximated}
     wrapped = apply_velora(ref_model, num_groups=8, include=list(compressed) or ["<none>"], init="first_batch")
     assert sorted(wrapped) == sorted(compressed), (wrapped, compressed)
     for path in wrapped:

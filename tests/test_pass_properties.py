@@ -45,7 +45,7 @@ def _build(p):
 
 
 def _compressed_weights(backend):
-    return {f"{c}.weight": s for s in backend.report().compressed for c in s.consumers}
+    return {f"{c}.weight": s for s in backend.report().compressed for c in s.approximated}
 
 
 @SETTINGS
@@ -117,8 +117,10 @@ def test_measured_saved_bytes_match_the_report(p):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(g=st.sampled_from([2, 4]), act=st.sampled_from(["gelu", "relu"]), attention=st.booleans())
+@given(g=st.sampled_from([4, 8]), act=st.sampled_from(["gelu", "relu"]), attention=st.booleans())
 def test_bf16_autocast_keeps_forward_and_exact_gradients(g, act, attention):
+    # g >= 4: coefficients at most a quarter of the activation, so "auto" has something to gain
+    # (at g=2 min-cut may rightly prefer the activation, and auto then compresses nothing)
     torch.manual_seed(0)
     model = Stack(4 * g, 8 * g, act=act, attention=attention)
     x = torch.randn(2, 4, 4 * g)

@@ -31,6 +31,7 @@ class SiteReport:
     decision: str                    # "compressed" or "skipped"
     reason: str
     sub_token_size: int | None = None
+    approximated: list[str] = field(default_factory=list)  # consumers whose weight grads are approximated
 
     @property
     def bytes_freed(self) -> int:
@@ -90,8 +91,10 @@ class Report:
         header = ("site", "op", "shape", "dtype", "base saves", "saved before", "saved after", "decision", "reason")
         rows = [header]
         for s in self.sites:
+            partial = s.decision == "compressed" and len(s.approximated) < len(s.consumers)
+            reason = f"{s.reason} (approximated: {', '.join(s.approximated)})" if partial else s.reason
             rows.append((s.name, s.op, "x".join(map(str, s.shape)), s.dtype, "yes" if s.saved_by_baseline else "no",
-                         _size(s.bytes_before), _size(s.bytes_after), s.decision, s.reason))
+                         _size(s.bytes_before), _size(s.bytes_after), s.decision, reason))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

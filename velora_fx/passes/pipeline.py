@@ -2,7 +2,7 @@
 partition again -> verify (auto: revert what freed nothing) -> report.  Only sequencing here."""
 from __future__ import annotations
 
-from .graph_utils import clone_graph_module
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -13,7 +13,7 @@ from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
 from ..state import SiteStore
 from .._compat import int_hint
-from .graph_utils import tensor_val
+from .graph_utils import clone_graph_module, tensor_val
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import Decision, plan_groups
 from .rewrite import rewrite_group
@@ -48,7 +48,7 @@ class PipelineResult:
 
 
 def run_pipeline(ctx: JointContext, config: VeloraConfig, store: SiteStore, graph_id: int = 0) -> PipelineResult:
-    ctx.gm = clone_graph_module(ctx.gm, cse=True)  # the partitioner's view: duplicates merged
+    ctx = dataclasses.replace(ctx, gm=clone_graph_module(ctx.gm, cse=True))  # the partitioner's view
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels)
     baseline = ctx.probe(ctx.gm)
     decisions = plan_groups(groups, baseline, config)
@@ -129,4 +129,4 @@ def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: Sav
         shape=tuple(int_hint(s) for s in val.shape), dtype=str(val.dtype).replace("torch.", ""),
         saved_by_baseline=bool(before_forms), saved_forms=before_forms, bytes_before=bytes_before,
         bytes_after=bytes_after, decision="compressed" if d.compress else "skipped", reason=d.reason,
-        sub_token_size=g)
+        sub_token_size=g, approximated=[s.module_path for s in d.sites])
