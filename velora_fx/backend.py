@@ -106,9 +106,9 @@ class VeloraBackend:
             result = run_pipeline(ctx, self.config, self.store, graph_id)
         except ConfigError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
             if os.environ.get("VELORA_FX_STRICT") == "1":  # tests: surface pass bugs instead of falling back
-                raise  # noqa: BLE001 - never crash a compile: fall back to plain inductor
+                raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
             self.reports.append(GraphReport(graph_id, "fallback", reason))
