@@ -29,6 +29,7 @@ class SiteState:
         self.init = init
         self.vector: Tensor | None = None  # fp32 unit vector of size g
         self.steps = 0
+        self._casts: dict[torch.dtype, tuple[Tensor, Tensor]] = {}  # dtype -> (v it was cast from, cast)
 
     @property
     def initialised(self) -> bool:
@@ -36,6 +37,21 @@ class SiteState:
 
     def vector_for(self, x: Tensor, g: int) -> Tensor:
         """The v to use for this batch, updated per the init rule (fp32, on x's device)."""
+        fixed = self.init in ("first_batch", "random")
+        if fixed and self.vector is not None and self.vector.numel() == g and self.vector.device == x.device:
+            self.steps += 1  # the common case, once per site per step: no work
+            return self.vector
+        return self._update(x, g)
+
+    def vector_as(self, dtype: torch.dtype) -> Tensor:
+        """The current v cast to ``dtype`` (cached while v is the same tensor)."""
+        source, cast = self._casts.get(dtype, (None, None))
+        if source is not self.vector:
+            cast = self.vector.to(dtype)
+            self._casts[dtype] = (self.vector, cast)
+        return cast
+
+    def _update(self, x: Tensor, g: int) -> Tensor:
         from .codecs.velora import initial_vector, random_vector
 
         if self.vector is not None and self.vector.numel() != g:

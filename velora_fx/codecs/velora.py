@@ -69,8 +69,12 @@ def encode_op(x: Tensor, site: str, sub_token_size: int, coeff_dtype: torch.dtyp
     Opaque on purpose: the partitioner cannot recompute it, so it runs once per step, in forward,
     and its (small) outputs are what gets saved.  v is returned too, so backward reconstructs with
     exactly the v forward used; reconstruction itself is plain aten ops that inductor fuses."""
-    v = lookup_site(site).vector_for(x, sub_token_size)
-    return project(x, v, coeff_dtype), v.clone()
+    state = lookup_site(site)
+    v = state.vector_for(x, sub_token_size)
+    # lean on purpose (this runs once per site per step, on the host): one GEMV, a cached cast of v
+    coeff = torch.mv(x.reshape(-1, sub_token_size), state.vector_as(x.dtype))
+    coeff = coeff.view(*x.shape[:-1], x.shape[-1] // sub_token_size)
+    return (coeff if coeff.dtype == coeff_dtype else coeff.to(coeff_dtype)), v.clone()
 
 
 @encode_op.register_fake
