@@ -136,6 +136,7 @@ def find_groups(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: Sequenc
     outputs = output_values(gm)
     grads = outputs[num_fwd_outputs:num_fwd_outputs + len(flags.primals)]
     groups: dict[fx.Node, ActivationGroup] = {}
+    forms_of: dict[fx.Node, list[fx.Node]] = {}
     site_nodes: dict[fx.Node, set[fx.Node]] = {}
     for index in sorted(param_indices):
         if index >= len(grads) or not isinstance(grads[index], fx.Node):
@@ -149,7 +150,9 @@ def find_groups(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: Sequenc
             if found is None:
                 continue
             operand_index, root, encode_at, chain, layout_ok = found
-            forms = view_forms(root)
+            if root not in forms_of:
+                forms_of[root] = view_forms(root)
+            forms = forms_of[root]
             fwd = _forward_matmul(forms, param, flags)
             module = (_module_of(fwd) if fwd is not None else None) or _label(primal_labels, index, param)
             group = groups.setdefault(root, ActivationGroup(activation=root.name,
@@ -167,7 +170,7 @@ def find_groups(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: Sequenc
             site_nodes.setdefault(root, set()).update([mm, *chain])  # chain below encode point
     for root, group in groups.items():
         used = site_nodes[root]
-        others = {user for form in view_forms(root) for user in form.users
+        others = {user for form in forms_of[root] for user in form.users
                   if user not in used and user.op != "output" and flags.tangent.get(user, False)}
         group.other_backward_users = sorted({_op_name(u) for u in others})
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
