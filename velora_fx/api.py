@@ -9,7 +9,6 @@ import torch.fx as fx
 from . import _compat
 from .backend import VeloraBackend
 from .config import VeloraConfig
-from .passes.graph_utils import clone_graph_module
 from .passes.pipeline import JointContext, run_pipeline
 from .report import Report
 from .state import SiteStore
@@ -42,10 +41,9 @@ def transform(joint: JointGraph | fx.GraphModule, joint_inputs: Any = None, *, n
     store = store or SiteStore(config.init)
     ctx = JointContext(gm, joint_inputs, num_fwd_outputs, list(param_indices),
                        _compat.min_cut_rematerialization_partition, dict(partition_kwargs), labels)
-    result = run_pipeline(ctx, config, store)
-    out = result.gm if result.gm is not gm else clone_graph_module(gm)
-    out.velora_store = store
-    return out, Report([result.report])
+    result = run_pipeline(ctx, config, store)  # works on a copy: result.gm is never the input
+    result.gm.velora_store = store
+    return result.gm, Report([result.report])
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, compiler: str = "eager", **options: Any) -> Report:
