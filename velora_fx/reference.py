@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .codecs.velora import initial_vector, project, random_vector, reconstruct
+from .codecs.velora import project, reconstruct
 from .config import VeloraConfig
+from .state import next_vector
 
 __all__ = ["VeLoRALinearFunction", "velora_linear", "weight_grad", "VeLoRALinear", "apply_velora"]
 
@@ -75,20 +76,12 @@ class VeLoRALinear(nn.Module):
     def _vector(self, x: Tensor) -> Tensor:
         # v evolves on every forward that carries gradients, whatever ``self.training`` says: the
         # compiled backend only sees the training graph, and the two must agree
-        init, g = self.config.init, self.sub_token_size
         with torch.no_grad():
-            if not bool(self.initialised):
-                import zlib
-                fresh = random_vector(g, zlib.crc32(self.name.encode()), x.device) if init == "random" \
-                    else initial_vector(x, g)
-                self.v.copy_(fresh)
+            current = self.v if bool(self.initialised) else None
+            new = next_vector(self.config.init, self.name, current, x, self.sub_token_size)
+            if new is not current:
+                self.v.copy_(new)
                 self.initialised.fill_(True)
-            elif init == "batch":
-                self.v.copy_(initial_vector(x, g))
-            elif init.startswith("ema:"):
-                d = self.config.ema_decay
-                mixed = d * self.v + (1 - d) * initial_vector(x, g)
-                self.v.copy_(mixed / mixed.norm().clamp_min(1e-12))
         return self.v
 
     def forward(self, x: Tensor) -> Tensor:

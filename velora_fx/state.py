@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SiteState", "SiteStore", "lookup_site"]
+__all__ = ["SiteState", "SiteStore", "lookup_site", "next_vector"]
 
 _STORES: "weakref.WeakValueDictionary[str, SiteStore]" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
@@ -52,25 +52,29 @@ class SiteState:
         return cast
 
     def _update(self, x: Tensor, g: int) -> Tensor:
-        from .codecs.velora import initial_vector, random_vector
-
         if self.vector is not None and self.vector.numel() != g:
             raise ValueError(f"site {self.name}: stored v has size {self.vector.numel()}, graph asks for {g}")
-        if self.vector is None:
-            if self.init == "random":
-                self.vector = random_vector(g, zlib.crc32(self.name.encode()), x.device)
-            else:
-                self.vector = initial_vector(x, g)
-        elif self.init == "batch":
-            self.vector = initial_vector(x, g)
-        elif self.init.startswith("ema:"):
-            decay = float(self.init.split(":", 1)[1])
-            mixed = decay * self.vector.to(x.device) + (1.0 - decay) * initial_vector(x, g)
-            self.vector = mixed / mixed.norm().clamp_min(1e-12)
+        self.vector = next_vector(self.init, self.name, self.vector, x, g)
         self.steps += 1
         if self.vector.device != x.device:
             self.vector = self.vector.to(x.device)
         return self.vector
+
+
+def next_vector(init: str, name: str, current: Tensor | None, x: Tensor, g: int) -> Tensor:
+    """The init rule, shared by the backend's state and the eager reference: v for a batch ``x``
+    given the current v (None before the first batch).  Returns ``current`` itself when it stays."""
+    from .codecs.velora import initial_vector, random_vector
+
+    if current is None:
+        return random_vector(g, zlib.crc32(name.encode()), x.device) if init == "random" else initial_vector(x, g)
+    if init == "batch":
+        return initial_vector(x, g)
+    if init.startswith("ema:"):
+        decay = float(init.split(":", 1)[1])
+        mixed = decay * current.to(x.device) + (1.0 - decay) * initial_vector(x, g)
+        return mixed / mixed.norm().clamp_min(1e-12)
+    return current
 
 
 class SiteStore:

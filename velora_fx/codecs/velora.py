@@ -29,10 +29,13 @@ def _subtokens(x: Tensor, g: int) -> Tensor:
 
 
 def project(x: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Coefficients ``c[..., j] = <x[..., j*g:(j+1)*g], v>``: shape ``[..., D/g]``."""
+    """Coefficients ``c[..., j] = <x[..., j*g:(j+1)*g], v>``: shape ``[..., D/g]``.
+
+    One GEMV over all sub-tokens (it runs on the host once per site per step inside the encode
+    op, so it skips matmul's shape dispatch); ``v`` already in x's dtype costs no cast."""
     g = v.numel()
-    c = torch.matmul(_subtokens(x, g), v.to(x.dtype))
-    return c if dtype is None else c.to(dtype)
+    c = torch.mv(_subtokens(x, g).reshape(-1, g), v.to(x.dtype)).view(*x.shape[:-1], x.shape[-1] // g)
+    return c if dtype is None or c.dtype == dtype else c.to(dtype)
 
 
 def reconstruct(c: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -71,10 +74,7 @@ def encode_op(x: Tensor, site: str, sub_token_size: int, coeff_dtype: torch.dtyp
     exactly the v forward used; reconstruction itself is plain aten ops that inductor fuses."""
     state = lookup_site(site)
     v = state.vector_for(x, sub_token_size)
-    # lean on purpose (this runs once per site per step, on the host): one GEMV, a cached cast of v
-    coeff = torch.mv(x.reshape(-1, sub_token_size), state.vector_as(x.dtype))
-    coeff = coeff.view(*x.shape[:-1], x.shape[-1] // sub_token_size)
-    return (coeff if coeff.dtype == coeff_dtype else coeff.to(coeff_dtype)), v.clone()
+    return project(x, state.vector_as(x.dtype), coeff_dtype), v.clone()
 
 
 @encode_op.register_fake
