@@ -76,7 +76,7 @@ def reference_twin(model: nn.Module, backend: velora_fx.VeloraBackend) -> nn.Mod
     for p in twin.parameters():
         p.grad = None
     sites = backend.state_dict()["sites"]
-    compressed = {c: s.name for s in backend.report().compressed for c in s.approximated}
+    compressed = {c: s.state for s in backend.report().compressed for c in s.approximated}
     if not compressed:
         return twin
     wrapped = apply_velora(twin, include=sorted(compressed), sub_token_size=1,

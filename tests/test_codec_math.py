@@ -1,11 +1,9 @@
-"""The rank-1 sub-token codec math (velora_fx.codecs.velora) and its custom ops."""
+"""The rank-1 sub-token codec math (velora_fx.codecs.velora)."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import velora_fx  # noqa: F401  (registers torch.ops.velora_fx.*)
 from velora_fx.codecs.velora import initial_vector, project, random_vector, reconstruct
-from velora_fx.state import SiteStore
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -139,79 +137,3 @@ def test_random_vector_differs_between_seeds_and_ignores_global_rng():
     state = torch.get_rng_state()
     random_vector(16, 3)
     assert torch.equal(torch.get_rng_state(), state)
-
-
-# -- the stateful custom op ------------------------------------------------------------------------------
-encode = torch.ops.velora_fx.encode
-
-
-@settings(max_examples=15)
-@given(cases(), st.sampled_from([None, torch.float32, torch.bfloat16]))
-def test_encode_op_sets_the_first_batch_vector_and_projects(case, coeff_dtype):
-    x, g = case
-    coeff_dtype = coeff_dtype or x.dtype
-    store = SiteStore("first_batch")
-    c, v = encode(x, store.key("site"), g, coeff_dtype)
-    assert v.dtype == torch.float32 and v.shape == (g,)
-    assert torch.equal(v, initial_vector(x, g))
-    assert torch.equal(v, store.get("site").vector)  # the op used (and set) the site's v
-    assert c.dtype == coeff_dtype and c.shape == (*x.shape[:-1], x.shape[-1] // g)
-    assert torch.equal(c, project(x, v, coeff_dtype))
-
-
-def test_encode_returns_a_copy_of_v():
-    store = SiteStore("first_batch")
-    _, v = encode(torch.randn(3, 8), store.key("a"), 4, torch.float32)
-    v.zero_()
-    assert store.get("a").vector.norm() > 0.99
-
-
-def test_encode_follows_the_init_rule():
-    x1, x2 = torch.randn(4, 8) + 1, torch.randn(4, 8) - 3
-    store = SiteStore("first_batch")
-    _, v1 = encode(x1, store.key("s"), 4, torch.float32)
-    c2, v2 = encode(x2, store.key("s"), 4, torch.float32)
-    assert torch.equal(v1, v2) and torch.equal(c2, project(x2, v1))
-    batch = SiteStore("batch")
-    encode(x1, batch.key("s"), 4, torch.float32)
-    assert torch.equal(encode(x2, batch.key("s"), 4, torch.float32)[1], initial_vector(x2, 4))
-
-
-def test_encode_unknown_store_raises():
-    with pytest.raises(RuntimeError, match="no live backend"):
-        encode(torch.randn(2, 4), "deadbeef0000/site", 2, torch.float32)
-
-
-def test_encode_fake_shapes_do_not_touch_state():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    store = SiteStore("first_batch")
-    with FakeTensorMode():
-        c, v = encode(torch.empty(2, 3, 12, dtype=torch.bfloat16), store.key("f"), 4, torch.float32)
-        assert c.shape == (2, 3, 3) and c.dtype == torch.float32
-        assert v.shape == (4,) and v.dtype == torch.float32
-    assert not store.get("f").initialised
-
-
-@pytest.mark.parametrize("dtype, coeff_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("init", ["first_batch", "batch", "random"])
-def test_opcheck_encode(dtype, coeff_dtype, init):
-    store = SiteStore(init)
-    x = torch.randn(2, 3, 12).to(dtype)
-    result = torch.library.opcheck(encode.default, (x, store.key("op"), 4, coeff_dtype))
-    assert all(v == "SUCCESS" for v in result.values()), result
-
-
-# The op is only ever inserted into AOTAutograd's joint graph, which is already differentiated, so
-# it carries no autograd formula: opcheck's test_aot_dispatch_dynamic (which backpropagates through
-# the op when an input requires grad) fails by design with "no autograd formula was registered".
-# The remaining opcheck sub-tests must still pass with grad-requiring inputs.
-_NO_AOT = ("test_schema", "test_autograd_registration", "test_faketensor")
-
-
-def test_opcheck_with_requires_grad_inputs():
-    store = SiteStore("first_batch")
-    x = torch.randn(2, 12, requires_grad=True)
-    result = torch.library.opcheck(encode.default, (x, store.key("rg"), 4, torch.float32), test_utils=_NO_AOT)
-    assert all(v == "SUCCESS" for v in result.values()), result

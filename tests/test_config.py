@@ -8,15 +8,16 @@ from hypothesis import given, strategies as st
 import velora_fx
 from velora_fx.config import RECIPES, ConfigError, VeloraConfig
 
-GOOD_INITS = ["first_batch", "batch", "random", "ema:0.9", "ema:0", "ema:1", "ema:0.25"]
+GOOD_INITS = ["first_batch", "batch", "random", "ema:0.9", "ema:0", "ema:1", "ema:0.25", "ema:.9", "ema:1.0"]
 BAD_INITS = ["ema:", "ema:1.5", "foo", "", "EMA:0.5", "ema:-0.1", "ema:2", "first-batch", "ema:0.5x"]
 
 
 # -- defaults and group size ---------------------------------------------------------------------
 def test_defaults():
     cfg = VeloraConfig()
-    assert cfg.num_groups == 32
-    assert cfg.sub_token_size is None
+    assert cfg.num_groups is None and cfg.sub_token_size is None  # "auto" chooses g per site
+    assert cfg.chooses_size and cfg.max_error == 0.5
+    assert cfg.sub_token_size_for(64) == 2  # the paper's 32 groups where a fixed size is needed
     assert cfg.init == "first_batch"
     assert cfg.mode == "auto"
     assert cfg.scale == 1.0 and isinstance(cfg.scale, float)
@@ -163,8 +164,9 @@ def valid_configs(draw):
     options["init"] = draw(st.one_of(
         st.sampled_from(["first_batch", "batch", "random"]),
         st.integers(0, 1000).map(lambda n: f"ema:{n / 1000}")))
-    options["scale"] = draw(st.floats(-4, 4, allow_nan=False, allow_infinity=False))
-    options["mode"] = draw(st.sampled_from(["auto", "all"]))
+    options["scale"] = draw(st.floats(0.001, 4, allow_nan=False, allow_infinity=False))
+    options["max_error"] = draw(st.floats(0, 1, allow_nan=False))
+    options["mode"] = draw(st.sampled_from(["auto", "max_memory", "all"]))
     pattern = st.text(st.sampled_from("ab._*?"), min_size=1, max_size=6)
     options["include"] = draw(st.one_of(pattern, st.lists(pattern, max_size=3)))
     options["exclude"] = draw(st.lists(pattern, max_size=3))
@@ -188,7 +190,7 @@ def test_to_dict_contents():
     assert d["sub_token_size"] == 8 and d["num_groups"] is None
     assert d["coeff_dtype"] == "bfloat16"
     assert d["include"] == ["*.fc1"] and d["exclude"] == []
-    assert d["version"] == 1
+    assert d["version"] == 2 and d["max_error"] == 0.5
 
 
 def test_from_dict_rejects_unknown_keys():
@@ -268,7 +270,9 @@ def test_recipe_paper():
 
 def test_recipe_auto():
     cfg = VeloraConfig.from_recipe_name("auto")
-    assert cfg.num_groups == 32 and cfg.init == "first_batch" and cfg.mode == "auto"
+    assert cfg.num_groups is None and cfg.init == "first_batch" and cfg.mode == "auto" and cfg.chooses_size
+    cfg = VeloraConfig.from_recipe_name("max_memory")
+    assert cfg.num_groups == 32 and cfg.mode == "max_memory"
     assert cfg.include == () and cfg.exclude == ()
 
 
@@ -279,7 +283,7 @@ def test_recipe_overrides_and_errors():
         VeloraConfig.from_recipe_name("papr")
     with pytest.raises(TypeError, match="did you mean"):
         VeloraConfig.from_recipe_name("auto", num_group=8)
-    assert {"paper", "auto"} <= set(RECIPES)
+    assert {"paper", "auto", "max_memory"} <= set(RECIPES)
 
 
 def test_recipe_override_with_sub_token_size():
@@ -303,7 +307,8 @@ def test_backend_accepts_config_options(options):
 
 @pytest.mark.parametrize("options", [
     dict(num_groups=0), dict(sub_token_size=-2), dict(init="ema:1.5"), dict(init="foo"),
-    dict(mode="sometimes"), dict(coeff_dtype=torch.int32), dict(include=[1]),
+    dict(mode="sometimes"), dict(coeff_dtype=torch.int32), dict(include=[1]), dict(scale=0), dict(scale=-1.0),
+    dict(max_error=-0.1), dict(max_error=float("nan")), dict(scale="1"),
 ])
 def test_backend_rejects_bad_options(options):
     with pytest.raises(ConfigError):

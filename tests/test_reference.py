@@ -13,7 +13,7 @@ from velora_fx import reference
 from velora_fx.codecs.velora import initial_vector, project, random_vector, reconstruct
 from velora_fx.config import ConfigError, VeloraConfig
 from velora_fx.reference import VeLoRALinear, apply_velora, weight_grad
-from velora_fx.state import SiteState
+from velora_fx.state import next_vector
 
 KINDS = ["linear", "linear_nobias", "conv1d"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -144,7 +144,7 @@ def test_sub_token_size_1_is_exact(case):
 
 
 @settings(max_examples=15)
-@given(layer_cases(), st.sampled_from([0.5, 2.0, -1.0, 0.0]))
+@given(layer_cases(), st.sampled_from([0.5, 2.0, 0.125]))
 def test_scale_multiplies_weight_grad_only(case, scale):
     kind, g, x, grad_out, seed = case
     base = nn.Sequential(make_layer(kind, x.shape[-1], grad_out.shape[-1], x.dtype, seed))
@@ -316,13 +316,13 @@ def test_first_batch_fixed_batch_recomputed_ema_mixed():
         bt(x).sum().backward()
         assert torch.equal(fb[0].v, v0)
         assert torch.equal(bt[0].v, initial_vector(x, 4))
-    # ema:0.5 follows the same rule as the compiled path's SiteState
-    site = SiteState("0", "ema:0.5")
+    # ema:0.5 follows next_vector (the rule the compiled graph emits; see test_state.py)
+    v = None
     for x in xs:
-        site.vector_for(x, 4)
+        v = next_vector("ema:0.5", "0", v, x, 4)
     ema(xs[1]).sum().backward()
     ema(xs[2]).sum().backward()
-    torch.testing.assert_close(ema[0].v, site.vector, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ema[0].v, v, rtol=1e-5, atol=1e-6)
 
 
 def test_random_init_matches_compiled_site_rule():
@@ -330,7 +330,7 @@ def test_random_init_matches_compiled_site_rule():
     net(torch.randn(4, 8)).sum().backward()
     expected = random_vector(4, zlib.crc32(b"0"))
     assert torch.equal(net[0].v, expected)
-    assert torch.equal(SiteState("0", "random").vector_for(torch.randn(2, 8), 4), expected)
+    assert torch.equal(next_vector("random", "0", None, torch.randn(2, 8), 4), expected)
 
 
 # -- eval / no_grad -------------------------------------------------------------------------------------------

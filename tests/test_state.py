@@ -1,15 +1,17 @@
-"""Per-site state: the init rules of SiteState and SiteStore's (de)serialisation."""
-import gc
+"""Per-model state: the in-graph init rules against the reference's ``next_vector``, slots,
+naming and (de)serialisation."""
 import io
-import zlib
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+import torch.fx as fx
+from hypothesis import given, settings, strategies as st
+from torch import nn
 
 import velora_fx
-from velora_fx.codecs.velora import initial_vector, random_vector
-from velora_fx.state import SiteState, SiteStore, lookup_site
+from velora_fx.codecs.velora import StateRow, VeloraCodec, initial_vector, project
+from velora_fx.passes.rewrite import store_states
+from velora_fx.state import ModelState, next_vector, slot_name
 
 
 def batches(n, shape=(6, 8), seed=0):
@@ -18,196 +20,155 @@ def batches(n, shape=(6, 8), seed=0):
     return [torch.randn(*shape, generator=gen) + torch.randn(shape[-1], generator=gen) * 3 for _ in range(n)]
 
 
-def assert_unit(v):
-    torch.testing.assert_close(v.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+def encode_graph(shape, g, rule, width, orientation=0, dtype=torch.float32):
+    """A graph ``(x, state) -> (c, v)`` made of the codec's emitted aten code, state updated in place."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(shape, dtype=dtype)
+    state = graph.placeholder("state")
+    state.meta["val"] = torch.empty(2, width)
+    (c, v), new_state = VeloraCodec(g).encode(graph, x, StateRow(state, orientation, rule))
+    graph.output((c, v))
+    gm = fx.GraphModule(nn.Module(), graph)
+    store_states(gm, {state: new_state})
+    return gm
 
 
-def test_fresh_state():
-    s = SiteState("layers.0.fc", "first_batch")
-    assert not s.initialised and s.vector is None and s.steps == 0
-
-
-def test_first_batch_sets_once_and_keeps_fixed():
-    s = SiteState("fc", "first_batch")
-    xs = batches(4)
-    v0 = s.vector_for(xs[0], 4).clone()
-    assert torch.equal(v0, initial_vector(xs[0], 4))
-    assert s.initialised and s.steps == 1
-    for i, x in enumerate(xs[1:], start=2):
-        assert torch.equal(s.vector_for(x, 4), v0)
-        assert s.steps == i
-    assert not torch.allclose(initial_vector(xs[1], 4), v0)  # the test would be vacuous otherwise
-
-
-def test_batch_recomputes_each_call():
-    s = SiteState("fc", "batch")
-    for x in batches(4):
-        assert torch.equal(s.vector_for(x, 4), initial_vector(x, 4))
-    assert s.steps == 4
-
-
-@given(seed=st.integers(0, 10_000), decay=st.sampled_from([0.5, 0.9, 0.25]))
-def test_ema_moves_toward_batch_mean_and_stays_unit(seed, decay):
-    s = SiteState("fc", f"ema:{decay}")
-    x0, x1 = batches(2, seed=seed)
-    v0 = s.vector_for(x0, 4).clone()
-    assert torch.equal(v0, initial_vector(x0, 4))  # first call: the batch mean, like first_batch
-    target = initial_vector(x1, 4)
-    v1 = s.vector_for(x1, 4).clone()
-    assert_unit(v1)
-    expected = decay * v0 + (1 - decay) * target
-    torch.testing.assert_close(v1, expected / expected.norm(), rtol=1e-5, atol=1e-6)
-    # closer to the new batch direction than before, unless already there
-    assert float(v1 @ target) >= float(v0 @ target) - 1e-6
-
-
-def test_ema_half_bisects():
-    s = SiteState("fc", "ema:0.5")
-    x0, x1 = batches(2, seed=3)
-    v0 = s.vector_for(x0, 4).clone()
-    t = initial_vector(x1, 4)
-    v1 = s.vector_for(x1, 4)
-    torch.testing.assert_close(v1 @ v0, v1 @ t, rtol=1e-5, atol=1e-6)
-    # repeated batches of the same data converge to their direction
-    for _ in range(40):
-        v = s.vector_for(x1, 4)
-    torch.testing.assert_close(v, t, rtol=1e-4, atol=1e-4)
-    assert_unit(v)
-
-
-def test_ema_extremes():
-    x0, x1 = batches(2, seed=5)
-    keep, follow = SiteState("a", "ema:1"), SiteState("b", "ema:0")
-    v_keep, _ = keep.vector_for(x0, 4).clone(), follow.vector_for(x0, 4)
-    torch.testing.assert_close(keep.vector_for(x1, 4), v_keep)
-    torch.testing.assert_close(follow.vector_for(x1, 4), initial_vector(x1, 4))
-
-
-def test_random_deterministic_per_name_and_independent_of_x():
-    xs = batches(3)
-    a = SiteState("layers.0.fc", "random")
-    va = a.vector_for(xs[0], 8).clone()
-    assert_unit(va)
-    assert torch.equal(va, random_vector(8, zlib.crc32(b"layers.0.fc")))
-    assert torch.equal(a.vector_for(xs[1], 8), va)  # fixed after the first call
-    b = SiteState("layers.0.fc", "random")
-    assert torch.equal(b.vector_for(xs[2] * -5, 8), va)  # same name, different x -> same v
-    torch.manual_seed(1234)
-    c = SiteState("layers.1.fc", "random")
-    assert not torch.allclose(c.vector_for(xs[0], 8), va)
-
-
-def test_different_g_raises():
-    s = SiteState("fc", "first_batch")
-    s.vector_for(torch.randn(2, 8), 4)
-    with pytest.raises(ValueError, match="fc"):
-        s.vector_for(torch.randn(2, 8), 2)
-
-
-# -- SiteStore ----------------------------------------------------------------------------------------
-def test_store_keys_and_lookup():
-    store = SiteStore("first_batch")
-    key = store.key("layers.0/mlp.fc")  # a '/' in the site name survives the key
-    site = lookup_site(key)
-    assert site is store.get("layers.0/mlp.fc")
-    assert site.name == "layers.0/mlp.fc" and site.init == "first_batch"
-    other = SiteStore("first_batch")
-    assert other.token != store.token
-    assert lookup_site(other.key("layers.0/mlp.fc")) is not site
-
-
-def test_lookup_unknown_token_raises_clear_error():
-    with pytest.raises(RuntimeError, match=r"no live backend.*'fc'"):
-        lookup_site("000000000000/fc")
-
-
-def test_lookup_after_store_is_collected_raises():
-    store = SiteStore("first_batch")
-    key = store.key("fc")
-    lookup_site(key)
-    del store
-    gc.collect()
-    with pytest.raises(RuntimeError, match="garbage-collected"):
-        lookup_site(key)
-
-
-def _trained_store(init="first_batch"):
-    store = SiteStore(init)
-    xs = batches(3)
+@settings(max_examples=25)
+@given(rule=st.sampled_from(["first_batch", "batch", "ema:0.5", "ema:0.9", "ema:0", "ema:1"]),
+       g=st.sampled_from([1, 2, 4, 8]), steps=st.integers(1, 4), orientation=st.integers(0, 1),
+       seed=st.integers(0, 1000))
+def test_in_graph_rule_matches_the_reference_rule(rule, g, steps, orientation, seed):
+    xs = batches(steps, shape=(5, 8), seed=seed)
+    gm = encode_graph((5, 8), g, rule, width=2 + 8, orientation=orientation)
+    state = torch.zeros(2, 10)
+    current = None
     for x in xs:
-        store.get("a.fc").vector_for(x, 4)
-    store.get("b.fc").vector_for(xs[0], 2)
-    store.get("b.fc").vector_for(xs[1], 2)
-    store.get("untouched")
-    return store
+        c, v = gm(x, state)
+        expected = next_vector(rule, "site", current, x, g)
+        torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, project(x, expected), rtol=1e-5, atol=1e-5)
+        current = expected
+        assert state[orientation, 0] == 1.0  # initialised flag
+        torch.testing.assert_close(state[orientation, 1:1 + g], expected)
+        assert torch.all(state[1 - orientation] == 0)  # the other orientation's row is untouched
+        assert torch.all(state[orientation, 1 + g:-1] == 0)
+        torch.testing.assert_close(state[orientation, -1], (c.double() ** 2).sum().float())  # kept energy
 
 
-@pytest.mark.parametrize("init", ["first_batch", "batch", "ema:0.9", "random"])
-def test_store_state_dict_round_trip_into_fresh_store(init):
-    store = _trained_store(init)
-    state = store.state_dict()
-    assert set(state) == {"a.fc", "b.fc", "untouched"}
-    assert state["a.fc"]["steps"] == 3 and state["b.fc"]["steps"] == 2 and state["untouched"]["steps"] == 0
-    assert state["untouched"]["vector"] is None
-    fresh = SiteStore(init)
-    fresh.load_state_dict(state)
-    for name in ("a.fc", "b.fc"):
-        assert torch.equal(fresh.get(name).vector, store.get(name).vector)
-        assert fresh.get(name).vector.dtype == torch.float32
-        assert fresh.get(name).steps == store.get(name).steps
-    assert not fresh.get("untouched").initialised
-    assert fresh.state_dict().keys() == state.keys()
+def test_rule_none_reads_v_and_only_records_the_energy():
+    gm = encode_graph((3, 8), 4, "none", width=10)
+    state = torch.zeros(2, 10)
+    state[0, 0], state[0, 1:5] = 1.0, torch.tensor([0.5, 0.5, 0.5, 0.5])
+    before = state.clone()
+    x = torch.randn(3, 8)
+    c, v = gm(x, state)
+    torch.testing.assert_close(v, before[0, 1:5])
+    assert torch.equal(state[:, :-1], before[:, :-1])
+    torch.testing.assert_close(state[0, -1], (c ** 2).sum())
+    torch.testing.assert_close(c, project(x, v))
+    v.zero_()  # what backward reads is a copy, not a view of the state
+    assert torch.equal(state[0, 1:5], before[0, 1:5])
 
 
-def test_state_dict_is_a_snapshot():
-    store = _trained_store("first_batch")
-    state = store.state_dict()
-    before = state["a.fc"]["vector"].clone()
-    store.get("a.fc").vector.mul_(-1)  # in-place edit of the live vector
-    assert torch.equal(state["a.fc"]["vector"], before)
-    fresh = SiteStore("first_batch")
-    fresh.load_state_dict(state)
-    state["a.fc"]["vector"].zero_()  # editing the dict afterwards does not reach the store
-    assert torch.equal(fresh.get("a.fc").vector, before)
+def test_degenerate_batches_give_the_uniform_unit_vector():
+    gm = encode_graph((3, 8), 4, "batch", width=10)
+    state = torch.zeros(2, 10)
+    _, v = gm(torch.zeros(3, 8), state)
+    torch.testing.assert_close(v, torch.full((4,), 0.5))
+    _, v = gm(torch.full((3, 8), float("nan")), state)
+    torch.testing.assert_close(v, torch.full((4,), 0.5))
 
 
-def test_loaded_first_batch_vector_is_kept():
-    store = _trained_store("first_batch")
-    fresh = SiteStore("first_batch")
-    fresh.load_state_dict(store.state_dict())
-    loaded = fresh.get("a.fc").vector.clone()
-    new_x = batches(1, seed=99)[0]
-    assert torch.equal(fresh.get("a.fc").vector_for(new_x, 4), loaded)
-    assert fresh.get("a.fc").steps == 4
+def test_fp16_coefficients_never_overflow():
+    gm = encode_graph((2, 8), 8, "first_batch", width=10, dtype=torch.float16)
+    x = torch.full((2, 8), 60000.0, dtype=torch.float16)
+    c, _ = gm(x, torch.zeros(2, 10))
+    assert c.dtype == torch.float16 and torch.isfinite(c).all()
+    assert torch.isfinite(project(x, initial_vector(x, 8), torch.float16)).all()
 
 
-def test_load_state_dict_overwrites_existing_sites():
-    a, b = _trained_store("first_batch"), SiteStore("first_batch")
-    b.get("a.fc").vector_for(-batches(1, seed=7)[0], 4)
-    b.load_state_dict(a.state_dict())
-    assert torch.equal(b.get("a.fc").vector, a.get("a.fc").vector)
-    assert b.get("a.fc").steps == 3
+# -- ModelState -------------------------------------------------------------------------------------
+def test_slots_are_per_weight_and_orientation_and_names_are_unique():
+    state = ModelState("m")
+    w = nn.Parameter(torch.randn(6, 4))
+    a = state.register_slot(w, 0, "fc", 4)
+    b = state.register_slot(w, 1, "fc:T", 6)
+    assert a is state.register_slot(w, 0, "ignored", 4)
+    assert a.tensor_ref() is b.tensor_ref() and a.tensor_ref().shape == (2, 8)
+    other = nn.Parameter(torch.randn(6, 4))
+    c = state.register_slot(other, 0, "fc", 4)  # a second weight asking for a taken name
+    assert c.name == "fc#2" and c.tensor_ref() is not a.tensor_ref()
 
 
-def test_state_dict_survives_torch_save_weights_only():
-    store = _trained_store("ema:0.5")
+def test_slot_names():
+    assert slot_name("model.layers.0.mlp.down_proj", "weight", 0) == "model.layers.0.mlp.down_proj"
+    assert slot_name("transformer.h.0.attn.c_attn", "weight", 1, natural=1) == "transformer.h.0.attn.c_attn"
+    assert slot_name("lm_head", "weight", 1) == "lm_head:T"
+    assert slot_name("", "w", 0) == "w"
+    assert slot_name("block", "proj", 0) == "block.proj"
+
+
+def _trained(init="first_batch", sizes=(4, 4)):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    backend = velora_fx.backend(sub_token_size=sizes[0], compiler="eager", mode="all", init=init)
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=backend)
+    for x in batches(2, shape=(3, 8)):
+        fn(x).sum().backward()
+    return model, backend
+
+
+@pytest.mark.parametrize("init", ["first_batch", "batch", "ema:0.5", "random"])
+def test_backend_state_dict_round_trip_through_torch_save(init):
+    model, backend = _trained(init)
+    state = backend.state_dict()
+    assert set(state["sites"]) == {"0", "2"} and state["config"] == backend.config.to_dict()
     buf = io.BytesIO()
-    torch.save(store.state_dict(), buf)
+    torch.save(state, buf)
     buf.seek(0)
-    fresh = SiteStore("ema:0.5")
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
-    assert torch.equal(fresh.get("a.fc").vector, store.get("a.fc").vector)
+    fresh = velora_fx.backend(sub_token_size=4, compiler="eager", mode="all", init=init)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), model=model)
+    got = fresh.state_dict(model)["sites"]
+    for name, entry in state["sites"].items():
+        assert torch.equal(got[name]["vector"], entry["vector"]), name
 
 
-def test_backend_state_dict_round_trip():
-    src = velora_fx.backend(sub_token_size=4, init="ema:0.5")
-    for x in batches(2):
-        src.store.get("layers.0.fc").vector_for(x, 4)
-    state = src.state_dict()
-    assert state["config"] == src.config.to_dict()
-    dst = velora_fx.backend(sub_token_size=4, init="ema:0.5")
-    dst.load_state_dict(state)
-    assert torch.equal(dst.store.get("layers.0.fc").vector, src.store.get("layers.0.fc").vector)
-    assert dst.store.get("layers.0.fc").steps == 2
+def test_loaded_first_batch_vector_is_used_and_kept():
+    model, backend = _trained("first_batch")
+    state = backend.state_dict()
+    state["sites"]["2"]["vector"] = -state["sites"]["2"]["vector"]
+    fresh = velora_fx.backend(sub_token_size=4, compiler="eager", mode="all")
+    fresh.load_state_dict(state, model=model)
+    torch._dynamo.reset()
+    torch.compile(model, backend=fresh)(batches(1, shape=(3, 8), seed=9)[0]).sum().backward()
+    assert torch.equal(fresh.state_dict()["sites"]["2"]["vector"], state["sites"]["2"]["vector"])
+
+
+def test_load_state_dict_names_every_mismatch_when_called():
+    model, backend = _trained()
+    state = backend.state_dict()
+    state["sites"]["nope"] = {"vector": torch.ones(4) / 2}
+    state["sites"]["0"] = {"vector": torch.ones(3)}
+    state["sites"]["2"] = {"vector": torch.ones(2) / 2 ** 0.5}  # divides 8, but the graph uses 4
+    with pytest.raises(ValueError) as err:
+        backend.load_state_dict(state)
+    message = str(err.value)
+    assert "'nope': no such site" in message and "'0': v has size 3" in message and "'2'" in message
+
+
+def test_load_before_compile_needs_the_model_and_checks_it():
+    backend = velora_fx.backend(compiler="eager")
+    with pytest.raises(ValueError, match="model="):
+        backend.load_state_dict({"sites": {"fc": {"vector": torch.ones(2)}}})
+    model = nn.Sequential(nn.Linear(8, 6))
+    with pytest.raises(ValueError, match="'1': no such site"):
+        backend.load_state_dict({"sites": {"1": {"vector": torch.ones(2)}}}, model=model)
+    backend.load_state_dict({"sites": {"0": {"vector": torch.ones(2) / 2 ** 0.5}}}, model=model)
+    assert backend.state_dict(model)["sites"]["0"]["sub_token_size"] == 2
+
+
+def test_load_warns_on_another_init():
+    model, backend = _trained("ema:0.5")
     with pytest.warns(UserWarning, match="init"):
-        velora_fx.backend(sub_token_size=4, init="batch").load_state_dict(state)
+        velora_fx.backend(sub_token_size=4, init="batch").load_state_dict(backend.state_dict(), model=model)

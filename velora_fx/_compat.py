@@ -11,8 +11,13 @@ from typing import Any, Callable
 import torch
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+TESTED = ((2, 11), (2, 14))  # the range the test suite and the GPU checks ran on
 if TORCH_VERSION < (2, 11):  # pragma: no cover - guarded by pyproject
     raise ImportError(f"velora_fx needs torch >= 2.11, found {torch.__version__}")
+if TORCH_VERSION > TESTED[1]:  # pragma: no cover - depends on the installed torch
+    import warnings as _warnings
+    _warnings.warn(f"velora_fx was tested with torch 2.11 - 2.14; torch {torch.__version__} is untested "
+                   "(it hooks inductor's private partitioner API)", stacklevel=2)
 
 from torch._dynamo import list_backends, register_backend  # noqa: E402,F401
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402,F401
@@ -25,6 +30,7 @@ from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
 from torch._inductor.compile_fx import partition_fn as inductor_partition_fn  # noqa: E402,F401
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files  # noqa: E402,F401
 from torch._inductor.decomposition import select_decomp_table  # noqa: E402,F401
+from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
 from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402,F401
 
 try:  # torch >= 2.13 renamed hint_int
@@ -73,4 +79,76 @@ def custom_partitioner(partitioner: Any):
 
 
 def fake_mode_of(values: Any):
-    return detect_fake_mode(values)
+    """The fake mode of some values, else the one of the running dynamo trace, else None."""
+    mode = detect_fake_mode(values)
+    if mode is None:
+        ctx = torch._guards.TracingContext.try_get()
+        mode = getattr(ctx, "fake_mode", None)
+    return mode
+
+
+def is_fake(x: Any) -> bool:
+    return isinstance(x, FakeTensor)
+
+
+@contextlib.contextmanager
+def autograd_cache_disabled():
+    """AOTAutograd's cache, if it hit, would skip the partition step and with it our pass."""
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
+def list_mode_options(mode: str) -> dict[str, Any]:
+    """inductor's options for a ``torch.compile(mode=...)`` string."""
+    return torch._inductor.list_mode_options(mode)
+
+
+def frame_id(gm: torch.fx.GraphModule) -> str:
+    """Dynamo's frame id of a graph (a recompile of the same code keeps it), or ''."""
+    compile_id = getattr(gm, "meta", {}).get("dynamo_compile_id")
+    frame = getattr(compile_id, "frame_id", None)
+    return "" if frame is None else str(frame)
+
+
+def copy_dynamo_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a dynamo graph module that AOTAutograd still recognises as dynamo's (placeholders
+    keep ``_dynamo_source``, the module keeps ``meta`` and ``_param_name_to_source``).  Dynamo
+    reads its own graph after the backend returns, so we must not edit it in place."""
+    graph, env = torch.fx.Graph(), {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if hasattr(node, "_dynamo_source"):
+            env[node]._dynamo_source = node._dynamo_source
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(getattr(gm, "meta", {}))
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    return new
+
+
+def static_fake(fake_mode: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake twin with static sizes (so AOTAutograd does not make the state's shape symbolic)."""
+    if fake_mode is None:
+        return tensor
+    return fake_mode.from_tensor(tensor, static_shapes=True)
+
+
+def append_static_inputs(gm: torch.fx.GraphModule, names: list[str], values: list[torch.Tensor]) -> None:
+    """Add graph inputs that AOTAutograd and CUDA graphs treat like module buffers: static
+    addresses (cudagraphs neither copies them nor refuses their in-place update), no dynamo source."""
+    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    for name, value in zip(names, values):
+        with gm.graph.inserting_after(last):
+            node = gm.graph.placeholder(name)
+        node._dynamo_source = None
+        node.meta["example_value"] = value
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        last = node
+    gm.recompile()
+
+
+def real_tensors():
+    """Leave the ambient fake mode (the partition step runs under AOTAutograd's) to touch real
+    state tensors and real inputs."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()

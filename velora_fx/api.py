@@ -1,62 +1,74 @@
 """The user-facing verbs besides ``backend``: ``transform`` and ``explain``."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from . import _compat
-from .backend import VeloraBackend
+from .backend import VeloraBackend, make_binding
 from .config import VeloraConfig
+from .naming import ParamNames
 from .passes.pipeline import JointContext, run_pipeline
 from .report import Report
-from .state import SiteStore
+from .state import ModelState
 from .tracing import JointGraph
 
 __all__ = ["transform", "explain"]
 
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(VeloraConfig)}
 
-def transform(joint: JointGraph | fx.GraphModule, joint_inputs: Any = None, *, num_fwd_outputs: int | None = None,
-              param_indices: list[int] | None = None, store: SiteStore | None = None,
-              config: VeloraConfig | None = None, **options: Any) -> tuple[fx.GraphModule, Report]:
-    """Apply the VeLoRA rewrite to a joint forward+backward graph (see ``trace_joint``).
+
+def transform(joint: JointGraph, *, config: VeloraConfig | None = None, **options: Any
+              ) -> tuple[fx.GraphModule, Report]:
+    """Apply the VeLoRA rewrite to a joint forward+backward graph from ``velora_fx.trace_joint``.
 
     Returns the rewritten joint graph (the input is left untouched) and its report.  Split it with
-    any partitioner (e.g. ``min_cut_rematerialization_partition``); the encoded tensors are
-    tagged MUST_SAVE.  The returned module keeps its site state alive as ``gm.velora_store``.
+    any partitioner (e.g. ``min_cut_rematerialization_partition``); the encoded tensors are tagged
+    MUST_SAVE.  The graph's last primals are the state inputs: pass ``gm.velora_state_inputs``
+    (fresh state, owned by ``gm.velora_state``) where ``joint.state_inputs`` were.
     """
-    if isinstance(joint, JointGraph):
-        joint_inputs = joint.joint_inputs if joint_inputs is None else joint_inputs
-        num_fwd_outputs = joint.num_fwd_outputs if num_fwd_outputs is None else num_fwd_outputs
-        param_indices = joint.param_indices if param_indices is None else param_indices
-        partition_kwargs, labels, gm = joint.partition_kwargs, joint.primal_labels, joint.gm
-    else:
-        gm, partition_kwargs, labels = joint, {}, None
-    if joint_inputs is None or num_fwd_outputs is None or param_indices is None:
-        raise TypeError("transform needs joint_inputs, num_fwd_outputs and param_indices (or a JointGraph)")
+    if not isinstance(joint, JointGraph):
+        raise TypeError("transform takes the JointGraph of velora_fx.trace_joint (it carries the state inputs "
+                        f"the rewrite reads), got {type(joint).__name__}")
     if config is not None and options:
         raise TypeError("pass either config= or keyword options, not both")
     config = config or VeloraConfig.from_options(**options)
-    store = store or SiteStore(config.init)
-    ctx = JointContext(gm, joint_inputs, num_fwd_outputs, list(param_indices),
-                       _compat.min_cut_rematerialization_partition, dict(partition_kwargs), labels)
-    result = run_pipeline(ctx, config, store)  # works on a copy: result.gm is never the input
-    result.gm.velora_store = store
+    state = ModelState("transform")
+    real = list(joint.real_inputs) if joint.real_inputs is not None else None
+    fresh = {}
+    for weight, index in joint.state_index.items():
+        fresh[index] = state.tensor_for(joint.params[weight])
+        if real is not None:
+            real[index] = fresh[index]
+    binding = make_binding(state, joint.names or ParamNames(None), joint.params, joint.state_index, real,
+                           joint.primal_labels or ())
+    ctx = JointContext(joint.gm, joint.joint_inputs, joint.num_fwd_outputs, list(joint.param_indices),
+                       _compat.min_cut_rematerialization_partition, dict(joint.partition_kwargs), joint.primal_labels)
+    result = run_pipeline(ctx, config, binding)  # works on a copy: result.gm is never the input
+    result.report.model = state.label
+    result.gm.velora_state = state
+    result.gm.velora_state_inputs = [fresh[i] for i in sorted(fresh)]
     return result.gm, Report([result.report])
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, compiler: str = "eager", **options: Any) -> Report:
-    """Compile ``model`` on ``example_inputs`` with the given options and report, per site, what
-    the baseline partition saves and what the rewrite would save instead.
+def explain(model: torch.nn.Module, *args: Any, config: VeloraConfig | None = None, compiler: str = "eager",
+            **kwargs: Any) -> Report:
+    """Compile ``model(*args, **kwargs)`` once with a fresh backend and report, per site, what the
+    baseline partition saves and what the rewrite saves instead.
 
-    ``compiler="eager"`` (default) runs inductor's decompositions, joint passes and partitioner
-    (so the decisions are inductor's) without code generation; pass ``"inductor"`` to build it all.
-    Parameters' ``.grad`` are untouched: no backward runs.
+    Keyword arguments that are ``VeloraConfig`` options (``mode``, ``max_error``, ``include``...)
+    configure the backend; the others go to the model.  ``compiler="eager"`` (default) runs
+    inductor's decompositions, joint passes and partitioner (so the decisions are inductor's)
+    without code generation; ``"inductor"`` builds it all.  No backward runs, parameters' ``.grad``
+    are untouched, other compiled models keep their compiled code and state.
     """
-    backend = VeloraBackend(VeloraConfig.from_options(**options), compiler=compiler)
-    torch._dynamo.reset()
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+    if config is not None and options:
+        raise TypeError("pass either config= or option keywords, not both")
+    backend = VeloraBackend(config or VeloraConfig.from_options(**options), compiler=compiler)
     with torch.enable_grad():
-        torch.compile(model, backend=backend)(*example_inputs)
-    torch._dynamo.reset()
+        torch.compile(model, backend=backend)(*args, **kwargs)
     return backend.report()

@@ -3,6 +3,11 @@
 Hook: inductor's ``custom_partitioner_fn`` receives the joint forward+backward graph after
 inductor's own joint passes; we run the pipeline there and hand back the partition of the
 rewritten graph, so decompositions, joint passes, partitioner and codegen all stay inductor's.
+
+State: before AOTAutograd traces, the dynamo graph gets one extra input per weight matrix, its
+state tensor (``state.py``), marked static like a module buffer.  The rewrite reads and updates
+it with aten ops; a thin wrapper appends the tensors to every call.  So nothing runs in Python
+per site per step, CUDA graphs work, and the generated code never depends on the state's values.
 """
 from __future__ import annotations
 
@@ -12,19 +17,23 @@ import itertools
 import json
 import os
 import warnings
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch import Tensor, nn
 
 from . import _compat
 from .config import ConfigError, VeloraConfig
-from .passes.pipeline import JointContext, run_pipeline
-from .passes.sites import module_path_from_source
+from .naming import ParamNames, find_compiled_root
+from .passes.pipeline import GraphBinding, JointContext, run_pipeline
+from .passes.sites import Site
 from .report import GraphReport, Report
-from .state import SiteStore
+from .state import ModelState, natural_orientation, slot_name
 
-__all__ = ["VeloraBackend", "backend"]
+__all__ = ["VeloraBackend", "backend", "default_backend"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,10 +52,11 @@ def _source_hash() -> str:
 class VeloraBackend:
     """A dynamo backend: ``torch.compile(model, backend=VeloraBackend(config))``.
 
-    Owns the per-site state (the v vectors) and the reports of every graph it compiled.
-    ``compiler="inductor"`` (default) generates code with inductor; ``compiler="eager"`` runs the
-    same decompositions, joint passes, rewrite and partitioner but executes the graphs eagerly
-    (fast to compile: for tests and ``explain``).
+    Each model compiled through it owns its state (the v vectors), its plan and its reports;
+    compiled free functions share one entry, "functions".  ``compiler="inductor"`` (default)
+    generates code with inductor; ``compiler="eager"`` runs the same decompositions, joint passes,
+    rewrite and partitioner but executes the graphs eagerly (fast to compile: tests, ``explain``).
+    ``torch.compile``'s ``mode=`` / ``options=`` reach inductor (``mode="reduce-overhead"``: CUDA graphs).
     """
 
     def __init__(self, config: VeloraConfig | None = None, *, compiler: str = "inductor") -> None:
@@ -54,38 +64,104 @@ class VeloraBackend:
             raise ConfigError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
         self.config = config or VeloraConfig()
         self.compiler = compiler
-        self.store = SiteStore(self.config.init)
-        self.reports: list[GraphReport] = []
+        self._models: "weakref.WeakKeyDictionary[nn.Module, ModelState]" = weakref.WeakKeyDictionary()
+        self._functions = ModelState("functions")
         self._graph_ids = itertools.count()
+        self._model_ids = itertools.count()
         self._warned: set[str] = set()
 
     # -- dynamo entry point ------------------------------------------------------------------
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        partitioner = _Partitioner(self, _parameter_indices(example_inputs), _primal_labels(gm))
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                 options: dict[str, Any] | None = None) -> Callable:
+        root = find_compiled_root()
+        model = self.model_state(root)
+        lifted = _lift_state(gm, list(example_inputs), model) if _trains(example_inputs) else None
+        partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm)
+        graph = lifted.gm if lifted else gm
+        inputs = lifted.example_inputs if lifted else list(example_inputs)
         if self.compiler == "inductor":
-            return _compat.compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
-        eager = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
-                                     partition_fn=_compat.inductor_partition_fn,
-                                     decompositions=_compat.select_decomp_table())
-        with _compat.custom_partitioner(partitioner):
-            return eager(gm, example_inputs)
+            patches = {**_mode_options(mode), **(options or {}), "custom_partitioner_fn": partitioner}
+            # AOTAutograd's cache would skip the partition step (and this pass) on a hit; inductor's
+            # FX graph cache, which keys on the partitioned graphs, still serves the generated code
+            with _compat.autograd_cache_disabled():
+                compiled = _compat.compile_fx(graph, inputs, config_patches=patches)
+        else:
+            if mode or options:
+                self.warn_once("velora_fx: compiler='eager' ignores torch.compile's mode= and options=")
+            eager = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
+                                         partition_fn=_compat.inductor_partition_fn,
+                                         decompositions=_compat.select_decomp_table())
+            with _compat.custom_partitioner(partitioner), _compat.autograd_cache_disabled():
+                compiled = eager(graph, inputs)
+        return _with_state(compiled, lifted.state_tensors) if lifted else compiled
 
-    # -- state and reports -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "sites": self.store.state_dict()}
+    # -- models, state and reports -------------------------------------------------------------
+    def model_state(self, model: nn.Module | None) -> ModelState:
+        """The state entry of a compiled model (created on first use); None: compiled functions."""
+        if model is None:
+            return self._functions
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        state = self._models.get(model)
+        if state is None:
+            state = ModelState(f"{type(model).__name__}#{next(self._model_ids)}")
+            self._models[model] = state
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _states(self, model: nn.Module | None) -> list[ModelState]:
+        if model is not None:
+            return [self.model_state(model)]
+        states = list(self._models.values())
+        return states + ([self._functions] if self._functions.reports or self._functions.slots else [])
+
+    def _only(self, model: nn.Module | None, verb: str) -> ModelState:
+        states = self._states(model)
+        if len(states) == 1:
+            return states[0]
+        if not states:
+            raise ValueError(f"velora_fx: no model compiled with this backend yet: pass {verb}(..., model=model)")
+        raise ValueError(f"velora_fx: this backend compiled {len(states)} models: pass {verb}(..., model=model)")
+
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The v of every compressed site of ``model`` (or of the only model compiled), by site key."""
+        states = self._states(model)
+        sites = self._only(model, "state_dict").state_dict() if states else {}
+        return {"config": self.config.to_dict(), "sites": sites}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Load vectors saved by ``state_dict``; every unknown site or wrong size is named at once.
+        Before the first compile, pass ``model=`` so keys can be checked against it."""
         if "config" in state and state["config"].get("init") != self.config.init:
             warnings.warn(f"velora_fx: loading state saved with init={state['config'].get('init')!r} "
                           f"into a backend with init={self.config.init!r}", stacklevel=2)
-        self.store.load_state_dict(state.get("sites", {}))
+        target = self._only(model, "load_state_dict")
+        names = ParamNames(model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model)
 
-    def report(self) -> Report:
-        return Report(list(self.reports))
+        def resolve(name: str):
+            found = names.resolve(name)
+            if found is None:
+                return None
+            param, orientation = found
+            return param, orientation, int(param.shape[-1] if orientation == 0 else param.shape[-2])
 
-    def uuid(self) -> str:
+        target.load_state_dict(state.get("sites", {}), resolve)
+
+    def state_tensors(self, model: nn.Module | None = None) -> list[Tensor]:
+        """The device tensors holding the state (graph inputs that live as long as the model,
+        like its buffers: memory accounting should count them with the weights)."""
+        return [t for s in self._states(model) for ref, t in s.tensors.values() if ref() is not None]
+
+    def report(self, model: nn.Module | None = None) -> Report:
+        """Per compiled graph (with its id), for ``model`` or for every model compiled."""
+        graphs = [g for s in self._states(model) for g in s.reports]
+        return Report(sorted(graphs, key=lambda g: g.graph_id))
+
+    def uuid(self, model: ModelState | None = None) -> str:
+        """Stable across processes: the package source, the options and the model's plan so far."""
         payload = json.dumps(self.config.to_dict(), sort_keys=True)
-        return f"velora_fx:{_source_hash()}:{self.store.token}:{payload}"
+        plan = json.dumps(sorted((model.plan if model else {}).items()))
+        digest = hashlib.sha256((payload + plan).encode()).hexdigest()[:16]
+        return f"velora_fx:{_source_hash()}:{digest}"
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -93,17 +169,23 @@ class VeloraBackend:
             warnings.warn(message, stacklevel=3)
 
     # -- the partition step ------------------------------------------------------------------
-    def partition(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], param_indices: list[int] | None,
-                  primal_labels: list[str | None] | None, **kwargs: Any):
+    def partition(self, partitioner: "_Partitioner", gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
         graph_id = next(self._graph_ids)
+        model, frame = partitioner.model, partitioner.frame
         num_fwd_outputs = kwargs.pop("num_fwd_outputs")
-        if param_indices is None:
-            static = kwargs.get("static_lifetime_input_indices") or []
-            param_indices, primal_labels = list(static), None
+        plain = lambda: _compat.min_cut_rematerialization_partition(  # noqa: E731
+            gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        binding = partitioner.binding(joint_inputs)
+        if binding is None:
+            model.reports.append(GraphReport(graph_id, "unchanged", "AOTAutograd reshaped the inputs: no state "
+                                             "binding, compiled as plain inductor", model=model.label, frame=frame))
+            return plain()
+        param_indices = [i for i, p in enumerate(partitioner.params) if p is not None]
+        primal_labels = partitioner.labels
         ctx = JointContext(gm, joint_inputs, num_fwd_outputs, param_indices,
                            _compat.min_cut_rematerialization_partition, kwargs, primal_labels)
         try:
-            result = run_pipeline(ctx, self.config, self.store, graph_id)
+            result = run_pipeline(ctx, self.config, binding, graph_id)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -111,36 +193,142 @@ class VeloraBackend:
                 raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
-            self.reports.append(GraphReport(graph_id, "fallback", reason))
-            return _compat.min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                                               **kwargs)
-        self.reports.append(result.report)
+            model.reports.append(GraphReport(graph_id, "fallback", reason, model=model.label, frame=frame))
+            return plain()
+        result.report.model, result.report.frame = model.label, frame
+        if not result.report.sites:
+            self.warn_once(f"velora_fx: {model.label} has no weight-gradient matmul site: nothing to compress")
+        model.reports.append(result.report)
+        _warn_unmatched(self, result.report)
         return result.saved.fwd, result.saved.bwd
 
 
-class _Partitioner(_compat.CustomPartitionerFn):
-    """Binds one dynamo graph's parameter layout to the backend's partition step."""
+def _warn_unmatched(backend: VeloraBackend, report: GraphReport) -> None:
+    config = backend.config
+    paths = [c for s in report.sites for c in s.consumers]
+    if not paths:
+        return
+    import fnmatch
+    for option in ("include", "exclude"):
+        for pattern in getattr(config, option):
+            if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+                backend.warn_once(f"velora_fx: {option} pattern {pattern!r} matches no site of this graph "
+                                  f"(site names are named_modules() paths, e.g. {paths[0]!r})")
 
-    def __init__(self, backend: VeloraBackend, param_indices: list[int] | None,
-                 primal_labels: list[str | None] | None) -> None:
-        self.backend, self.param_indices, self.primal_labels = backend, param_indices, primal_labels
+
+@dataclass
+class _Lifted:
+    """The dynamo graph with one state input per weight, and what to pass for them."""
+
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    state_tensors: list[Tensor]
+    state_index: dict[int, int]          # input index of a weight -> input index of its state
+    real_inputs: list[Any]
+
+
+def _trains(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in example_inputs)
+
+
+def _has_state(x: Any) -> bool:
+    return (isinstance(x, nn.Parameter) and x.requires_grad and x.dim() >= 2 and x.is_floating_point()
+            and not _compat.is_fake(x))
+
+
+def _lift_state(gm: fx.GraphModule, example_inputs: list[Any], model: ModelState) -> _Lifted | None:
+    weights = [i for i, x in enumerate(example_inputs) if _has_state(x)]
+    if not weights:
+        return None
+    tensors = [model.tensor_for(example_inputs[i]) for i in weights]
+    new_gm = _compat.copy_dynamo_graph(gm)
+    fake_mode = _compat.fake_mode_of(list(example_inputs))
+    fakes = [_compat.static_fake(fake_mode, t) for t in tensors]
+    _compat.append_static_inputs(new_gm, [f"velora_state_{i}" for i in weights], fakes)
+    n = len(example_inputs)
+    return _Lifted(new_gm, example_inputs + fakes, tensors, {w: n + k for k, w in enumerate(weights)},
+                   example_inputs + tensors)
+
+
+def _with_state(compiled: Callable, state: list[Tensor]) -> Callable:
+    """The compiled graph, called with the state tensors appended."""
+    def call(*args):
+        return compiled(*args, *state)
+    return call
+
+
+def _mode_options(mode: str | None) -> dict[str, Any]:
+    if mode is None or mode == "default":
+        return {}
+    return dict(_compat.list_mode_options(mode))
+
+
+class _Partitioner(_compat.CustomPartitionerFn):
+    """Binds one dynamo graph (its weights, state inputs and names) to the backend's partition
+    step.  Pickles to its uuid only: inductor puts it into its cache key."""
+
+    def __init__(self, backend: VeloraBackend, model: ModelState, names: ParamNames, lifted: _Lifted | None,
+                 gm: fx.GraphModule) -> None:
+        self.backend, self.model, self.names, self.lifted = backend, model, names, lifted
+        inputs = lifted.real_inputs if lifted else []
+        self.params = [x if isinstance(x, nn.Parameter) else None for x in inputs]
+        self.labels = _primal_labels(gm) + [None] * (len(inputs) - len(_primal_labels(gm)))
+        self.frame = _compat.frame_id(gm)
+        self._uuid = backend.uuid(model)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-        indices, labels = self.param_indices, self.primal_labels
+        return self.backend.partition(self, gm, joint_inputs, **kwargs)
+
+    def binding(self, joint_inputs: Sequence[Any]) -> GraphBinding | None:
+        """None when the joint graph's primals are not the lifted inputs one to one (AOTAutograd
+        deduplicated or flattened them) or there is no state to bind."""
         primals = joint_inputs[0] if joint_inputs and isinstance(joint_inputs[0], (list, tuple)) else None
-        if primals is not None and indices is not None and len(primals) != len(labels or primals):
-            indices = labels = None  # AOT reshaped the inputs (subclasses, tokens): trust its static indices
-        return self.backend.partition(gm, joint_inputs, indices, labels, **kwargs)
+        if self.lifted is None or primals is None or len(primals) != len(self.params):
+            return None
+        return make_binding(self.model, self.names, self.params, self.lifted.state_index, self.lifted.real_inputs,
+                            self.labels)
 
     def uuid(self) -> str:
-        return self.backend.uuid()
+        return self._uuid
+
+    def __reduce__(self):
+        return (_cache_key_only, (self._uuid,))
+
+    def __deepcopy__(self, memo):
+        return self
 
 
-def _parameter_indices(example_inputs: Sequence[Any]) -> list[int]:
-    return [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+def make_binding(model: ModelState, names: ParamNames, params: list[Tensor | None], state_index: dict[int, int],
+                 real_inputs: list[Any] | None, labels: Sequence[str | None] = ()) -> GraphBinding:
+    """How a joint graph with lifted state inputs reaches ``model``: names, slots, plan, real inputs.
+    ``labels`` are the source-derived paths of the inputs (for weights outside a root module)."""
+
+    def module_of(site: Site):
+        label = labels[site.param_index] if site.param_index < len(labels) else None
+        return names.module_of(params[site.param_index], site.source_path or None, label)
+
+    def module_path(site: Site) -> str:
+        return module_of(site)[0] or site.module_path
+
+    def slot(site: Site, features: int):
+        if site.param_index not in state_index:
+            return None
+        path, leaf, module = module_of(site)
+        name = slot_name(path or site.module_path, leaf or "weight", site.orientation, natural_orientation(module))
+        with _compat.real_tensors():
+            return model.register_slot(params[site.param_index], site.orientation, name, features)
+
+    return GraphBinding(module_path=module_path, slot=slot, state_primal=state_index.get, plan=model.plan,
+                        real_primals=real_inputs)
+
+
+def _cache_key_only(uuid: str) -> str:
+    """What a pickled partitioner turns back into: its key (it is pickled for cache keys only)."""
+    return uuid
 
 
 def _primal_labels(gm: fx.GraphModule) -> list[str | None]:
+    from .naming import module_path_from_source
     labels = []
     for node in gm.graph.find_nodes(op="placeholder"):
         source = _compat.dynamo_source_name(node)
@@ -149,7 +337,7 @@ def _primal_labels(gm: fx.GraphModule) -> list[str | None]:
 
 
 def backend(config: VeloraConfig | None = None, /, **options: Any) -> VeloraBackend:
-    """``torch.compile(model, backend=velora_fx.backend(num_groups=32, mode="auto", ...))``."""
+    """``torch.compile(model, backend=velora_fx.backend(mode="auto", ...))``."""
     compiler = options.pop("compiler", "inductor")
     if config is not None and options:
         raise TypeError("pass either a VeloraConfig or keyword options, not both")
@@ -160,13 +348,14 @@ _DEFAULT: VeloraBackend | None = None
 
 
 def default_backend() -> VeloraBackend:
-    """The shared backend behind ``backend="velora"`` (state persists across compiles)."""
+    """The shared backend behind ``backend="velora"``: ``velora_fx.default_backend().report()``
+    shows what it did (each model compiled through it has its own state and reports)."""
     global _DEFAULT
     if _DEFAULT is None:
         _DEFAULT = VeloraBackend()
     return _DEFAULT
 
 
-def velora_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    """Named-backend entry point (``torch.compile(model, backend="velora")``)."""
-    return default_backend()(gm, example_inputs)
+def velora_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """Named-backend entry point (``torch.compile(model, backend="velora", mode=...)``)."""
+    return default_backend()(gm, example_inputs, **kwargs)

@@ -11,8 +11,12 @@ import torch
 
 __all__ = ["VeloraConfig", "ConfigError", "RECIPES"]
 
-_INIT_RE = re.compile(r"^(first_batch|batch|random|ema:(0(\.\d+)?|1(\.0*)?))$")
-_MODES = ("auto", "all")
+_INIT_RE = re.compile(r"^(first_batch|batch|random|ema:(0?\.\d+|0|1|0\.|1\.0*))$")
+_MODES = ("auto", "max_memory", "all")
+# Sub-token sizes "auto" chooses from (powers of two that divide the feature size)
+AUTO_SUB_TOKEN_SIZES = (2, 4, 8, 16, 32, 64)
+# Default bound on a site's estimated weight-gradient error in "auto" (see docs/quality.md)
+DEFAULT_MAX_ERROR = 0.5
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -51,20 +55,25 @@ class VeloraConfig:
     """Options of the VeLoRA rewrite (Miles et al., 2024, "VeLoRA: Memory Efficient Training
     using Rank-1 Sub-Token Projections").
 
-    Exactly one of ``num_groups`` / ``sub_token_size`` sets the sub-token size g; with neither,
-    ``num_groups=32`` as in the paper's code.  A feature size that g does not divide is an error
-    (no silent padding).
+    The sub-token size g: ``num_groups`` (g = D / num_groups) **or** ``sub_token_size`` fixes it
+    for every site; with neither, ``mode="auto"`` chooses g per site (the largest power of two
+    whose estimated error stays under ``max_error``) and the other modes use the paper's 32 groups.
+    A feature size a fixed g does not divide is skipped in "auto" and an error elsewhere.
     """
 
     num_groups: int | None = field(default=None, metadata={"help": "sub-tokens per token (g = D / num_groups)"})
     sub_token_size: int | None = field(default=None, metadata={"help": "size g of each sub-token"})
     init: str = field(default="first_batch", metadata={"help": "first_batch | batch | ema:<decay> | random"})
-    scale: float = field(default=1.0, metadata={"help": "multiplier on the reconstructed weight gradient"})
-    mode: str = field(default="auto", metadata={"help": "auto: only sites that free saved bytes; all: every site"})
+    scale: float = field(default=1.0, metadata={"help": "multiplier (> 0) on the reconstructed weight gradient"})
+    mode: str = field(default="auto", metadata={
+        "help": "auto: sites that free saved bytes within max_error; max_memory: every site that frees bytes; "
+                "all: every selected site (paper-faithful)"})
+    max_error: float = field(default=DEFAULT_MAX_ERROR, metadata={
+        "help": "auto: bound on a site's estimated relative weight-gradient error (0 = exact only)"})
     include: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to consider"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -74,15 +83,19 @@ class VeloraConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_groups is None and self.sub_token_size is None:
-            set_(self, "num_groups", 32)
         if not isinstance(self.init, str) or not _INIT_RE.match(self.init):
             raise ConfigError(f"init must be 'first_batch', 'batch', 'ema:<decay in [0, 1]>' or 'random', got {self.init!r}")
         if self.mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise ConfigError(f"scale must be a number, got {self.scale!r}")
-        set_(self, "scale", float(self.scale))
+        for name in ("scale", "max_error"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            set_(self, name, float(value))
+        if self.scale <= 0:
+            raise ConfigError(f"scale must be > 0 (it multiplies the weight gradient), got {self.scale!r}")
+        if self.max_error < 0:
+            raise ConfigError(f"max_error must be >= 0, got {self.max_error!r}")
         set_(self, "include", _as_patterns(self.include, "include"))
         set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))
@@ -92,8 +105,14 @@ class VeloraConfig:
     def ema_decay(self) -> float | None:
         return float(self.init.split(":", 1)[1]) if self.init.startswith("ema:") else None
 
+    @property
+    def chooses_size(self) -> bool:
+        """Whether the planner picks g per site ("auto" without a fixed num_groups/sub_token_size)."""
+        return self.mode == "auto" and self.num_groups is None and self.sub_token_size is None
+
     def sub_token_size_for(self, features: int, where: str = "") -> int:
-        """The sub-token size g for a feature size D, or a ConfigError naming the site."""
+        """The fixed sub-token size g for a feature size D (32 groups when neither option is
+        given), or a ConfigError naming the site."""
         at = f" at {where}" if where else ""
         if self.sub_token_size is not None:
             if features % self.sub_token_size:
@@ -101,11 +120,21 @@ class VeloraConfig:
                     f"sub_token_size={self.sub_token_size} does not divide the feature size {features}{at}; "
                     "choose a divisor, or exclude the site")
             return self.sub_token_size
-        if features % self.num_groups:
+        groups = self.num_groups or 32
+        if features % groups:
             raise ConfigError(
-                f"num_groups={self.num_groups} does not divide the feature size {features}{at}; "
+                f"num_groups={groups} does not divide the feature size {features}{at}; "
                 "choose a divisor, or exclude the site")
-        return features // self.num_groups
+        return features // groups
+
+    def candidate_sizes(self, features: int) -> list[int]:
+        """Sub-token sizes the planner may use for a feature size D, smallest first."""
+        if not self.chooses_size:
+            try:
+                return [self.sub_token_size_for(features)]
+            except ConfigError:
+                return []
+        return [g for g in AUTO_SUB_TOKEN_SIZES if g < features and features % g == 0]
 
     def selects(self, module_path: str) -> bool:
         """Whether include/exclude let a module path through."""
@@ -122,6 +151,8 @@ class VeloraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VeloraConfig":
+        data = dict(data)
+        data.pop("version", None)  # older versions read the same fields
         return cls.from_options(**data)
 
     @classmethod
@@ -154,6 +185,8 @@ def _closest(name: str, candidates: Iterable[str]) -> str | None:
 RECIPES: dict[str, dict[str, Any]] = {
     # the paper's LLaMA configuration: v_proj and down_proj inputs, D/32 sub-tokens, fixed first-batch v
     "paper": dict(num_groups=32, init="first_batch", mode="all", include=("*v_proj", "*down_proj")),
-    # partition-aware: every site whose compression removes bytes from the saved set
-    "auto": dict(num_groups=32, init="first_batch", mode="auto"),
+    # partition-aware and quality-bounded: sites that free saved bytes, g chosen per site
+    "auto": dict(init="first_batch", mode="auto"),
+    # every site that frees saved bytes, at the paper's 32 groups (quality cost: see docs/quality.md)
+    "max_memory": dict(num_groups=32, init="first_batch", mode="max_memory"),
 }

@@ -7,6 +7,8 @@ from typing import Any
 
 __all__ = ["SiteReport", "GraphReport", "Report"]
 
+_WIDTH = 120
+
 
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -15,23 +17,33 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _clip(text: str, width: int) -> str:
+    """Shorten to ``width`` characters, keeping both ends (module paths differ at the end)."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[: keep // 3] + "…" + text[-(keep - keep // 3):]
+
+
 @dataclass
 class SiteReport:
     """One activation and its weight-gradient consumers."""
 
-    name: str                        # stable site name (state key): module path(s)
+    name: str                        # module path(s) of its consumers (a group: common prefix + {leaves})
     consumers: list[str]             # module paths whose weight gradients read it
     op: str                          # forward op(s): addmm / mm / bmm
     shape: tuple[int, ...]
     dtype: str
     saved_by_baseline: bool          # some form of it is in the baseline's saved set
-    saved_forms: list[str]           # which forms (node names) the baseline saves
+    saved_forms: list[str]           # which forms (joint-graph node names) the baseline saves
     bytes_before: int                # bytes of its saved forms in the baseline partition
     bytes_after: int                 # bytes of its saved forms + coefficients after the rewrite
     decision: str                    # "compressed" or "skipped"
     reason: str
     sub_token_size: int | None = None
     approximated: list[str] = field(default_factory=list)  # consumers whose weight grads are approximated
+    estimated_error: float = 0.0     # relative energy of the activation VeLoRA drops (0: exact)
+    state: str | None = None         # state_dict key of the v it uses
 
     @property
     def bytes_freed(self) -> int:
@@ -49,23 +61,34 @@ class GraphReport:
     """One compiled graph: its sites and the saved-set totals of both partitions."""
 
     graph_id: int
-    status: str                      # "rewritten", "unchanged", "fallback", "inference"
+    status: str                      # "rewritten", "unchanged", "fallback"
     message: str = ""
     sites: list[SiteReport] = field(default_factory=list)
     saved_bytes_before: int = 0      # activation bytes the baseline partition saves (no params)
     saved_bytes_after: int = 0       # same, after the rewrite
+    model: str = ""                  # which compiled model (or "functions") it belongs to
+    frame: str = ""                  # dynamo's frame id: a recompile of the same code replaces a graph
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graph_id": self.graph_id, "status": self.status, "message": self.message,
-                "saved_bytes_before": self.saved_bytes_before, "saved_bytes_after": self.saved_bytes_after,
-                "sites": [s.to_dict() for s in self.sites]}
+        return {"graph_id": self.graph_id, "model": self.model, "frame": self.frame, "status": self.status,
+                "message": self.message, "saved_bytes_before": self.saved_bytes_before,
+                "saved_bytes_after": self.saved_bytes_after, "sites": [s.to_dict() for s in self.sites]}
 
 
 @dataclass
 class Report:
-    """All graphs a backend compiled (or one ``transform``)."""
+    """Graphs a backend compiled (or one ``transform``).  Totals count the latest graph of each
+    compiled frame: a recompile for new shapes replaces its predecessor rather than adding to it."""
 
     graphs: list[GraphReport] = field(default_factory=list)
+
+    @property
+    def current(self) -> list[GraphReport]:
+        latest: dict[tuple[str, str], GraphReport] = {}
+        for g in self.graphs:
+            key = (g.model, g.frame) if g.frame else (g.model, f"#{g.graph_id}")
+            latest[key] = g
+        return sorted(latest.values(), key=lambda g: g.graph_id)
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -77,32 +100,48 @@ class Report:
 
     @property
     def saved_bytes_before(self) -> int:
-        return sum(g.saved_bytes_before for g in self.graphs)
+        return sum(g.saved_bytes_before for g in self.current)
 
     @property
     def saved_bytes_after(self) -> int:
-        return sum(g.saved_bytes_after for g in self.graphs)
+        return sum(g.saved_bytes_after for g in self.current)
 
     def to_dict(self) -> dict[str, Any]:
         return {"saved_bytes_before": self.saved_bytes_before, "saved_bytes_after": self.saved_bytes_after,
+                "totals_count": "the latest graph of each compiled frame",
                 "graphs": [g.to_dict() for g in self.graphs]}
 
     def table(self) -> str:
-        header = ("site", "op", "shape", "dtype", "base saves", "saved before", "saved after", "decision", "reason")
-        rows = [header]
-        for s in self.sites:
-            partial = s.decision == "compressed" and len(s.approximated) < len(s.consumers)
-            reason = f"{s.reason} (approximated: {', '.join(s.approximated)})" if partial else s.reason
-            rows.append((s.name, s.op, "x".join(map(str, s.shape)), s.dtype, "yes" if s.saved_by_baseline else "no",
-                         _size(s.bytes_before), _size(s.bytes_after), s.decision, reason))
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        """At most 120 columns; every detail (shapes, forms, consumers) is in ``to_dict()``."""
+        header = ("graph", "site", "g", "est.err", "saved before", "after", "decision", "reason")
+        rows = []
+        for graph in self.graphs:
+            for s in graph.sites:
+                partial = s.decision == "compressed" and len(s.approximated) < len(s.consumers)
+                reason = f"{s.reason} (approximated: {', '.join(s.approximated)})" if partial else s.reason
+                rows.append([str(graph.graph_id), s.name, str(s.sub_token_size or "-"),
+                             f"{s.estimated_error:.2f}" if s.decision == "compressed" or s.estimated_error else "-",
+                             _size(s.bytes_before), _size(s.bytes_after), s.decision, reason])
+        widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
+        widths[1] = min(widths[1], 44)
+        fixed = sum(widths[:-1]) + 2 * (len(header) - 1)
+        widths[-1] = max(10, min(widths[-1], _WIDTH - fixed))
+        lines = ["  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [list(header)] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         for g in self.graphs:
             if g.status not in ("rewritten", "unchanged") or g.message:
-                lines.append(f"graph {g.graph_id}: {g.status}{': ' + g.message if g.message else ''}")
-        lines.append(f"saved activations: {_size(self.saved_bytes_before)} -> {_size(self.saved_bytes_after)}"
-                     f" ({len(self.compressed)} of {len(self.sites)} sites compressed)")
+                lines.append(_clip(f"graph {g.graph_id}: {g.status}{': ' + g.message if g.message else ''}", _WIDTH))
+        current = self.current
+        n_sites = sum(len(g.sites) for g in current)
+        n_compressed = sum(1 for g in current for s in g.sites if s.decision == "compressed")
+        scope = f"{len(current)} graph{'s' if len(current) != 1 else ''}"
+        if len(current) != len(self.graphs):
+            scope += f", latest of each frame of {len(self.graphs)} compiled"
+        lines.append(f"activations saved for backward ({scope}): {_size(self.saved_bytes_before)} -> "
+                     f"{_size(self.saved_bytes_after)}; {n_compressed} of {n_sites} sites compressed")
         return "\n".join(lines)
 
     __str__ = table
+
+    def __repr__(self) -> str:
+        return self.table()

@@ -1,12 +1,12 @@
 """The codec protocol: what a compressed site saves in forward and rebuilds in backward.
 
 A codec emits ``encode`` nodes right after the activation (forward side of the joint graph) and
-``decode`` nodes right before each weight-gradient consumer (backward side).  The rewrite pass
-tags the encoded nodes MUST_SAVE, so they are what the partitioner keeps.
+``decode`` nodes right before each weight-gradient consumer (backward side), all plain aten ops.
+The rewrite pass tags the encoded nodes MUST_SAVE, so they are what the partitioner keeps.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch.fx as fx
 
@@ -16,8 +16,10 @@ __all__ = ["Codec", "register_codec", "get_codec"]
 class Codec(Protocol):
     name: str
 
-    def encode(self, graph: fx.Graph, activation: fx.Node, site_key: str) -> list[fx.Node]:
-        """Insert forward nodes computing what is saved instead of ``activation``."""
+    def encode(self, graph: fx.Graph, activation: fx.Node, state: Any) -> tuple[list[fx.Node], fx.Node | None]:
+        """Insert forward nodes computing what is saved instead of ``activation``; ``state`` says
+        where the site's state lives in the graph.  Returns the nodes to save and the updated
+        state value (None if unchanged)."""
 
     def decode(self, graph: fx.Graph, saved: list[fx.Node], activation: fx.Node) -> fx.Node:
         """Insert backward nodes rebuilding an approximation with ``activation``'s shape/dtype."""

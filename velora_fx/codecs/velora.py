@@ -1,25 +1,30 @@
-"""VeLoRA's rank-1 sub-token codec: the math, and the custom op the rewritten graph calls.
+"""VeLoRA's rank-1 sub-token codec: the math, and the aten code the rewritten graph runs.
 
 Forward keeps ``c = subtokens(x) @ v`` (one scalar per sub-token of size g); backward rebuilds
 ``x̂ = c ⊗ v`` for the weight gradient alone.  Sub-tokens are contiguous chunks of the last
 (feature) dimension, as in the paper's released code.
+
+In the compiled graph everything is plain aten: the init rule reads the site's state row (a
+graph input, see ``state.py``) branch-free, the projection is a multiply-and-sum that inductor
+fuses into the kernel producing ``x``, and the new state is written back with one ``copy_``.
 """
 from __future__ import annotations
 
-import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
 from ..passes.graph_utils import create_node
-from ..state import lookup_site
 from .base import register_codec
 
-__all__ = ["project", "reconstruct", "initial_vector", "random_vector", "encode_op", "VeloraCodec"]
+__all__ = ["project", "reconstruct", "initial_vector", "random_vector", "reconstruction_error", "StateRow",
+           "VeloraCodec"]
 
 aten, prims = torch.ops.aten, torch.ops.prims
 _EPS = 1e-12
+_FP16_MAX = 65504.0
 
 
 def _subtokens(x: Tensor, g: int) -> Tensor:
@@ -29,13 +34,14 @@ def _subtokens(x: Tensor, g: int) -> Tensor:
 
 
 def project(x: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Coefficients ``c[..., j] = <x[..., j*g:(j+1)*g], v>``: shape ``[..., D/g]``.
-
-    One GEMV over all sub-tokens (it runs on the host once per site per step inside the encode
-    op, so it skips matmul's shape dispatch); ``v`` already in x's dtype costs no cast."""
+    """Coefficients ``c[..., j] = <x[..., j*g:(j+1)*g], v>``: shape ``[..., D/g]``, accumulated
+    in fp32 (and clamped to fp16's range when stored as fp16, so they never overflow to inf)."""
     g = v.numel()
-    c = torch.mv(_subtokens(x, g).reshape(-1, g), v.to(x.dtype)).view(*x.shape[:-1], x.shape[-1] // g)
-    return c if dtype is None or c.dtype == dtype else c.to(dtype)
+    c = (_subtokens(x, g).float() * v.float().to(x.device)).sum(-1)
+    dtype = dtype or x.dtype
+    if dtype == torch.float16:
+        c = c.clamp(-_FP16_MAX, _FP16_MAX)
+    return c.to(dtype)
 
 
 def reconstruct(c: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -59,34 +65,55 @@ def random_vector(g: int, seed: int, device: torch.device | str = "cpu") -> Tens
 
 def _normalised(u: Tensor) -> Tensor:
     norm = u.norm()
-    if not torch.isfinite(norm) or norm <= _EPS:
-        return torch.full_like(u, u.numel() ** -0.5)
-    return u / norm
+    ok = (norm > _EPS) & (norm < float("inf"))
+    return torch.where(ok, u / norm.clamp_min(_EPS), torch.full_like(u, u.numel() ** -0.5))
 
 
-@torch.library.custom_op("velora_fx::encode", mutates_args=())
-def encode_op(x: Tensor, site: str, sub_token_size: int, coeff_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Forward half of the codec in a compiled graph: the site's v for this step (updated from
-    ``x`` per its init rule) and the coefficients ``subtokens(x) @ v``.
-
-    Opaque on purpose: the partitioner cannot recompute it, so it runs once per step, in forward,
-    and its (small) outputs are what gets saved.  v is returned too, so backward reconstructs with
-    exactly the v forward used; reconstruction itself is plain aten ops that inductor fuses."""
-    state = lookup_site(site)
-    v = state.vector_for(x, sub_token_size)
-    return project(x, state.vector_as(x.dtype), coeff_dtype), v.clone()
-
-
-@encode_op.register_fake
-def _(x: Tensor, site: str, sub_token_size: int, coeff_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    c = x.new_empty((*x.shape[:-1], x.shape[-1] // sub_token_size), dtype=coeff_dtype)
-    return c, x.new_empty((sub_token_size,), dtype=torch.float32)
+def reconstruction_error(x: Tensor, v: Tensor) -> float:
+    """Relative energy VeLoRA drops from ``x``: ``1 - |c ⊗ v|² / |x|²`` (0 when exact).  For a
+    gradient that is not aligned with the dropped part, it is also the expected relative error
+    (squared) of the weight gradient — the ``estimated_error`` the planner bounds."""
+    s = _subtokens(x.detach(), v.numel()).reshape(-1, v.numel()).float()
+    energy = float((s * s).sum())
+    if energy <= 0.0 or energy != energy or energy == float("inf"):
+        return 0.0 if energy == 0.0 else 1.0
+    kept = float(((s @ v.float().to(s.device)) ** 2).sum())
+    return min(1.0, max(0.0, 1.0 - kept / energy))
 
 
-def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
-    if node.meta["val"].dtype == dtype:
-        return node
-    return create_node(graph, prims.convert_element_type.default, (node, dtype), like=node)
+@dataclass
+class StateRow:
+    """Where a site's v lives in the graph: the current value of its weight's state tensor
+    (a placeholder, or the result of an earlier update in the same graph) and the row."""
+
+    tensor: fx.Node
+    orientation: int
+    update: str        # "none" (v already set), "first_batch", "batch", "ema:<decay>"
+
+
+def _emit(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    return create_node(graph, target, args, kwargs)
+
+
+def _emit_normalised(graph: fx.Graph, u: fx.Node, g: int) -> fx.Node:
+    norm = _emit(graph, aten.sqrt.default, _emit(graph, aten.sum.default, _emit(graph, aten.mul.Tensor, u, u)))
+    ok = _emit(graph, aten.logical_and.default, _emit(graph, aten.gt.Scalar, norm, _EPS),
+               _emit(graph, aten.lt.Scalar, norm, float("inf")))
+    unit = _emit(graph, aten.div.Tensor, u, _emit(graph, aten.clamp_min.default, norm, _EPS))
+    uniform = _emit(graph, aten.full.default, [g], g ** -0.5, dtype=torch.float32,
+                    device=u.meta["val"].device, pin_memory=False)
+    return _emit(graph, aten.where.self, ok, unit, uniform)
+
+
+def _emit_subtokens_f32(graph: fx.Graph, x: fx.Node, g: int) -> fx.Node:
+    """``x`` as fp32 ``[..., D/g, g]`` (a view when x is contiguous)."""
+    val = x.meta["val"]
+    if not val.is_contiguous():
+        x = _emit(graph, aten.clone.default, x, memory_format=torch.contiguous_format)
+    shape = [*_sizes(graph, x, range(val.dim() - 1)), int(val.shape[-1]) // g, g]
+    view = _emit(graph, aten.view.default, x, shape)
+    return view if val.dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, view,
+                                                             torch.float32)
 
 
 def _sizes(graph: fx.Graph, node: fx.Node, dims: range) -> list:
@@ -96,12 +123,19 @@ def _sizes(graph: fx.Graph, node: fx.Node, dims: range) -> list:
             for d in dims]
 
 
+def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    if node.meta["val"].dtype == dtype:
+        return node
+    return _emit(graph, prims.convert_element_type.default, node, dtype)
+
+
 @register_codec("velora")
 class VeloraCodec:
     """Rank-1 sub-token projection of one activation (one v per activation group).
 
-    encode: ``c, v = velora_fx::encode(x)`` (opaque, stateful)
-    decode: ``x̂ = view(c[..., None] * v, [..., D]) * scale`` in the activation's dtype (aten)."""
+    encode: ``v = rule(state row, x)``; ``c = sum(subtokens(x) * v, -1)`` (fp32 accumulation);
+            returns ``[c, v]`` to save and the updated state tensor (row: flag, v, energy)
+    decode: ``x̂ = view(c[..., None] * v, [..., D]) * scale`` in the activation's dtype."""
 
     name = "velora"
 
@@ -110,21 +144,64 @@ class VeloraCodec:
         self.coeff_dtype = coeff_dtype
         self.scale = scale
 
-    def encode(self, graph: fx.Graph, activation: fx.Node, site_key: str) -> list[fx.Node]:
+    def encode(self, graph: fx.Graph, activation: fx.Node, state: StateRow) -> tuple[list[fx.Node], fx.Node]:
+        g = self.sub_token_size
+        row = _emit(graph, aten.select.int, state.tensor, 0, state.orientation)
+        v_old = _emit(graph, aten.slice.Tensor, row, 0, 1, 1 + g)
+        subtokens = _emit_subtokens_f32(graph, activation, g)
+        if state.update == "none":
+            v = _emit(graph, aten.clone.default, v_old)  # saved for backward: not a view of the state input
+        else:
+            v = self._emit_rule(graph, state.update, row, v_old, subtokens)
+        coeff = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.mul.Tensor, subtokens, v), [-1])
+        # the kept energy sum(c^2) goes into the state row: a per-step diagnostic, and the data
+        # dependency that keeps the encode in forward (the state write is a forward mutation, so
+        # min-cut must compute c there; it cannot move the encode to backward on a kept input)
+        energy = _emit(graph, aten.sum.default, _emit(graph, aten.mul.Tensor, coeff, coeff))
+        new_state = self._emit_store(graph, state, row, v, energy)
         dtype = self.coeff_dtype or activation.meta["val"].dtype
-        enc = create_node(graph, torch.ops.velora_fx.encode.default,
-                          (activation, site_key, self.sub_token_size, dtype), like=activation)
-        return [create_node(graph, operator.getitem, (enc, i), like=activation) for i in (0, 1)]
+        if dtype == torch.float16:
+            coeff = _emit(graph, aten.clamp.default, coeff, -_FP16_MAX, _FP16_MAX)
+        return [_cast(graph, coeff, dtype), v], new_state
+
+    def _emit_rule(self, graph: fx.Graph, rule: str, row: fx.Node, v_old: fx.Node, subtokens: fx.Node) -> fx.Node:
+        g = self.sub_token_size
+        flat = _emit(graph, aten.view.default, subtokens, [-1, g])
+        fresh = _emit_normalised(graph, _emit(graph, aten.mean.dim, flat, [0]), g)
+        if rule == "batch":
+            return fresh
+        initialised = _emit(graph, aten.gt.Scalar, _emit(graph, aten.select.int, row, 0, 0), 0.0)
+        if rule == "first_batch":
+            kept = v_old
+        else:  # "ema:<decay>": normalise(decay * v + (1 - decay) * fresh)
+            decay = float(rule.split(":", 1)[1])
+            mixed = _emit(graph, aten.add.Tensor, _emit(graph, aten.mul.Tensor, v_old, decay),
+                          _emit(graph, aten.mul.Tensor, fresh, 1.0 - decay))
+            kept = _emit_normalised(graph, mixed, g)
+        return _emit(graph, aten.where.self, initialised, kept, fresh)
+
+    def _emit_store(self, graph: fx.Graph, state: StateRow, row: fx.Node, v: fx.Node, energy: fx.Node) -> fx.Node:
+        """The state tensor with this row replaced by ``[1, v, (unused...), energy]``."""
+        g = self.sub_token_size
+        width = int(row.meta["val"].shape[0])
+        device = v.meta["val"].device
+        one = _emit(graph, aten.full.default, [1], 1.0, dtype=torch.float32, device=device, pin_memory=False)
+        parts = [one, v]
+        if 1 + g < width - 1:
+            parts.append(_emit(graph, aten.slice.Tensor, row, 0, 1 + g, width - 1))
+        parts.append(_emit(graph, aten.view.default, energy, [1]))
+        new_row = _emit(graph, aten.cat.default, parts)
+        return _emit(graph, aten.select_scatter.default, state.tensor, new_row, 0, state.orientation)
 
     def decode(self, graph: fx.Graph, saved: list[fx.Node], activation: fx.Node) -> fx.Node:
         coeff, v = saved
         dtype = activation.meta["val"].dtype
-        node = lambda target, *args: create_node(graph, target, args)  # noqa: E731
-        outer = node(aten.mul.Tensor, node(aten.unsqueeze.default, _cast(graph, coeff, dtype), -1), _cast(graph, v, dtype))
+        outer = _emit(graph, aten.mul.Tensor, _emit(graph, aten.unsqueeze.default, _cast(graph, coeff, dtype), -1),
+                      _cast(graph, v, dtype))
         ndim = coeff.meta["val"].dim()
-        x_hat = node(aten.view.default, outer, [*_sizes(graph, coeff, range(ndim - 1)),
-                                                 int(coeff.meta["val"].shape[-1]) * self.sub_token_size])
-        return node(aten.mul.Tensor, x_hat, self.scale) if self.scale != 1.0 else x_hat
+        x_hat = _emit(graph, aten.view.default, outer, [*_sizes(graph, coeff, range(ndim - 1)),
+                                                        int(coeff.meta["val"].shape[-1]) * self.sub_token_size])
+        return _emit(graph, aten.mul.Tensor, x_hat, self.scale) if self.scale != 1.0 else x_hat
 
     def uuid(self) -> str:
         return f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}"

@@ -127,10 +127,16 @@ def create_node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None =
     if target is operator.getitem:
         node.meta["val"] = fake_args[0][fake_args[1]]
         return node
-    mode = fake_mode_of(list(_leaves((fake_args, fake_kwargs))))
+    mode = fake_mode_of(list(_leaves((fake_args, fake_kwargs)))) or _graph_fake_mode(graph)
     with mode if mode is not None else contextlib.nullcontext():
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
+
+
+def _graph_fake_mode(graph: fx.Graph):
+    """The fake mode of a graph's inputs (for ops without tensor arguments, e.g. ``full``)."""
+    values = [n.meta.get("val") for n in graph.find_nodes(op="placeholder")]
+    return fake_mode_of([v for v in values if isinstance(v, torch.Tensor)])
 
 
 def _leaves(tree: Any):

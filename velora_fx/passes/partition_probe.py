@@ -1,7 +1,6 @@
 """Ask the real partitioner what a joint graph would save (on a copy, so the graph stays intact)."""
 from __future__ import annotations
 
-from .graph_utils import clone_graph_module
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -9,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 
 from .._compat import is_joint_primal
-from .graph_utils import nbytes, output_values, tensor_val
+from .graph_utils import clone_graph_module, nbytes, output_values, tensor_val
 
 __all__ = ["SavedSet", "probe_partition"]
 
@@ -41,6 +40,12 @@ class SavedSet:
         """Bytes of the storages of ``names`` that are saved, directly or through a view."""
         names = set(names)
         bases = {base for saved, base in self._saved() if saved in names or base in names}
+        return sum(self.base_bytes[b] for b in bases)
+
+    def activation_bytes_of(self, names: Sequence[str]) -> int:
+        """Like ``bytes_of``, counting only saved activations (inputs live anyway)."""
+        names = set(names)
+        bases = {base for saved, base in self.activations.items() if saved in names or base in names}
         return sum(self.base_bytes[b] for b in bases)
 
     def which(self, names: Sequence[str]) -> list[str]:

@@ -1,27 +1,50 @@
-"""The pass pipeline on one joint graph: sites -> baseline partition -> plan -> rewrite ->
-partition again -> verify (auto: revert what freed nothing) -> report.  Only sequencing here."""
+"""The pass pipeline on one joint graph: sites -> names -> baseline partition -> estimate ->
+plan -> rewrite -> partition again -> verify (revert what freed nothing) -> commit -> report.
+Only sequencing here; each step lives in its own module."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
 from ..codecs.base import get_codec
+from ..codecs.velora import StateRow, initial_vector, random_vector, reconstruction_error
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
-from ..state import SiteStore
-from .._compat import int_hint
+from ..state import random_seed
+from .._compat import int_hint, is_joint_primal, real_tensors
+from .calibrate import activation_values
 from .graph_utils import clone_graph_module, tensor_val
 from .partition_probe import PartitionFn, SavedSet, probe_partition
-from .planner import Decision, plan_groups
-from .rewrite import rewrite_group
-from .sites import find_groups
+from .planner import Decision, plan_groups, structural_error
+from .rewrite import rewrite_group, store_states
+from .sites import ActivationGroup, Site, find_groups
 
-__all__ = ["JointContext", "run_pipeline"]
+__all__ = ["JointContext", "GraphBinding", "run_pipeline", "StateReadAfterUpdate"]
 
 _MAX_ROUNDS = 4
+
+
+class StateReadAfterUpdate(RuntimeError):
+    """The partition would read a state input in backward after forward updated it in place."""
+
+
+@dataclass
+class GraphBinding:
+    """How one joint graph reaches its model: names, state slots, sticky plan, real inputs.
+
+    ``module_path(site)`` names a site's module as the user's model does; ``slot(site, features)``
+    returns the site's state slot (``state._Slot``) or None if its weight has no state input;
+    ``state_primal(param_index)`` is the primal index of that weight's state tensor."""
+
+    module_path: Callable[[Site], str]
+    slot: Callable[[Site, int], Any]
+    state_primal: Callable[[int], int | None]
+    plan: dict[str, int] = field(default_factory=dict)
+    real_primals: Sequence[Any] | None = None
 
 
 @dataclass
@@ -47,86 +70,226 @@ class PipelineResult:
     report: GraphReport
 
 
-def run_pipeline(ctx: JointContext, config: VeloraConfig, store: SiteStore, graph_id: int = 0) -> PipelineResult:
+@dataclass
+class _Rewritten:
+    encode_nodes: dict[int, list[str]]   # id(decision) -> its encode nodes
+    saved_nodes: dict[int, list[str]]    # id(decision) -> the encode outputs meant to be saved (c, v)
+    mutated: list[str]                   # state placeholders written in place
+
+
+def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, graph_id: int = 0) -> PipelineResult:
     ctx = dataclasses.replace(ctx, gm=clone_graph_module(ctx.gm, cse=True))  # the partitioner's view
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels)
+    for group in groups:
+        for site in group.sites:
+            site.module_path = binding.module_path(site)
     baseline = ctx.probe(ctx.gm)
-    decisions = plan_groups(groups, baseline, config)
-    result_gm, after, encoded = ctx.gm, baseline, {}
-    for _ in range(_MAX_ROUNDS):
-        chosen = [d for d in decisions if d.compress]
-        if not chosen:
-            result_gm, after, encoded = ctx.gm, baseline, {}
+    features = {id(g): _features(ctx.gm, g) for g in groups}
+    slots = {id(g): binding.slot(g.sites[0], features[id(g)]) for g in groups}
+    estimate = _Estimator(ctx.gm, groups, binding.real_primals, config)
+    decisions = plan_groups(groups, baseline, config, estimate, lambda g: features[id(g)], binding.plan,
+                            lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None)
+    _share_sizes(decisions, slots, estimate)
+    rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group)) for d in decisions}
+    apply = lambda: _apply(ctx, baseline, decisions, slots, rules, binding, config)  # noqa: E731
+    result_gm, after, done = apply()
+    for _ in range(_MAX_ROUNDS - 1):
+        if config.mode == "all" or not _revert_unpaid([d for d in decisions if d.compress], after, done):
             break
-        result_gm = clone_graph_module(ctx.gm)
-        encoded = {id(d): _rewrite(result_gm, d, config, store) for d in chosen}
-        after = ctx.probe(result_gm)
-        if config.mode == "all" or not _revert_unpaid(chosen, after, encoded):
-            break
-    if config.mode == "auto" and encoded and after.activation_bytes >= baseline.activation_bytes:
-        for d in decisions:
-            if d.compress:
-                d.sites, d.reason = [], "no net gain in saved bytes on the real partition"
-        result_gm, after, encoded = ctx.gm, baseline, {}
-    report = GraphReport(graph_id=graph_id, status="rewritten" if encoded else "unchanged",
-                         saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes)
+        result_gm, after, done = apply()
+    if config.mode != "all" and done.encode_nodes and after.activation_bytes >= baseline.activation_bytes:
+        unpaid = [d for d in decisions if d.compress and not d.sticky]
+        for d in unpaid:
+            d.skip("no net gain in saved bytes on the real partition")
+        if unpaid:
+            result_gm, after, done = apply()
+    _check_state_reads(after, done.mutated)
     for d in decisions:
-        if d.compress and _encodes_in_backward(after, encoded[id(d)]):
-            d.reason += "; its encode runs in backward (nothing saved for it)"
-    report.sites = [_site_report(ctx.gm, d, baseline, after, encoded.get(id(d), []), config) for d in decisions]
+        if not d.compress:
+            continue
+        if after.which(d.group.forms):
+            d.reason += "; frees nothing: another backward op still keeps the activation"
+        elif _encodes_in_backward(after, done.saved_nodes[id(d)]):
+            d.reason += "; frees nothing: the partitioner computes its encode in backward"
+    _commit(decisions, slots, rules, estimate, binding)
+    report = GraphReport(graph_id=graph_id, status="rewritten" if done.encode_nodes else "unchanged",
+                         saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes)
+    report.sites = [_site_report(ctx.gm, d, baseline, after, done.saved_nodes.get(id(d), []), slots[id(d.group)])
+                    for d in decisions]
     return PipelineResult(result_gm, after, report)
 
 
-def _rewrite(gm: fx.GraphModule, decision: Decision, config: VeloraConfig, store: SiteStore) -> list[str]:
-    group = decision.group
-    activation = next(n for n in gm.graph.nodes if n.name == group.encode_at)
-    g = config.sub_token_size_for(int(tensor_val(activation).shape[-1]), group.name)
-    codec = get_codec("velora", sub_token_size=g, coeff_dtype=config.coeff_dtype, scale=config.scale)
-    store.get(group.name)
-    return rewrite_group(gm, group.encode_at, decision.sites, codec, store.key(group.name))
+def _share_sizes(decisions: list[Decision], slots: dict, estimate) -> None:
+    """Groups whose weights share a state row (a module called twice) share its v, hence its g;
+    a group whose weight has no state input cannot be compressed."""
+    first: dict[int, int] = {}
+    for d in decisions:
+        slot = slots[id(d.group)]
+        if not d.compress:
+            continue
+        if slot is None:
+            d.skip("its weight has no state input (not a floating-point matrix)")
+            continue
+        g = first.setdefault(id(slot), d.sub_token_size)
+        if g != d.sub_token_size:
+            d.sub_token_size, d.estimated_error = g, estimate(d.group, g)
 
 
-def _encodes_in_backward(saved: SavedSet, encode_names: list[str]) -> bool:
-    """The partitioner placed (part of) the encode in the backward graph."""
-    names = set(encode_names)
+def _features(gm: fx.GraphModule, group: ActivationGroup) -> int:
+    node = next(n for n in gm.graph.nodes if n.name == group.encode_at)
+    return int_hint(tensor_val(node).shape[-1])
+
+
+def _update_rule(config: VeloraConfig, slot, has_data: bool) -> str:
+    """In-graph update of v: none when v is fixed and already known (set now at compile time from
+    the calibration batch, loaded, or set by an earlier graph), else the init rule."""
+    if config.init in ("batch",) or config.init.startswith("ema:"):
+        return config.init
+    if slot is not None and (config.init == "random" or has_data or _initialised(slot)):
+        return "none"
+    return "first_batch"
+
+
+def _initialised(slot) -> bool:
+    tensor = slot.tensor_ref()
+    with real_tensors():
+        return tensor is not None and bool(tensor[slot.orientation, 0] > 0)
+
+
+def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], slots: dict, rules: dict,
+           binding: GraphBinding, config: VeloraConfig) -> tuple[fx.GraphModule, SavedSet, _Rewritten]:
+    """Rewrite the chosen groups on a fresh copy and partition it (the input when none is chosen)."""
+    chosen = [d for d in decisions if d.compress]
+    if not chosen:
+        return ctx.gm, baseline, _Rewritten({}, {}, [])
+    gm = clone_graph_module(ctx.gm)
+    done = _rewrite(gm, chosen, slots, rules, binding, config)
+    return gm, ctx.probe(gm), done
+
+
+def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dict, binding: GraphBinding,
+             config: VeloraConfig) -> _Rewritten:
+    placeholders = [n for n in gm.graph.nodes if is_joint_primal(n)]
+    current: dict[fx.Node, fx.Node] = {}  # state placeholder -> its latest value in the graph
+    encode_nodes, saved_nodes = {}, {}
+    for d in chosen:
+        site = d.group.sites[0]
+        placeholder = placeholders[binding.state_primal(site.param_index)]
+        slot = slots[id(d.group)]
+        state = StateRow(current.get(placeholder, placeholder), slot.orientation, rules[id(d)])
+        codec = get_codec("velora", sub_token_size=d.sub_token_size, coeff_dtype=config.coeff_dtype,
+                          scale=config.scale)
+        names, saved, new_state = rewrite_group(gm, d.group.encode_at, d.sites, codec, state)
+        encode_nodes[id(d)], saved_nodes[id(d)] = names, saved
+        if new_state is not None:
+            current[placeholder] = new_state
+    store_states(gm, current)
+    return _Rewritten(encode_nodes, saved_nodes, [p.name for p in current])
+
+
+def _encodes_in_backward(saved: SavedSet, coefficients: list[str]) -> bool:
+    """The partitioner computes the coefficients in the backward graph (from a kept activation)."""
+    names = set(coefficients[:1])
     return any(n.op == "call_function" and n.name in names for n in saved.bwd.graph.nodes)
 
 
-def _revert_unpaid(chosen: list[Decision], after: SavedSet, encoded: dict[int, list[str]]) -> bool:
+def _check_state_reads(saved: SavedSet, mutated: list[str]) -> None:
+    """No backward node may read a state input that forward updated in place."""
+    read = {n.name for n in saved.bwd.graph.find_nodes(op="placeholder")} & set(mutated)
+    if read:
+        raise StateReadAfterUpdate(f"backward would read updated state input(s) {sorted(read)}")
+
+
+def _revert_unpaid(chosen: list[Decision], after: SavedSet, done: _Rewritten) -> bool:
     """Drop groups that freed nothing on the real partition; True if any was dropped.
 
     Either the activation is still saved (another backward op keeps it), or the partitioner
     moved the encode into backward on a recomputed activation: then exact recompute is what
-    frees the memory, and approximating the gradient buys nothing."""
+    frees the memory, and approximating the gradient buys nothing.  Sticky groups stay."""
     dropped = False
     for d in chosen:
-        still = after.which(d.group.forms)
-        if still:
-            d.sites, d.reason = [], f"still saved after rewrite (as {', '.join(still)}): another backward op keeps it"
-        elif _encodes_in_backward(after, encoded[id(d)]):
-            d.sites, d.reason = [], "partitioner recomputes it in backward instead: exact recompute frees it as well"
+        if d.sticky:
+            continue
+        if after.which(d.group.forms):
+            d.skip("still saved after the rewrite: another backward op keeps it")
+        elif _encodes_in_backward(after, done.saved_nodes[id(d)]):
+            d.skip("the partitioner recomputes it in backward instead: exact recompute frees it as well")
         else:
             continue
         dropped = True
     return dropped
 
 
-def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: SavedSet,
-                 encoded: list[str], config: VeloraConfig) -> SiteReport:
+def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Estimator", binding: GraphBinding) -> None:
+    """Record the plan (sticky for later graphs of the model) and set v now where it is known."""
+    for d in decisions:
+        if d.reason.startswith("excluded"):
+            continue
+        binding.plan.setdefault(d.group.name, d.sub_token_size or 0)
+        slot = slots[id(d.group)]
+        if not d.compress or slot is None:
+            continue
+        slot.sub_token_size = d.sub_token_size
+        if rules[id(d)] == "none" and not _initialised(slot):
+            tensor = slot.tensor_ref()
+            v = estimate.initial(d.group, d.sub_token_size, slot.name)
+            with torch.no_grad(), real_tensors():
+                tensor[slot.orientation, 1:1 + d.sub_token_size].copy_(v.to(tensor.device))
+                tensor[slot.orientation, 0] = 1.0
+
+
+class _Estimator:
+    """``estimated_error`` of a group at a sub-token size: the relative energy VeLoRA drops from
+    its activation on the calibration batch (structural 1 - 1/g without data)."""
+
+    def __init__(self, gm: fx.GraphModule, groups: list[ActivationGroup], real_primals, config: VeloraConfig):
+        self.config, self._cache = config, {}
+        self.values: dict[str, torch.Tensor] = {}
+        self.error_message = ""
+        if real_primals is not None and groups:
+            try:
+                with real_tensors():
+                        self.values = activation_values(gm, real_primals, sorted({g.encode_at for g in groups}))
+            except Exception as exc:  # noqa: BLE001 - no data: structural estimate
+                self.error_message = f"{type(exc).__name__}: {exc}"
+
+    def has_data(self, group: ActivationGroup) -> bool:
+        return group.encode_at in self.values
+
+    def initial(self, group: ActivationGroup, g: int, name: str) -> torch.Tensor:
+        with real_tensors():
+            if self.config.init == "random":
+                return random_vector(g, random_seed(name))
+            return initial_vector(self.values[group.encode_at], g)
+
+    def __call__(self, group: ActivationGroup, g: int) -> float:
+        key = (group.encode_at, g)
+        if key not in self._cache:
+            x = self.values.get(group.encode_at)
+            if g == 1:
+                self._cache[key] = 0.0
+            elif x is None:
+                self._cache[key] = structural_error(g)
+            else:
+                with real_tensors():
+                    v = random_vector(g, random_seed(group.name)) if self.config.init == "random" else initial_vector(x, g)
+                    self._cache[key] = reconstruction_error(x, v)
+        return self._cache[key]
+
+
+def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
+                 slot) -> SiteReport:
     group = d.group
     activation = next(n for n in gm.graph.nodes if n.name == group.encode_at)
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
     bytes_before = baseline.bytes_of(group.forms)
-    if d.compress:
-        bytes_after = after.bytes_of(group.forms) + after.bytes_of(encoded)
-    else:
-        bytes_after = bytes_before
-    g = config.sub_token_size_for(int(val.shape[-1]), group.name) if d.compress else None
+    bytes_after = after.bytes_of(group.forms) + after.activation_bytes_of(encoded) if d.compress else bytes_before
     return SiteReport(
         name=group.name, consumers=[s.module_path for s in group.sites],
         op="/".join(sorted({s.forward_op for s in group.sites})),
         shape=tuple(int_hint(s) for s in val.shape), dtype=str(val.dtype).replace("torch.", ""),
         saved_by_baseline=bool(before_forms), saved_forms=before_forms, bytes_before=bytes_before,
         bytes_after=bytes_after, decision="compressed" if d.compress else "skipped", reason=d.reason,
-        sub_token_size=g, approximated=[s.module_path for s in d.sites])
+        sub_token_size=d.sub_token_size, approximated=[s.module_path for s in d.sites],
+        estimated_error=round(float(d.estimated_error), 6), state=slot.name if slot is not None and d.compress else None)

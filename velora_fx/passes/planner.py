@@ -1,18 +1,34 @@
-"""Planner: per activation group, compress or not, and why.
+"""Planner: per activation group, compress or not, at which sub-token size, and why.
 
-"auto" compresses a group only when that can remove bytes from what the baseline partition
-saves; "all" compresses every selected site (paper-faithful).  The pipeline verifies "auto"'s
-choices on the real partition afterwards and reverts any that freed nothing.
+- ``all``: every selected site, at the configured g (paper-faithful).
+- ``max_memory``: every group whose compression can remove bytes from what the baseline
+  partition saves, at the configured g.
+- ``auto`` (default): as ``max_memory``, but only where the estimated weight-gradient error stays
+  within ``max_error``; without a fixed g it picks, per group, the largest g that does.
+
+A model's plan is sticky: a group planned by an earlier graph of the same model (a recompile for
+new shapes, another graph of a graph break) keeps its decision and g, so the set of approximated
+gradients never changes mid-training.  The pipeline verifies choices on the real partition
+afterwards and reverts those that freed nothing (first plans only).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-from ..config import VeloraConfig
+from ..config import ConfigError, VeloraConfig
 from .partition_probe import SavedSet
 from .sites import ActivationGroup, Site
 
-__all__ = ["Decision", "plan_groups"]
+__all__ = ["Decision", "plan_groups", "structural_error"]
+
+ErrorFn = Callable[[ActivationGroup, int], float]
+
+
+def structural_error(g: int) -> float:
+    """The estimate without data: sub-tokens spread evenly over all directions keep 1/g of their
+    energy on any fixed unit vector."""
+    return 1.0 - 1.0 / g
 
 
 @dataclass
@@ -20,36 +36,90 @@ class Decision:
     group: ActivationGroup
     sites: list[Site] = field(default_factory=list)  # sites to rewrite (empty: skipped)
     reason: str = ""
+    sub_token_size: int | None = None
+    estimated_error: float = 0.0
+    sticky: bool = False                              # decided by an earlier graph of the model
 
     @property
     def compress(self) -> bool:
         return bool(self.sites)
 
+    def skip(self, reason: str) -> "Decision":
+        self.sites, self.reason, self.sub_token_size, self.estimated_error = [], reason, None, 0.0
+        return self
 
-def plan_groups(groups: list[ActivationGroup], baseline: SavedSet, config: VeloraConfig) -> list[Decision]:
-    return [_decide(g, baseline, config) for g in groups]
+
+def plan_groups(groups: list[ActivationGroup], baseline: SavedSet, config: VeloraConfig, error: ErrorFn,
+                features: Callable[[ActivationGroup], int], sticky: dict[str, int],
+                fixed: Callable[[ActivationGroup], int | None]) -> list[Decision]:
+    """``error(group, g)`` estimates a group's error at g; ``features(group)`` is its D;
+    ``sticky`` maps group names an earlier graph planned to their g (0: skipped); ``fixed(group)``
+    is a g the group's state already holds (loaded or planned), if any."""
+    decisions = [_decide(g, baseline, config, error, features(g), sticky, fixed(g)) for g in groups]
+    bad = [d for d in decisions if d.reason.startswith("!")]
+    if bad:
+        raise ConfigError("velora_fx: mode='all' cannot compress these sites:\n  " + "\n  ".join(
+            f"{d.group.name}: {d.reason[1:]}" for d in bad))
+    return decisions
 
 
-def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig) -> Decision:
+def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, error: ErrorFn, features: int,
+            sticky: dict[str, int], fixed: int | None) -> Decision:
+    d = Decision(group)
     selected = [s for s in group.sites if config.selects(s.module_path)]
-    skip = Decision(group)
     if not selected:
-        skip.reason = "excluded by include/exclude"
-        return skip
+        return d.skip("excluded by include/exclude")
     if group.unsupported:
-        skip.reason = group.unsupported
-        return skip
+        return d.skip(group.unsupported)
+    if group.name in sticky:
+        g = sticky[group.name]
+        d.sticky = True
+        if not g:
+            return d.skip("skipped by this model's plan (from its first graph)")
+        return _compress(d, selected, group, g, error, "kept from this model's plan (from its first graph)")
+    sizes = _sizes(config, features, fixed)
     if config.mode == "all":
-        return Decision(group, selected, "compressed (mode='all')")
+        if not sizes:
+            return d.skip("!" + _no_size_reason(config, features, fixed))
+        return _compress(d, selected, group, sizes[-1], error, "compressed (mode='all')")
     unselected = sorted({s.module_path for s in group.sites} - {s.module_path for s in selected})
     if unselected:
-        skip.reason = f"also read by unselected {', '.join(unselected)}: compressing the rest frees nothing"
-    elif group.is_graph_input:
-        skip.reason = "graph input (the caller holds it)"
-    elif not baseline.which(group.forms):
-        skip.reason = "not saved by baseline (recomputed from kept tensors)"
-    elif group.other_backward_users:
-        skip.reason = f"backward of {', '.join(group.other_backward_users)} keeps it anyway"
-    else:
-        return Decision(group, selected, "compressed: frees its saved forms")
-    return skip
+        return d.skip(f"also read by unselected {', '.join(unselected)}: compressing the rest frees nothing")
+    if group.is_graph_input:
+        return d.skip("graph input (the caller holds it)")
+    if not baseline.which(group.forms):
+        return d.skip("not saved by the baseline partition (recomputed from kept tensors)")
+    if group.other_backward_users:
+        return d.skip(f"backward of {', '.join(group.other_backward_users)} keeps it anyway")
+    if not sizes:
+        return d.skip(_no_size_reason(config, features, fixed))
+    if config.mode == "max_memory":
+        return _compress(d, selected, group, sizes[-1], error, "compressed: frees its saved forms")
+    within = [g for g in sizes if error(group, g) <= config.max_error]
+    if not within:
+        g = sizes[0]
+        d.estimated_error = error(group, g)
+        return d.skip(f"estimated error {d.estimated_error:.2f} at g={g} is above max_error={config.max_error:g}")
+    return _compress(d, selected, group, within[-1], error, "compressed: frees its saved forms within max_error")
+
+
+def _compress(d: Decision, sites: list[Site], group: ActivationGroup, g: int, error: ErrorFn, reason: str) -> Decision:
+    d.sites, d.sub_token_size, d.reason = sites, g, reason
+    d.estimated_error = 0.0 if g == 1 else error(group, g)
+    return d
+
+
+def _sizes(config: VeloraConfig, features: int, fixed: int | None) -> list[int]:
+    if fixed is not None:
+        return [fixed] if features % fixed == 0 else []
+    return config.candidate_sizes(features)
+
+
+def _no_size_reason(config: VeloraConfig, features: int, fixed: int | None) -> str:
+    if fixed is not None:
+        return f"its loaded v has size {fixed}, which does not divide the feature size {features}"
+    if config.sub_token_size is not None:
+        return f"sub_token_size={config.sub_token_size} does not divide the feature size {features}"
+    if config.num_groups is not None or config.mode != "auto":
+        return f"num_groups={config.num_groups or 32} does not divide the feature size {features}"
+    return f"no sub-token size in {list(config.candidate_sizes(1 << 20))[:6]} divides the feature size {features}"

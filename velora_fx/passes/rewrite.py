@@ -4,32 +4,40 @@ Invariants (see README.md here): new nodes carry a fresh ``meta["val"]``, are in
 topological order (encode right after the activation, decode right before each consumer), and
 the encoded tensors are tagged MUST_SAVE so the partitioner keeps them rather than the activation.
 Only the chosen weight-gradient matmul's operand changes: forward outputs, input gradients and
-bias gradients keep reading the exact activation.
+bias gradients keep reading the exact activation.  State updates are functional values; the
+pipeline writes each weight's final state back with one ``copy_`` (see ``store_states``).
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .._compat import CheckpointPolicy
-from ..codecs.base import Codec
+from ..codecs.velora import StateRow
 from .graph_utils import create_node
 from .sites import Site
 
-__all__ = ["rewrite_group"]
+__all__ = ["rewrite_group", "store_states"]
 
 _TAGS = ("partitioner_tag", "seq_nr", "fwd_nn_module_stack")
 
 
-def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], codec: Codec,
-                  site_key: str) -> list[str]:
-    """Rewrite one activation group in place; returns the names of all encode nodes (the
-    tensors meant to be saved come last)."""
+def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], codec, state: StateRow
+                  ) -> tuple[list[str], list[str], fx.Node | None]:
+    """Rewrite one activation group in place.  Returns the names of its forward (encode) nodes,
+    of the nodes meant to be saved, and the node holding the weight's updated state (None if the
+    state is not updated)."""
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     activation = nodes[activation_name]
     before = set(graph.nodes)
-    with graph.inserting_before(activation.next):  # keeps the encode nodes in order
-        saved = codec.encode(graph, activation, site_key)
+    insert_at = activation.next
+    while insert_at.op == "placeholder":  # a graph input: encode after every input is defined
+        insert_at = insert_at.next
+    if state.tensor.op != "placeholder" and _comes_after(state.tensor, activation):
+        insert_at = state.tensor.next  # an earlier update of the same weight's state, later in the graph
+    with graph.inserting_before(insert_at):
+        saved, new_state = codec.encode(graph, activation, state)
     encode_nodes = [n for n in graph.nodes if n not in before]
     # the encoded tensors are what backward reads: ask the partitioner to save them (it may still
     # compute them in backward when the activation is kept anyway; the pipeline checks that)
@@ -55,10 +63,32 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
         new_args = list(matmul.args)
         new_args[site.operand_index] = mapping[operand] if site.chain else rebuilt
         matmul.args = tuple(new_args)
+    return [n.name for n in encode_nodes], [n.name for n in saved], new_state
+
+
+def store_states(gm: fx.GraphModule, updates: dict[fx.Node, fx.Node]) -> list[str]:
+    """Write each state placeholder's final value back in place (``copy_`` right after it is
+    computed; the partitioner keeps mutations in forward).  Returns the copy nodes' names."""
+    graph = gm.graph
+    names = []
+    for placeholder, value in updates.items():
+        with graph.inserting_after(value):
+            copy = graph.call_function(torch.ops.aten.copy_.default, (placeholder, value))
+        copy.meta["val"] = placeholder.meta["val"]
+        names.append(copy.name)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return [n.name for n in encode_nodes]
+    return names
+
+
+def _comes_after(a: fx.Node, b: fx.Node) -> bool:
+    node = b.next
+    while node.op != "root":
+        if node is a:
+            return True
+        node = node.next
+    return False
 
 
 def _copy_tags(src: fx.Node, dst: fx.Node) -> None:

@@ -7,16 +7,16 @@ activation leaves the saved set only if every one of them switches to the coeffi
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx as fx
 
+from ..naming import module_path_from_source
 from .graph_utils import (CASTS, VIEW_LIKE, FORWARD_MATMULS, GRAD_PASSTHROUGH, MATMULS, SWAP_LIKE, JointFlags,
                           output_values, strip_views, swaps_last_two, tensor_val, view_forms)
 
-__all__ = ["Site", "ActivationGroup", "find_groups", "module_path_from_source"]
+__all__ = ["Site", "ActivationGroup", "find_groups"]
 
 
 @dataclass
@@ -30,6 +30,8 @@ class Site:
     grad_matmul: str         # node name of the weight-gradient mm/bmm
     operand_index: int       # which argument of grad_matmul carries the activation
     chain: list[str]         # view-like nodes from the encode point to that operand
+    orientation: int = 0     # 0: features match W.shape[-1] (x Wᵀ); 1: W.shape[-2] (x W, Conv1D, tied Wᵀ)
+    source_path: str = ""    # module path as dynamo's source names it (relative to the traced frame)
 
 
 @dataclass
@@ -64,18 +66,6 @@ def _common_prefix(paths: Sequence[str]) -> str:
     if any(len(common) >= len(p) for p in parts):
         common = common[:-1]
     return ".".join(common) + "." if common else ""
-
-
-_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])*")
-_SOURCE_ITEM = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
-
-
-def module_path_from_source(source: str) -> str:
-    """``L['self']._modules['layers']._modules['0'].q_proj`` -> ``layers.0.q_proj``: dynamo
-    source / nn_module_stack strings to the module path a user writes in include/exclude.
-    The root local (``L['self']``, ``L['args'][0]``: the compiled module itself) is dropped."""
-    rest = _ROOT.sub("", source)
-    return ".".join(next(g for g in m.groups() if g is not None) for m in _SOURCE_ITEM.finditer(rest))
 
 
 def _module_of(node: fx.Node) -> tuple[str, str] | None:
@@ -162,11 +152,12 @@ def find_groups(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: Sequenc
                 group.unsupported = "its weight-gradient consumers read it in different layouts"
             group.encode_at = encode_at.name
             if not layout_ok:
-                group.unsupported = f"unsupported layout at {mm.name}: feature dim is contracted"
+                group.unsupported = "unsupported layout: its weight-gradient matmul contracts the feature dim"
             group.sites.append(Site(
                 module_path=module[0], module_type=module[1], param_index=index,
                 forward_op=getattr(fwd.target, "__name__", str(fwd.target)).split(".")[0] if fwd is not None else "?",
-                grad_matmul=mm.name, operand_index=operand_index, chain=[c.name for c in chain]))
+                grad_matmul=mm.name, operand_index=operand_index, chain=[c.name for c in chain],
+                orientation=_orientation(param, encode_at, fwd), source_path=module[0]))
             site_nodes.setdefault(root, set()).update([mm, *chain])  # chain below encode point
     for root, group in groups.items():
         used = site_nodes[root]
@@ -217,6 +208,27 @@ def _layout_step(node: fx.Node) -> int | None:
     if before is None or after is None or before.dim() == 0 or after.dim() == 0:
         return None
     return 0 if before.shape[-1] == after.shape[-1] else None
+
+
+def _orientation(param: fx.Node, encode_at: fx.Node, fwd: fx.Node | None) -> int:
+    """0 if the activation's features match the weight's last dim (x Wᵀ, nn.Linear), 1 if they
+    match the one before (x W: Conv1D, a tied Wᵀ).  Square weights: the forward matmul decides."""
+    w, x = tensor_val(param), tensor_val(encode_at)
+    if w is None or x is None or w.dim() < 2:
+        return 0
+    features = x.shape[-1]
+    last, before = w.shape[-1] == features, w.shape[-2] == features
+    if last != before:
+        return 0 if last else 1
+    if fwd is not None:
+        for operand in fwd.args[-2:]:
+            if not isinstance(operand, fx.Node):
+                continue
+            root, chain = strip_views(operand, VIEW_LIKE | CASTS)
+            if root is param:
+                swaps = sum(1 for n in chain if n.target in SWAP_LIKE and swaps_last_two(n))
+                return 0 if swaps % 2 else 1
+    return 0
 
 
 def _label(primal_labels, index: int, param: fx.Node) -> tuple[str, str]:

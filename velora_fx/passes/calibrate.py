@@ -1,0 +1,81 @@
+"""Calibration: the sites' real activations on the batch being compiled, for the error estimate
+and for compile-time initialisation of v.
+
+Dynamo hands the backend the real inputs of the call it compiles (the first batch) and the real
+weights.  Running the forward part of the joint graph on them, eagerly and only as far as the
+site activations, costs about one eager forward pass per compile and gives the planner data
+instead of a guess.  The RNG state is restored afterwards, so training randomness is unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from .._compat import is_joint_primal
+
+__all__ = ["activation_values"]
+
+
+def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Sequence[str]) -> dict[str, Tensor]:
+    """The values of the nodes ``names`` of a joint graph, computed from real primal inputs.
+    Raises if a needed node cannot run eagerly (the caller then falls back to no data)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    targets = [nodes[n] for n in names]
+    needed = _ancestors(targets)
+    primals = [n for n in gm.graph.nodes if is_joint_primal(n)]
+    if len(primals) != len(real_primals):
+        raise ValueError(f"{len(primals)} primals but {len(real_primals)} real inputs")
+    env: dict[fx.Node, Any] = dict(zip(primals, real_primals))
+    last_use = _last_uses(gm, needed)
+    keep = set(targets)
+    devices = sorted({t.device.index for t in real_primals if isinstance(t, Tensor) and t.device.type == "cuda"
+                      and t.device.index is not None})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), _no_autocast():
+        for node in gm.graph.nodes:
+            if node not in needed or node.op != "call_function":
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+            env[node] = node.target(*args, **kwargs)
+            for dead in last_use.get(node, ()):
+                if dead not in keep:
+                    env.pop(dead, None)
+    return {t.name: env[t] for t in targets}
+
+
+def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(), list(targets)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _last_uses(gm: fx.GraphModule, needed: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """node -> inputs whose last needed use it is (to free values as soon as possible)."""
+    last: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in needed:
+            for inp in node.all_input_nodes:
+                last[inp] = node
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for inp, user in last.items():
+        out.setdefault(user, []).append(inp)
+    return out
+
+
+@contextlib.contextmanager
+def _no_autocast():
+    """The joint graph already holds autocast's casts explicitly; the user's autocast context
+    (active while dynamo compiles) must not cast its aten ops again."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if device_type == "cpu" or torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
