@@ -16,7 +16,7 @@ BAD_INITS = ["ema:", "ema:1.5", "foo", "", "EMA:0.5", "ema:-0.1", "ema:2", "firs
 def test_defaults():
     cfg = VeloraConfig()
     assert cfg.num_groups is None and cfg.sub_token_size is None  # "auto" chooses g per site
-    assert cfg.chooses_size and cfg.max_error == 0.5
+    assert cfg.chooses_size and cfg.max_error == 0.6
     assert cfg.sub_token_size_for(64) == 2  # the paper's 32 groups where a fixed size is needed
     assert cfg.init == "first_batch"
     assert cfg.mode == "auto"
@@ -190,7 +190,7 @@ def test_to_dict_contents():
     assert d["sub_token_size"] == 8 and d["num_groups"] is None
     assert d["coeff_dtype"] == "bfloat16"
     assert d["include"] == ["*.fc1"] and d["exclude"] == []
-    assert d["version"] == 2 and d["max_error"] == 0.5
+    assert d["version"] == 2 and d["max_error"] == 0.6
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -16,7 +16,7 @@ _MODES = ("auto", "max_memory", "all")
 # Sub-token sizes "auto" chooses from (powers of two that divide the feature size)
 AUTO_SUB_TOKEN_SIZES = (2, 4, 8, 16, 32, 64)
 # Default bound on a site's estimated weight-gradient error in "auto" (see docs/quality.md)
-DEFAULT_MAX_ERROR = 0.5
+DEFAULT_MAX_ERROR = 0.6
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -154,15 +154,17 @@ class VeloraCodec:
         else:
             v = self._emit_rule(graph, state.update, row, v_old, subtokens)
         coeff = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.mul.Tensor, subtokens, v), [-1])
-        # the kept energy sum(c^2) goes into the state row: a per-step diagnostic, and the data
-        # dependency that keeps the encode in forward (the state write is a forward mutation, so
-        # min-cut must compute c there; it cannot move the encode to backward on a kept input)
-        energy = _emit(graph, aten.sum.default, _emit(graph, aten.mul.Tensor, coeff, coeff))
-        new_state = self._emit_store(graph, state, row, v, energy)
         dtype = self.coeff_dtype or activation.meta["val"].dtype
         if dtype == torch.float16:
             coeff = _emit(graph, aten.clamp.default, coeff, -_FP16_MAX, _FP16_MAX)
-        return [_cast(graph, coeff, dtype), v], new_state
+        coeff = _cast(graph, coeff, dtype)
+        # the kept energy sum(c^2) of the stored coefficients goes into the state row: a per-step
+        # diagnostic, and the data dependency that keeps the encode in forward (the state write is
+        # a forward mutation, so min-cut must compute c there and cannot move it to backward)
+        c32 = _cast(graph, coeff, torch.float32)
+        energy = _emit(graph, aten.sum.default, _emit(graph, aten.mul.Tensor, c32, c32))
+        new_state = self._emit_store(graph, state, row, v, energy)
+        return [coeff, v], new_state
 
     def _emit_rule(self, graph: fx.Graph, rule: str, row: fx.Node, v_old: fx.Node, subtokens: fx.Node) -> fx.Node:
         g = self.sub_token_size
