@@ -95,13 +95,13 @@ def velora_options(regime: Regime, model_name: str, args) -> dict:
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
-    measured; ``paper`` is the paper's sites, every one compressed; any other preset is passed as
-    the backend's ``mode``.  ``--num-groups`` pins the size for all of them when given.
+    measured; ``paper`` is the paper's sites at the paper's 32 groups, every one compressed; any
+    other preset is passed as the backend's ``mode``.  ``--num-groups`` pins the size when given.
     """
     if regime.preset == "auto":
         options: dict = {}
     elif regime.preset == "paper":
-        options = {"mode": "all", "include": list(REFERENCE_INCLUDE[model_name])}
+        options = {"mode": "all", "include": list(REFERENCE_INCLUDE[model_name]), "num_groups": 32}
     else:
         options = {"mode": regime.preset}
     if args.num_groups is not None:
