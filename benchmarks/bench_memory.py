@@ -134,7 +134,25 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args)
         with contextlib.suppress(Exception):  # the config's shape is the backend's business
             notes["velora_config"] = backend.config.to_dict()
         kwargs["backend"] = backend
+    elif regime.budget is not None:
+        kwargs["backend"] = BudgetInductor(regime.budget)
     return torch.compile(model, **kwargs), backend, notes
+
+
+class BudgetInductor:
+    """Plain inductor compiled under an ``activation_memory_budget``.  A backend object of its own,
+    so dynamo does not hand this regime another regime's cached graph (the budget is not part of
+    dynamo's guards: with ``backend="inductor"`` every budget regime reused the first compile)."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+
+    def __call__(self, gm, example_inputs, mode=None, options=None):
+        from torch._inductor.compile_fx import compile_fx
+        patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+        patches.update(options or {})
+        with torch._functorch.config.patch(activation_memory_budget=self.budget):
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def budget_patch(regime: Regime):
