@@ -1,7 +1,7 @@
 """Model builders for the benchmarks: transformers config classes, random weights, no downloads.
 
 The same two builders serve CPU smoke tests (2 layers x 64 hidden) and the GPU anchors of
-DESIGN.md (12 layers x 1024 hidden), so every number comes from the same code path.
+the team's design notes (12 layers x 1024 hidden), so every number comes from the same code path.
 """
 from __future__ import annotations
 

@@ -63,9 +63,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=352)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--mode", choices=("auto", "all"), default="auto",
-                    help="auto: compress only sites that free saved bytes; all: every weight-gradient site")
-    ap.add_argument("--num-groups", type=int, default=32, help="sub-tokens per token (g = D / num_groups)")
+    ap.add_argument("--mode", choices=("auto", "max_memory", "all"), default="auto",
+                    help="auto: sites that free saved bytes within max_error (g chosen per site); max_memory: "
+                         "every site that frees bytes; all: every weight-gradient site")
+    ap.add_argument("--num-groups", type=int, default=None,
+                    help="fix g = D / num_groups for every site (default: auto chooses; others use 32)")
+    ap.add_argument("--max-error", type=float, default=None, help="auto's bound on the estimated error")
     ap.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=5)
@@ -81,7 +84,8 @@ def main() -> None:
     print(f"data: {len(text) / 1e6:.1f} MB of stdlib source | model: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params on {args.device}")
 
-    backend = velora_fx.backend(num_groups=args.num_groups, mode=args.mode, compiler=args.compiler)
+    options = {k: v for k, v in dict(num_groups=args.num_groups, max_error=args.max_error).items() if v is not None}
+    backend = velora_fx.backend(mode=args.mode, compiler=args.compiler, **options)
     compiled = torch.compile(model, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 

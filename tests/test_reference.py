@@ -394,7 +394,7 @@ def test_v_buffers_go_through_state_dict():
     apply_velora(src, VeloraConfig(sub_token_size=3, include="2"))
     src(torch.randn(4, 8) + 1).sum().backward()
     state = src.state_dict()
-    for key in ("0.v", "0.initialised", "0.inner.weight", "0.inner.bias", "2.v", "2.initialised", "2.inner.weight"):
+    for key in ("0.v", "0.initialised", "0.weight", "0.bias", "2.v", "2.initialised", "2.weight"):
         assert key in state
     assert state["0.v"].shape == (1,) and state["2.v"].shape == (3,) and bool(state["2.initialised"])
 

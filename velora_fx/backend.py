@@ -308,13 +308,16 @@ def make_binding(model: ModelState, names: ParamNames, params: list[Tensor | Non
         return names.module_of(params[site.param_index], site.source_path or None, label)
 
     def module_path(site: Site) -> str:
-        return module_of(site)[0] or site.module_path
+        path, leaf, _ = module_of(site)
+        return path or leaf or site.module_path  # a weight of the root itself: its own name
 
     def slot(site: Site, features: int):
         if site.param_index not in state_index:
             return None
         path, leaf, module = module_of(site)
-        name = slot_name(path or site.module_path, leaf or "weight", site.orientation, natural_orientation(module))
+        if not (path or leaf):
+            path, leaf = site.module_path, "weight"
+        name = slot_name(path, leaf or "weight", site.orientation, natural_orientation(module))
         with _compat.real_tensors():
             return model.register_slot(params[site.param_index], site.orientation, name, features)
 

@@ -72,6 +72,26 @@ class VeLoRALinear(nn.Module):
         device = inner.weight.device
         self.register_buffer("v", torch.zeros(self.sub_token_size, device=device), persistent=True)
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool, device=device), persistent=True)
+        # checkpoints keep the wrapped module's keys ("fc.weight", not "fc.inner.weight"), and a
+        # checkpoint of the plain model loads (v and its flag then keep their current values)
+        self._register_state_dict_hook(_drop_inner_prefix)
+        self._register_load_state_dict_pre_hook(self._add_inner_prefix)
+
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped module's weight (code such as T5's reads ``self.wo.weight``)."""
+        return self.inner.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.inner.bias
+
+    def _add_inner_prefix(self, state_dict, prefix, *args) -> None:
+        for name in list(self.inner.state_dict(keep_vars=True)):
+            if prefix + name in state_dict and prefix + "inner." + name not in state_dict:
+                state_dict[prefix + "inner." + name] = state_dict.pop(prefix + name)
+        for name in ("v", "initialised"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
 
     def _vector(self, x: Tensor) -> Tensor:
         # v evolves on every forward that carries gradients, whatever ``self.training`` says: the
@@ -96,6 +116,11 @@ class VeLoRALinear(nn.Module):
         with torch.autocast(device_type, enabled=False):
             return velora_linear(x, weight, bias, self._vector(x), self.config.scale, self.transposed,
                                  self.config.coeff_dtype)
+
+
+def _drop_inner_prefix(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "inner.")]:
+        state_dict[prefix + key[len(prefix + "inner."):]] = state_dict.pop(key)
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -13,7 +13,7 @@ _WIDTH = 120
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.3g} {unit}"
     return f"{n} B"
 
 
@@ -23,6 +23,10 @@ def _clip(text: str, width: int) -> str:
         return text
     keep = width - 1
     return text[: keep // 3] + "…" + text[-(keep - keep // 3):]
+
+
+def _clip_end(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @dataclass
@@ -113,7 +117,7 @@ class Report:
 
     def table(self) -> str:
         """At most 120 columns; every detail (shapes, forms, consumers) is in ``to_dict()``."""
-        header = ("graph", "site", "g", "est.err", "saved before", "after", "decision", "reason")
+        header = ("graph", "site", "g", "est.err", "before", "after", "decision", "reason")
         rows = []
         for graph in self.graphs:
             for s in graph.sites:
@@ -123,10 +127,11 @@ class Report:
                              f"{s.estimated_error:.2f}" if s.decision == "compressed" or s.estimated_error else "-",
                              _size(s.bytes_before), _size(s.bytes_after), s.decision, reason])
         widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
-        widths[1] = min(widths[1], 44)
+        widths[1] = min(widths[1], 36)
         fixed = sum(widths[:-1]) + 2 * (len(header) - 1)
         widths[-1] = max(10, min(widths[-1], _WIDTH - fixed))
-        lines = ["  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [list(header)] + rows]
+        lines = ["  ".join((_clip(c, w) if i < len(r) - 1 else _clip_end(c, w)).ljust(w) for i, (c, w)
+                           in enumerate(zip(r, widths))).rstrip() for r in [list(header)] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         for g in self.graphs:
             if g.status not in ("rewritten", "unchanged") or g.message:

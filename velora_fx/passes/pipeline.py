@@ -211,9 +211,9 @@ def _revert_unpaid(chosen: list[Decision], after: SavedSet, done: _Rewritten) ->
         if d.sticky:
             continue
         if after.which(d.group.forms):
-            d.skip("still saved after the rewrite: another backward op keeps it")
+            d.skip("another backward op keeps it (still saved after the rewrite)")
         elif _encodes_in_backward(after, done.saved_nodes[id(d)]):
-            d.skip("the partitioner recomputes it in backward instead: exact recompute frees it as well")
+            d.skip("exact recompute frees it as well (the partitioner recomputes it in backward)")
         else:
             continue
         dropped = True

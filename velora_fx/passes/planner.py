@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..config import ConfigError, VeloraConfig
+from ..config import AUTO_SUB_TOKEN_SIZES, ConfigError, VeloraConfig
 from .partition_probe import SavedSet
 from .sites import ActivationGroup, Site
 
@@ -75,8 +75,8 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
         g = sticky[group.name]
         d.sticky = True
         if not g:
-            return d.skip("skipped by this model's plan (from its first graph)")
-        return _compress(d, selected, group, g, error, "kept from this model's plan (from its first graph)")
+            return d.skip("skipped by this model's first plan")
+        return _compress(d, selected, group, g, error, "kept from this model's first plan")
     sizes = _sizes(config, features, fixed)
     if config.mode == "all":
         if not sizes:
@@ -94,13 +94,13 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
     if not sizes:
         return d.skip(_no_size_reason(config, features, fixed))
     if config.mode == "max_memory":
-        return _compress(d, selected, group, sizes[-1], error, "compressed: frees its saved forms")
+        return _compress(d, selected, group, sizes[-1], error, "frees saved bytes")
     within = [g for g in sizes if error(group, g) <= config.max_error]
     if not within:
         g = sizes[0]
         d.estimated_error = error(group, g)
         return d.skip(f"estimated error {d.estimated_error:.2f} at g={g} is above max_error={config.max_error:g}")
-    return _compress(d, selected, group, within[-1], error, "compressed: frees its saved forms within max_error")
+    return _compress(d, selected, group, within[-1], error, "frees saved bytes within max_error")
 
 
 def _compress(d: Decision, sites: list[Site], group: ActivationGroup, g: int, error: ErrorFn, reason: str) -> Decision:
@@ -122,4 +122,4 @@ def _no_size_reason(config: VeloraConfig, features: int, fixed: int | None) -> s
         return f"sub_token_size={config.sub_token_size} does not divide the feature size {features}"
     if config.num_groups is not None or config.mode != "auto":
         return f"num_groups={config.num_groups or 32} does not divide the feature size {features}"
-    return f"no sub-token size in {list(config.candidate_sizes(1 << 20))[:6]} divides the feature size {features}"
+    return f"no sub-token size in {list(AUTO_SUB_TOKEN_SIZES)} divides the feature size {features}"

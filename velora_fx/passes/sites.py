@@ -239,5 +239,7 @@ def _label(primal_labels, index: int, param: fx.Node) -> tuple[str, str]:
 
 
 def _op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
+    """``_scaled_dot_product_flash_attention_backward.default`` -> ``scaled_dot_product_flash_attention_backward``."""
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0].lstrip("_")
 
