@@ -55,8 +55,9 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import REFERENCE_INCLUDE, LMLoss, llama_like  # noqa: E402
-from text_data import bpe_corpus, default_cache_dir, token_lm_batches  # noqa: E402
+from models import REFERENCE_INCLUDE, LMLoss, gpt2_like, llama_like  # noqa: E402
+from text_data import bpe_corpus, default_cache_dir  # noqa: E402
+from velora_fx.data import token_lm_batches  # noqa: E402
 
 import velora_fx  # noqa: E402
 from velora_fx.data import byte_lm_batches, stdlib_text  # noqa: E402
@@ -221,6 +222,8 @@ def load_data(args, verbose: bool = False, device: str | None = None):
 def build_model(args, vocab: int) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     heads = min(args.heads, max(1, args.hidden // 16))
+    if args.arch == "gpt2":  # Conv1D projections (c_attn, c_proj, c_fc), GELU MLP of 4 x hidden
+        return LMLoss(gpt2_like(args.hidden, args.layers, vocab=vocab, heads=heads, max_positions=max(512, args.seq)))
     return LMLoss(llama_like(args.hidden, args.layers, vocab=vocab, heads=heads, intermediate=args.intermediate,
                              max_positions=max(512, args.seq)))
 
@@ -548,7 +551,7 @@ def write_summary(records: list[dict], specs: list[str], info: dict, args) -> st
     d = info["data"]
     model = (f"byte-level (vocab 256)" if args.model == "byte"
              else f"{d['kind'].upper()} vocab {d['vocab_size']}")
-    header = (f"quality: {info['device']}, torch {info['torch']}, Llama-like {args.layers} x {args.hidden}, "
+    header = (f"quality: {info['device']}, torch {info['torch']}, {'GPT-2' if getattr(args, 'arch', 'llama') == 'gpt2' else 'Llama'}-like {args.layers} x {args.hidden}, "
               f"{model}, {info['params'] / 1e6:.1f} M params, batch {args.batch} x {args.seq}, {args.steps} steps "
               f"({d['epochs']:.2f} epochs of {d['text']}), {'fp32' if args.no_autocast else 'bf16 autocast'}, "
               f"compiler {args.compiler}, parallel {args.parallel} (ms/step is measured under that sharing)"
@@ -639,6 +642,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 2)[2])
     ap.add_argument("--model", default="byte", choices=["byte", "bpe"])
+    ap.add_argument("--arch", default="llama", choices=["llama", "gpt2"],
+                    help="Llama-like (default) or GPT-2-like (Conv1D sites c_attn, attn.c_proj, c_fc, mlp.c_proj)")
     ap.add_argument("--regimes", nargs="+", default=None, help=f"named regimes {NAMED} or velora[key=value;...] specs")
     ap.add_argument("--preset", nargs="+", default=None, choices=sorted(PRESETS),
                     help="ablation: %d regimes; check: %s" % (len(PRESETS["ablation"]), ", ".join(PRESETS["check"])))

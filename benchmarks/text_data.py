@@ -18,11 +18,10 @@ import os
 import re
 import tempfile
 import time
-from typing import Iterator
 
 import torch
 
-__all__ = ["default_cache_dir", "bpe_corpus", "token_lm_batches"]
+__all__ = ["default_cache_dir", "bpe_corpus"]
 
 _FILE_MARK = b"# file: "
 _WORD_RE = re.compile(r"\w+|\s+|[^\w\s]")
@@ -132,26 +131,3 @@ def bpe_corpus(text: bytes, vocab_size: int = 8192, *, cache_dir: str | None = N
     return tensor, {**meta, "cache": path, "cached": False}
 
 
-def token_lm_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, *, split: str = "train",
-                     val_fraction: float = 0.05, seed: int = 0,
-                     device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Infinite ``(inputs, targets)`` batches of token ids (int64), targets shifted by one.
-
-    Same rules as ``velora_fx.data.byte_lm_batches``: the last ``val_fraction`` of the ids is
-    validation, windows start at offsets from a private generator seeded with ``seed``, so the
-    same arguments give the same batches in the same order.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    cut = int(len(tokens) * (1.0 - val_fraction))
-    part = tokens[:cut] if split == "train" else tokens[cut:]
-    if len(part) < seq_len + 2:
-        raise ValueError(f"the {split} split has {len(part)} tokens, too few for seq_len={seq_len}")
-    generator = torch.Generator().manual_seed(seed)
-    offsets = torch.arange(seq_len + 1)
-    while True:
-        starts = torch.randint(0, len(part) - seq_len - 1, (batch_size, 1), generator=generator)
-        window = part[starts + offsets].long()
-        yield window[:, :-1].contiguous().to(device), window[:, 1:].contiguous().to(device)

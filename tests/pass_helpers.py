@@ -75,8 +75,9 @@ def reference_twin(model: nn.Module, backend: velora_fx.VeloraBackend) -> nn.Mod
     twin = copy.deepcopy(model)
     for p in twin.parameters():
         p.grad = None
-    sites = backend.state_dict()["sites"]
-    compressed = {c: s.state for s in backend.report().compressed for c in s.approximated}
+    target = model if model in backend._models else None  # None: the backend's only entry (e.g. a function)
+    sites = backend.state_dict(target)["sites"]
+    compressed = {c: s.state for s in backend.report(target).compressed for c in s.approximated}
     if not compressed:
         return twin
     wrapped = apply_velora(twin, include=sorted(compressed), sub_token_size=1,

@@ -62,7 +62,6 @@ def test_shared_input_is_compressed_for_all_consumers_or_none():
     _, _, grads = train_step(model, x, paper)
     (site,) = paper.report().compressed
     assert site.consumers == ["q", "k", "v"] and site.approximated == ["v"]
-    assert "approximated: v" in str(paper.report())
     _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)
     torch.testing.assert_close(grads["q.weight"], exact["q.weight"])  # only v's weight grad changes
     assert not torch.allclose(grads["v.weight"], exact["v.weight"], atol=1e-4)

@@ -199,20 +199,22 @@ class VeloraBackend:
         if not result.report.sites:
             self.warn_once(f"velora_fx: {model.label} has no weight-gradient matmul site: nothing to compress")
         model.reports.append(result.report)
-        _warn_unmatched(self, result.report)
+        _warn_unmatched(self, model)
         return result.saved.fwd, result.saved.bwd
 
 
-def _warn_unmatched(backend: VeloraBackend, report: GraphReport) -> None:
+def _warn_unmatched(backend: VeloraBackend, model: ModelState) -> None:
+    """A pattern that matches no site of any graph of the model so far is most likely a typo or a
+    path from another naming scheme."""
     config = backend.config
-    paths = [c for s in report.sites for c in s.consumers]
+    paths = [c for r in model.reports for s in r.sites for c in s.consumers]
     if not paths:
         return
     import fnmatch
     for option in ("include", "exclude"):
         for pattern in getattr(config, option):
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
-                backend.warn_once(f"velora_fx: {option} pattern {pattern!r} matches no site of this graph "
+                backend.warn_once(f"velora_fx: {option} pattern {pattern!r} matches no site of {model.label} "
                                   f"(site names are named_modules() paths, e.g. {paths[0]!r})")
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["stdlib_text", "byte_lm_batches"]
+__all__ = ["stdlib_text", "byte_lm_batches", "token_lm_batches"]
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
@@ -55,15 +55,24 @@ def byte_lm_batches(data: bytes, batch_size: int, seq_len: int, *, split: str = 
     with ``seed``: the same arguments give the same batches in the same order, whatever else
     uses the global RNG -- so regimes compared in a benchmark see identical data.
     """
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return token_lm_batches(tokens, batch_size, seq_len, split=split, val_fraction=val_fraction, seed=seed,
+                            device=device)
+
+
+def token_lm_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, *, split: str = "train",
+                     val_fraction: float = 0.05, seed: int = 0,
+                     device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Infinite ``(inputs, targets)`` batches of token ids (int64) from a 1-D id tensor, with the
+    same split and seeding rules as ``byte_lm_batches``."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     cut = int(len(tokens) * (1.0 - val_fraction))
     part = tokens[:cut] if split == "train" else tokens[cut:]
     if len(part) < seq_len + 2:
-        raise ValueError(f"the {split} split has {len(part)} bytes, too few for seq_len={seq_len}")
+        raise ValueError(f"the {split} split has {len(part)} tokens, too few for seq_len={seq_len}")
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(seq_len + 1)
     while True:

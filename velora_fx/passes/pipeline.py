@@ -94,7 +94,8 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     apply = lambda: _apply(ctx, baseline, decisions, slots, rules, binding, config)  # noqa: E731
     result_gm, after, done = apply()
     for _ in range(_MAX_ROUNDS - 1):
-        if config.mode == "all" or not _revert_unpaid([d for d in decisions if d.compress], after, done):
+        if config.mode == "all" or not _revert_unpaid(ctx.gm, [d for d in decisions if d.compress], baseline,
+                                                      after, done):
             break
         result_gm, after, done = apply()
     if config.mode != "all" and done.encode_nodes and after.activation_bytes >= baseline.activation_bytes:
@@ -200,12 +201,18 @@ def _check_state_reads(saved: SavedSet, mutated: list[str]) -> None:
         raise StateReadAfterUpdate(f"backward would read updated state input(s) {sorted(read)}")
 
 
-def _revert_unpaid(chosen: list[Decision], after: SavedSet, done: _Rewritten) -> bool:
+def _revert_unpaid(gm: fx.GraphModule, chosen: list[Decision], baseline: SavedSet, after: SavedSet,
+                   done: _Rewritten) -> bool:
     """Drop groups that freed nothing on the real partition; True if any was dropped.
 
-    Either the activation is still saved (another backward op keeps it), or the partitioner
-    moved the encode into backward on a recomputed activation: then exact recompute is what
-    frees the memory, and approximating the gradient buys nothing.  Sticky groups stay."""
+    The activation is still saved (another backward op keeps it); or the partitioner computes the
+    coefficients in backward from a kept activation (exact recompute frees it as well); or it now
+    saves the activation's input instead, to recompute the activation for another backward op
+    (tanh's output traded for its input).  Approximating the gradient buys nothing then.
+    Sticky groups stay."""
+    encoded = {n for names in done.saved_nodes.values() for n in names}
+    newly_saved = set(after.activations) - set(baseline.activations) - encoded
+    nodes = {n.name: n for n in gm.graph.nodes}
     dropped = False
     for d in chosen:
         if d.sticky:
@@ -214,10 +221,28 @@ def _revert_unpaid(chosen: list[Decision], after: SavedSet, done: _Rewritten) ->
             d.skip("another backward op keeps it (still saved after the rewrite)")
         elif _encodes_in_backward(after, done.saved_nodes[id(d)]):
             d.skip("exact recompute frees it as well (the partitioner recomputes it in backward)")
+        elif newly_saved and _near_inputs(nodes[d.group.activation]) & newly_saved:
+            d.skip("the partitioner saves its input instead, to recompute it for another backward op")
         else:
             continue
         dropped = True
     return dropped
+
+
+def _near_inputs(node: fx.Node, depth: int = 4) -> set[str]:
+    """Names of the tensors ``node`` is computed from by a few cheap (non-matmul) ops."""
+    from .graph_utils import MATMULS
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for inp in n.all_input_nodes:
+                if inp.name not in seen:
+                    seen.add(inp.name)
+                    if inp.op == "call_function" and inp.target not in MATMULS:
+                        nxt.append(inp)
+        frontier = nxt
+    return seen
 
 
 def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Estimator", binding: GraphBinding) -> None:
