@@ -20,6 +20,7 @@ if TORCH_VERSION > TESTED[1]:  # pragma: no cover - depends on the installed tor
                    "(it hooks inductor's private partitioner API)", stacklevel=2)
 
 from torch._dynamo import list_backends, register_backend  # noqa: E402,F401
+from torch._dynamo.eval_frame import OptimizedModule  # noqa: E402,F401
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402,F401
 from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402,F401
 from torch._functorch.compile_utils import fx_graph_cse  # noqa: E402,F401
@@ -152,3 +153,12 @@ def real_tensors():
     state tensors and real inputs."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     return unset_fake_temporarily()
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module a ``torch.compile``-d module wraps (itself otherwise)."""
+    return model._orig_mod if isinstance(model, OptimizedModule) else model
+
+
+def reset_dynamo() -> None:
+    torch._dynamo.reset()

@@ -100,8 +100,7 @@ class VeloraBackend:
         """The state entry of a compiled model (created on first use); None: compiled functions."""
         if model is None:
             return self._functions
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
+        model = _compat.unwrap_compiled(model)
         state = self._models.get(model)
         if state is None:
             state = ModelState(f"{type(model).__name__}#{next(self._model_ids)}")
@@ -135,7 +134,7 @@ class VeloraBackend:
             warnings.warn(f"velora_fx: loading state saved with init={state['config'].get('init')!r} "
                           f"into a backend with init={self.config.init!r}", stacklevel=2)
         target = self._only(model, "load_state_dict")
-        names = ParamNames(model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model)
+        names = ParamNames(_compat.unwrap_compiled(model))
 
         def resolve(name: str):
             found = names.resolve(name)

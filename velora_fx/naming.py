@@ -39,7 +39,7 @@ def find_compiled_root() -> nn.Module | None:
     """The module ``torch.compile`` was applied to, from the call stack of the running compile:
     the outermost ``OptimizedModule`` (its ``_orig_mod``) or module compiled with
     ``Module.compile()``.  None for compiled functions."""
-    from torch._dynamo.eval_frame import OptimizedModule
+    from ._compat import OptimizedModule
 
     frame, found = sys._getframe(1), None
     while frame is not None:

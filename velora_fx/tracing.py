@@ -59,7 +59,7 @@ def trace_joint(module: torch.nn.Module, *example_inputs: Any, dynamic: bool | N
                                                                **kwargs)
 
     capture = _Capture(compiler="eager")
-    torch._dynamo.reset()
+    _compat.reset_dynamo()
     with torch.enable_grad():
         torch.compile(module, backend=capture, dynamic=dynamic, fullgraph=True)(*example_inputs)
     if len(graphs) != 1:
