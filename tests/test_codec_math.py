@@ -137,3 +137,24 @@ def test_random_vector_differs_between_seeds_and_ignores_global_rng():
     state = torch.get_rng_state()
     random_vector(16, 3)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# -- the error estimate --------------------------------------------------------------------------------
+@settings(max_examples=25)
+@given(cases(dtypes=(torch.float32,)), st.integers(0, 1000))
+def test_reconstruction_error_is_the_dropped_energy(case, seed):
+    from velora_fx.codecs.velora import reconstruction_error
+    x, g = case
+    v = unit(g, seed)
+    x_hat = reconstruct(project(x, v, torch.float32), v, torch.float32)
+    expected = float(((x - x_hat) ** 2).sum() / (x ** 2).sum()) if float((x ** 2).sum()) > 0 else 0.0
+    assert abs(reconstruction_error(x, v) - expected) < 1e-4
+
+
+def test_reconstruction_error_extremes():
+    from velora_fx.codecs.velora import reconstruction_error
+    v = torch.tensor([1.0, 0.0])
+    assert reconstruction_error(torch.tensor([[3.0, 0.0, -2.0, 0.0]]), v) == 0.0  # every sub-token along v
+    assert reconstruction_error(torch.tensor([[0.0, 3.0, 0.0, -2.0]]), v) == 1.0  # every one orthogonal
+    assert reconstruction_error(torch.zeros(2, 4), v) == 0.0
+    assert reconstruction_error(torch.randn(5, 6), torch.ones(1)) < 1e-6  # g = 1 is exact

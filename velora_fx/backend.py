@@ -176,8 +176,9 @@ class VeloraBackend:
             gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         binding = partitioner.binding(joint_inputs)
         if binding is None:
-            model.reports.append(GraphReport(graph_id, "unchanged", "AOTAutograd reshaped the inputs: no state "
-                                             "binding, compiled as plain inductor", model=model.label, frame=frame))
+            why = ("no trainable weight matrix: nothing to compress" if partitioner.lifted is None else
+                   "AOTAutograd reshaped the inputs (no one-to-one state binding): compiled as plain inductor")
+            model.reports.append(GraphReport(graph_id, "unchanged", why, model=model.label, frame=frame))
             return plain()
         param_indices = [i for i, p in enumerate(partitioner.params) if p is not None]
         primal_labels = partitioner.labels
@@ -278,7 +279,10 @@ class _Partitioner(_compat.CustomPartitionerFn):
         self._uuid = backend.uuid(model)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-        return self.backend.partition(self, gm, joint_inputs, **kwargs)
+        try:
+            return self.backend.partition(self, gm, joint_inputs, **kwargs)
+        finally:
+            self.release_inputs()
 
     def binding(self, joint_inputs: Sequence[Any]) -> GraphBinding | None:
         """None when the joint graph's primals are not the lifted inputs one to one (AOTAutograd
@@ -288,6 +292,11 @@ class _Partitioner(_compat.CustomPartitionerFn):
             return None
         return make_binding(self.model, self.names, self.params, self.lifted.state_index, self.lifted.real_inputs,
                             self.labels)
+
+    def release_inputs(self) -> None:
+        """Drop the references to the calibration batch (inductor may keep this object alive)."""
+        if self.lifted is not None:
+            self.lifted.real_inputs = self.lifted.example_inputs = None
 
     def uuid(self) -> str:
         return self._uuid
