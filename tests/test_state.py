@@ -95,10 +95,10 @@ def test_slots_are_per_weight_and_orientation_and_names_are_unique():
     a = state.register_slot(w, 0, "fc", 4)
     b = state.register_slot(w, 1, "fc:T", 6)
     assert a is state.register_slot(w, 0, "ignored", 4)
-    assert a.tensor_ref() is b.tensor_ref() and a.tensor_ref().shape == (2, 8)
+    assert a.tensor is b.tensor and a.tensor.shape == (2, 8)
     other = nn.Parameter(torch.randn(6, 4))
     c = state.register_slot(other, 0, "fc", 4)  # a second weight asking for a taken name
-    assert c.name == "fc#2" and c.tensor_ref() is not a.tensor_ref()
+    assert c.name == "fc#2" and c.tensor is not a.tensor
 
 
 def test_slot_names():
@@ -172,3 +172,19 @@ def test_load_warns_on_another_init():
     model, backend = _trained("ema:0.5")
     with pytest.warns(UserWarning, match="init"):
         velora_fx.backend(sub_token_size=4, init="batch").load_state_dict(backend.state_dict(), model=model)
+
+
+def test_slots_read_the_current_state_tensor_of_their_weight():
+    state = ModelState("m")
+    w = nn.Parameter(torch.randn(4, 8))
+    slot = state.register_slot(w, 0, "fc", 8)
+    slot.tensor[0, 0], slot.sub_token_size = 1.0, 2
+    slot.tensor[0, 1:3] = torch.tensor([0.6, 0.8])
+    w.data = w.data[:, :6].contiguous()  # a different shape: a fresh state tensor, old values dropped
+    assert state.tensor_for(w).shape == (2, 8) and slot.tensor is state.tensor_for(w)
+    w2 = nn.Parameter(torch.randn(4, 8))
+    slot2 = state.register_slot(w2, 0, "fc2", 8)
+    slot2.tensor[0, 0], slot2.sub_token_size = 1.0, 2
+    slot2.tensor[0, 1:3] = torch.tensor([0.6, 0.8])
+    moved = state.tensor_for(w2)  # same device and shape: the same tensor
+    assert moved is slot2.tensor and state.state_dict()["fc2"]["vector"].tolist() == pytest.approx([0.6, 0.8])

@@ -65,11 +65,17 @@ def slot_name(module_path: str, param_leaf: str, orientation: int, natural: int 
 @dataclass
 class _Slot:
     name: str
-    tensor_ref: "weakref.ref[Tensor]"     # the weight's state tensor
+    owner: "ModelState"
     param_ref: "weakref.ref[Tensor]"
     orientation: int
     features: int                          # the activation's feature size D for this orientation
     sub_token_size: int | None = None      # fixed once a plan compresses it (or a state is loaded)
+
+    @property
+    def tensor(self) -> Tensor | None:
+        """The weight's current state tensor (it is replaced if the weight moves device)."""
+        ref, state = self.owner.tensors.get(id(self.param_ref()), (None, None))
+        return state if ref is not None and ref() is self.param_ref() else None
 
 
 @dataclass
@@ -106,12 +112,13 @@ class ModelState:
             unique, n = name, 2
             while unique in taken:
                 unique, n = f"{name}#{n}", n + 1
-            slot = _Slot(unique, weakref.ref(self.tensor_for(param)), weakref.ref(param), orientation, features)
+            self.tensor_for(param)
+            slot = _Slot(unique, self, weakref.ref(param), orientation, features)
             self.slots[key] = slot
         return slot
 
     def live_slots(self) -> list[_Slot]:
-        return [s for s in self.slots.values() if s.param_ref() is not None and s.tensor_ref() is not None]
+        return [s for s in self.slots.values() if s.param_ref() is not None and s.tensor is not None]
 
     # -- (de)serialisation ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -119,7 +126,7 @@ class ModelState:
         for slot in self.live_slots():
             if slot.sub_token_size is None:
                 continue
-            row = slot.tensor_ref()[slot.orientation].detach()
+            row = slot.tensor[slot.orientation].detach()
             initialised = bool(row[0] > 0)
             out[slot.name] = {"vector": row[1:1 + slot.sub_token_size].cpu().clone() if initialised else None,
                               "sub_token_size": slot.sub_token_size, "features": slot.features,
@@ -156,7 +163,7 @@ class ModelState:
         if problems:
             raise ValueError("velora_fx: load_state_dict found mismatches:\n  " + "\n  ".join(problems))
         for slot, vec in loads:
-            row = slot.tensor_ref()[slot.orientation]
+            row = slot.tensor[slot.orientation]
             with torch.no_grad():
                 row.zero_()
                 if vec is not None:

@@ -152,7 +152,7 @@ def _update_rule(config: VeloraConfig, slot, has_data: bool) -> str:
 
 
 def _initialised(slot) -> bool:
-    tensor = slot.tensor_ref()
+    tensor = slot.tensor
     with real_tensors():
         return tensor is not None and bool(tensor[slot.orientation, 0] > 0)
 
@@ -256,7 +256,7 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Est
             continue
         slot.sub_token_size = d.sub_token_size
         if rules[id(d)] == "none" and not _initialised(slot):
-            tensor = slot.tensor_ref()
+            tensor = slot.tensor
             v = estimate.initial(d.group, d.sub_token_size, slot.name)
             with torch.no_grad(), real_tensors():
                 tensor[slot.orientation, 1:1 + d.sub_token_size].copy_(v.to(tensor.device))
