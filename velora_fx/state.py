@@ -9,7 +9,8 @@ code never refers to the state; the state travels as an argument).
 Layout: a weight ``W`` gets a tensor ``[2, 2 + max(W.shape[-2:])]``; row ``o`` is the state of
 ``W`` used in orientation ``o`` (0: the activation's features match ``W.shape[-1]``, as in
 ``nn.Linear``; 1: they match ``W.shape[-2]``, as in transformers' ``Conv1D`` or a tied ``Wᵀ``).
-A row holds ``[initialised flag, v_0 .. v_{g-1}, unused..., last step's coefficient energy]``.  Keying state by weight and
+A row holds ``[initialised flag, v_0 .. v_{g-1}, unused..., pin]``; the pin is one coefficient of
+the last step, written only so that the encode stays in forward (see ``codecs/velora.py``).  Keying state by weight and
 orientation mirrors the eager reference, where v belongs to the module: a module called twice
 shares its v, two models never do.
 """
@@ -130,7 +131,7 @@ class ModelState:
             initialised = bool(row[0] > 0)
             out[slot.name] = {"vector": row[1:1 + slot.sub_token_size].cpu().clone() if initialised else None,
                               "sub_token_size": slot.sub_token_size, "features": slot.features,
-                              "orientation": slot.orientation, "coefficient_energy": float(row[-1])}
+                              "orientation": slot.orientation}
         return out
 
     def load_state_dict(self, sites: dict[str, Any], resolve) -> None:

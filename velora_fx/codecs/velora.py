@@ -134,7 +134,7 @@ class VeloraCodec:
     """Rank-1 sub-token projection of one activation (one v per activation group).
 
     encode: ``v = rule(state row, x)``; ``c = sum(subtokens(x) * v, -1)`` (fp32 accumulation);
-            returns ``[c, v]`` to save and the updated state tensor (row: flag, v, energy)
+            returns ``[c, v]`` to save and the updated state tensor (row: flag, v, pin)
     decode: ``x̂ = view(c[..., None] * v, [..., D]) * scale`` in the activation's dtype."""
 
     name = "velora"
@@ -158,12 +158,13 @@ class VeloraCodec:
         if dtype == torch.float16:
             coeff = _emit(graph, aten.clamp.default, coeff, -_FP16_MAX, _FP16_MAX)
         coeff = _cast(graph, coeff, dtype)
-        # the kept energy sum(c^2) of the stored coefficients goes into the state row: a per-step
-        # diagnostic, and the data dependency that keeps the encode in forward (the state write is
-        # a forward mutation, so min-cut must compute c there and cannot move it to backward)
-        c32 = _cast(graph, coeff, torch.float32)
-        energy = _emit(graph, aten.sum.default, _emit(graph, aten.mul.Tensor, c32, c32))
-        new_state = self._emit_store(graph, state, row, v, energy)
+        # one stored coefficient goes into the state row: the state write is a forward mutation,
+        # so this data dependency makes min-cut compute the coefficients in forward (MUST_SAVE
+        # alone does not stop it from recomputing them in backward from a kept activation).  One
+        # element, not a reduction: no extra kernel over c.
+        pin = _cast(graph, _emit(graph, aten.select.int, _emit(graph, aten.view.default, coeff, [-1]), 0, 0),
+                    torch.float32)
+        new_state = self._emit_store(graph, state, row, v, pin)
         return [coeff, v], new_state
 
     def _emit_rule(self, graph: fx.Graph, rule: str, row: fx.Node, v_old: fx.Node, subtokens: fx.Node) -> fx.Node:
@@ -182,8 +183,8 @@ class VeloraCodec:
             kept = _emit_normalised(graph, mixed, g)
         return _emit(graph, aten.where.self, initialised, kept, fresh)
 
-    def _emit_store(self, graph: fx.Graph, state: StateRow, row: fx.Node, v: fx.Node, energy: fx.Node) -> fx.Node:
-        """The state tensor with this row replaced by ``[1, v, (unused...), energy]``."""
+    def _emit_store(self, graph: fx.Graph, state: StateRow, row: fx.Node, v: fx.Node, pin: fx.Node) -> fx.Node:
+        """The state tensor with this row replaced by ``[1, v, (unused...), pin]``."""
         g = self.sub_token_size
         width = int(row.meta["val"].shape[0])
         device = v.meta["val"].device
@@ -191,7 +192,7 @@ class VeloraCodec:
         parts = [one, v]
         if 1 + g < width - 1:
             parts.append(_emit(graph, aten.slice.Tensor, row, 0, 1 + g, width - 1))
-        parts.append(_emit(graph, aten.view.default, energy, [1]))
+        parts.append(_emit(graph, aten.view.default, pin, [1]))
         new_row = _emit(graph, aten.cat.default, parts)
         return _emit(graph, aten.select_scatter.default, state.tensor, new_row, 0, state.orientation)
 
