@@ -109,7 +109,7 @@ class ModelState:
         key = SlotKey(id(param), orientation)
         slot = self.slots.get(key)
         if slot is None or slot.param_ref() is not param:
-            taken = {s.name for k, s in self.slots.items() if k != key}
+            taken = {s.name for k, s in self.slots.items() if k != key and s.param_ref() is not None}
             unique, n = name, 2
             while unique in taken:
                 unique, n = f"{name}#{n}", n + 1

@@ -36,7 +36,10 @@ def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Se
                       and t.device.index is not None})
     with torch.no_grad(), torch.random.fork_rng(devices=devices), _no_autocast():
         for node in gm.graph.nodes:
-            if node not in needed or node.op != "call_function":
+            if node not in needed or node.op not in ("call_function", "get_attr"):
+                continue
+            if node.op == "get_attr":  # a lifted constant
+                env[node] = _fetch_attr(gm, str(node.target))
                 continue
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
             env[node] = node.target(*args, **kwargs)
@@ -44,6 +47,13 @@ def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Se
                 if dead not in keep:
                     env.pop(dead, None)
     return {t.name: env[t] for t in targets}
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
