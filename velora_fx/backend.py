@@ -11,6 +11,7 @@ per site per step, CUDA graphs work, and the generated code never depends on the
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import itertools
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from . import _compat
 from .config import ConfigError, VeloraConfig
-from .naming import ParamNames, find_compiled_root
+from .naming import ParamNames, find_compiled_root, module_path_from_source
 from .passes.pipeline import GraphBinding, JointContext, run_pipeline
 from .passes.sites import Site
 from .report import GraphReport, Report
@@ -180,10 +181,8 @@ class VeloraBackend:
                    "AOTAutograd reshaped the inputs (no one-to-one state binding): compiled as plain inductor")
             model.reports.append(GraphReport(graph_id, "unchanged", why, model=model.label, frame=frame))
             return plain()
-        param_indices = [i for i, p in enumerate(partitioner.params) if p is not None]
-        primal_labels = partitioner.labels
-        ctx = JointContext(gm, joint_inputs, num_fwd_outputs, param_indices,
-                           _compat.min_cut_rematerialization_partition, kwargs, primal_labels)
+        ctx = JointContext(gm, joint_inputs, num_fwd_outputs, partitioner.param_indices,
+                           _compat.min_cut_rematerialization_partition, kwargs, partitioner.labels)
         try:
             result = run_pipeline(ctx, self.config, binding, graph_id)
         except ConfigError:
@@ -210,7 +209,6 @@ def _warn_unmatched(backend: VeloraBackend, model: ModelState) -> None:
     paths = [c for r in model.reports for s in r.sites for c in s.consumers]
     if not paths:
         return
-    import fnmatch
     for option in ("include", "exclude"):
         for pattern in getattr(config, option):
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
@@ -274,7 +272,8 @@ class _Partitioner(_compat.CustomPartitionerFn):
         self.backend, self.model, self.names, self.lifted = backend, model, names, lifted
         inputs = lifted.real_inputs if lifted else []
         self.params = [x if isinstance(x, nn.Parameter) else None for x in inputs]
-        self.labels = _primal_labels(gm) + [None] * (len(inputs) - len(_primal_labels(gm)))
+        labels = _primal_labels(gm)
+        self.labels = labels + [None] * (len(inputs) - len(labels))
         self.frame = _compat.frame_id(gm)
         self._uuid = backend.uuid(model)
 
@@ -283,6 +282,10 @@ class _Partitioner(_compat.CustomPartitionerFn):
             return self.backend.partition(self, gm, joint_inputs, **kwargs)
         finally:
             self.release_inputs()
+
+    @property
+    def param_indices(self) -> list[int]:
+        return [i for i, p in enumerate(self.params) if p is not None]
 
     def binding(self, joint_inputs: Sequence[Any]) -> GraphBinding | None:
         """None when the joint graph's primals are not the lifted inputs one to one (AOTAutograd
@@ -341,7 +344,6 @@ def _cache_key_only(uuid: str) -> str:
 
 
 def _primal_labels(gm: fx.GraphModule) -> list[str | None]:
-    from .naming import module_path_from_source
     labels = []
     for node in gm.graph.find_nodes(op="placeholder"):
         source = _compat.dynamo_source_name(node)

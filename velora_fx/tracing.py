@@ -52,7 +52,7 @@ def trace_joint(module: torch.nn.Module, *example_inputs: Any, dynamic: bool | N
             lifted = partitioner.lifted
             graphs.append(JointGraph(
                 clone_graph_module(gm), joint_inputs, num_fwd_outputs,
-                [i for i, p in enumerate(partitioner.params) if p is not None], dict(kwargs),
+                partitioner.param_indices, dict(kwargs),
                 list(partitioner.labels), list(partitioner.params), dict(lifted.state_index) if lifted else {},
                 list(lifted.real_inputs) if lifted else None, partitioner.names))
             return _compat.min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,

@@ -36,16 +36,12 @@ class SavedSet:
         yield from self.activations.items()
         yield from self.inputs.items()
 
-    def bytes_of(self, names: Sequence[str]) -> int:
-        """Bytes of the storages of ``names`` that are saved, directly or through a view."""
+    def bytes_of(self, names: Sequence[str], inputs: bool = True) -> int:
+        """Bytes of the storages of ``names`` that are saved, directly or through a view
+        (``inputs=False``: activations only; graph inputs live anyway)."""
         names = set(names)
-        bases = {base for saved, base in self._saved() if saved in names or base in names}
-        return sum(self.base_bytes[b] for b in bases)
-
-    def activation_bytes_of(self, names: Sequence[str]) -> int:
-        """Like ``bytes_of``, counting only saved activations (inputs live anyway)."""
-        names = set(names)
-        bases = {base for saved, base in self.activations.items() if saved in names or base in names}
+        pairs = self._saved() if inputs else self.activations.items()
+        bases = {base for saved, base in pairs if saved in names or base in names}
         return sum(self.base_bytes[b] for b in bases)
 
     def which(self, names: Sequence[str]) -> list[str]:
