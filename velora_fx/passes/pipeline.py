@@ -17,7 +17,7 @@ from ..report import GraphReport, SiteReport
 from ..state import random_seed
 from .._compat import int_hint, is_joint_primal, real_tensors
 from .calibrate import activation_values
-from .graph_utils import clone_graph_module, tensor_val
+from .graph_utils import MATMULS, clone_graph_module, tensor_val
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import Decision, plan_groups, structural_error
 from .rewrite import rewrite_group, store_states
@@ -84,9 +84,11 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         for site in group.sites:
             site.module_path = binding.module_path(site)
     baseline = ctx.probe(ctx.gm)
-    features = {id(g): _features(ctx.gm, g) for g in groups}
+    nodes = {n.name: n for n in ctx.gm.graph.nodes}
+    features = {id(g): int_hint(tensor_val(nodes[g.encode_at]).shape[-1]) for g in groups}
     slots = {id(g): binding.slot(g.sites[0], features[id(g)]) for g in groups}
-    estimate = _Estimator(ctx.gm, groups, binding.real_primals, config)
+    estimate = _Estimator(ctx.gm, groups, binding.real_primals, config,
+                          {id(g): slots[id(g)].name if slots[id(g)] else g.name for g in groups})
     decisions = plan_groups(groups, baseline, config, estimate, lambda g: features[id(g)], binding.plan,
                             lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None)
     _share_sizes(decisions, slots, estimate)
@@ -94,7 +96,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     apply = lambda: _apply(ctx, baseline, decisions, slots, rules, binding, config)  # noqa: E731
     result_gm, after, done = apply()
     for _ in range(_MAX_ROUNDS - 1):
-        if config.mode == "all" or not _revert_unpaid(ctx.gm, [d for d in decisions if d.compress], baseline,
+        if config.mode == "all" or not _revert_unpaid(nodes, [d for d in decisions if d.compress], baseline,
                                                       after, done):
             break
         result_gm, after, done = apply()
@@ -114,9 +116,11 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
             d.reason += "; frees nothing: the partitioner computes its encode in backward"
     _commit(decisions, slots, rules, estimate, binding)
     report = GraphReport(graph_id=graph_id, status="rewritten" if done.encode_nodes else "unchanged",
-                         saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes)
-    report.sites = [_site_report(ctx.gm, d, baseline, after, done.saved_nodes.get(id(d), []), slots[id(d.group)])
-                    for d in decisions]
+                         saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes,
+                         message=f"estimated_error is structural (1 - 1/g): calibration failed ({estimate.failure})"
+                         if estimate.failure else "")
+    report.sites = [_site_report(nodes[d.group.encode_at], d, baseline, after, done.saved_nodes.get(id(d), []),
+                                 slots[id(d.group)]) for d in decisions]
     return PipelineResult(result_gm, after, report)
 
 
@@ -136,15 +140,10 @@ def _share_sizes(decisions: list[Decision], slots: dict, estimate) -> None:
             d.sub_token_size, d.estimated_error = g, estimate(d.group, g)
 
 
-def _features(gm: fx.GraphModule, group: ActivationGroup) -> int:
-    node = next(n for n in gm.graph.nodes if n.name == group.encode_at)
-    return int_hint(tensor_val(node).shape[-1])
-
-
 def _update_rule(config: VeloraConfig, slot, has_data: bool) -> str:
     """In-graph update of v: none when v is fixed and already known (set now at compile time from
     the calibration batch, loaded, or set by an earlier graph), else the init rule."""
-    if config.init in ("batch",) or config.init.startswith("ema:"):
+    if config.init == "batch" or config.init.startswith("ema:"):
         return config.init
     if slot is not None and (config.init == "random" or has_data or _initialised(slot)):
         return "none"
@@ -201,7 +200,7 @@ def _check_state_reads(saved: SavedSet, mutated: list[str]) -> None:
         raise StateReadAfterUpdate(f"backward would read updated state input(s) {sorted(read)}")
 
 
-def _revert_unpaid(gm: fx.GraphModule, chosen: list[Decision], baseline: SavedSet, after: SavedSet,
+def _revert_unpaid(nodes: dict[str, fx.Node], chosen: list[Decision], baseline: SavedSet, after: SavedSet,
                    done: _Rewritten) -> bool:
     """Drop groups that freed nothing on the real partition; True if any was dropped.
 
@@ -212,7 +211,6 @@ def _revert_unpaid(gm: fx.GraphModule, chosen: list[Decision], baseline: SavedSe
     Sticky groups stay."""
     encoded = {n for names in done.saved_nodes.values() for n in names}
     newly_saved = set(after.activations) - set(baseline.activations) - encoded
-    nodes = {n.name: n for n in gm.graph.nodes}
     dropped = False
     for d in chosen:
         if d.sticky:
@@ -231,7 +229,6 @@ def _revert_unpaid(gm: fx.GraphModule, chosen: list[Decision], baseline: SavedSe
 
 def _near_inputs(node: fx.Node, depth: int = 4) -> set[str]:
     """Names of the tensors ``node`` is computed from by a few cheap (non-matmul) ops."""
-    from .graph_utils import MATMULS
     seen, frontier = set(), [node]
     for _ in range(depth):
         nxt = []
@@ -257,7 +254,7 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Est
         slot.sub_token_size = d.sub_token_size
         if rules[id(d)] == "none" and not _initialised(slot):
             tensor = slot.tensor
-            v = estimate.initial(d.group, d.sub_token_size, slot.name)
+            v = estimate.initial(d.group, d.sub_token_size)
             with torch.no_grad(), real_tensors():
                 tensor[slot.orientation, 1:1 + d.sub_token_size].copy_(v.to(tensor.device))
                 tensor[slot.orientation, 0] = 1.0
@@ -265,26 +262,29 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Est
 
 class _Estimator:
     """``estimated_error`` of a group at a sub-token size: the relative energy VeLoRA drops from
-    its activation on the calibration batch (structural 1 - 1/g without data)."""
+    its activation on the calibration batch (structural 1 - 1/g without data), with the v the init
+    rule would install (``names``: the state key of each group, which seeds ``init="random"``)."""
 
-    def __init__(self, gm: fx.GraphModule, groups: list[ActivationGroup], real_primals, config: VeloraConfig):
-        self.config, self._cache = config, {}
+    def __init__(self, gm: fx.GraphModule, groups: list[ActivationGroup], real_primals, config: VeloraConfig,
+                 names: dict[int, str]):
+        self.config, self.names, self._cache = config, names, {}
         self.values: dict[str, torch.Tensor] = {}
-        self.error_message = ""
+        self.failure = ""  # why there is no calibration data, if there is none
         if real_primals is not None and groups:
             try:
                 with real_tensors():
-                        self.values = activation_values(gm, real_primals, sorted({g.encode_at for g in groups}))
+                    self.values = activation_values(gm, real_primals, sorted({g.encode_at for g in groups}))
             except Exception as exc:  # noqa: BLE001 - no data: structural estimate
-                self.error_message = f"{type(exc).__name__}: {exc}"
+                self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
     def has_data(self, group: ActivationGroup) -> bool:
         return group.encode_at in self.values
 
-    def initial(self, group: ActivationGroup, g: int, name: str) -> torch.Tensor:
+    def initial(self, group: ActivationGroup, g: int) -> torch.Tensor:
+        """The v the init rule installs for ``group`` at sub-token size ``g`` (fp32)."""
         with real_tensors():
             if self.config.init == "random":
-                return random_vector(g, random_seed(name))
+                return random_vector(g, random_seed(self.names[id(group)]))
             return initial_vector(self.values[group.encode_at], g)
 
     def __call__(self, group: ActivationGroup, g: int) -> float:
@@ -296,20 +296,19 @@ class _Estimator:
             elif x is None:
                 self._cache[key] = structural_error(g)
             else:
+                v = self.initial(group, g)
                 with real_tensors():
-                    v = random_vector(g, random_seed(group.name)) if self.config.init == "random" else initial_vector(x, g)
                     self._cache[key] = reconstruction_error(x, v)
         return self._cache[key]
 
 
-def _site_report(gm: fx.GraphModule, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
+def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
                  slot) -> SiteReport:
     group = d.group
-    activation = next(n for n in gm.graph.nodes if n.name == group.encode_at)
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
     bytes_before = baseline.bytes_of(group.forms)
-    bytes_after = after.bytes_of(group.forms) + after.activation_bytes_of(encoded) if d.compress else bytes_before
+    bytes_after = after.bytes_of(group.forms) + after.bytes_of(encoded, inputs=False) if d.compress else bytes_before
     return SiteReport(
         name=group.name, consumers=[s.module_path for s in group.sites],
         op="/".join(sorted({s.forward_op for s in group.sites})),
