@@ -94,12 +94,22 @@ def parse_regime(name: str) -> Regime:
 def velora_options(regime: Regime, model_name: str, args) -> dict:
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
+    ``codecs``: VeLoRA + few-bit + chunked loss head; ``head``: the chunked loss head alone;
+    ``mb<x>``: those codecs under ``memory_budget=x`` (inductor's recompute closes the rest).
+
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
     measured; ``paper`` is the paper's sites at the paper's 32 groups, every one compressed; any
     other preset is passed as the backend's ``mode``.  ``--num-groups`` pins the size when given.
     """
+    all_codecs = ["velora", "fewbit", "chunked_loss"]
     if regime.preset == "auto":
         options: dict = {}
+    elif regime.preset == "codecs":  # every lossy-or-exact codec that is built, default planning
+        options = {"codecs": all_codecs}
+    elif regime.preset == "head":    # the exact chunked loss head alone
+        options = {"codecs": ["chunked_loss"]}
+    elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5
+        options = {"codecs": all_codecs, "memory_budget": float(regime.preset[2:])}
     elif regime.preset == "paper":
         options = {"mode": "all", "include": list(REFERENCE_INCLUDE[model_name]), "num_groups": 32}
     else:

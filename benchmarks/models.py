@@ -43,16 +43,19 @@ def llama_like(hidden: int, layers: int, *, vocab: int = 256, heads: int | None 
 
 
 def gpt2_like(hidden: int, layers: int, *, vocab: int = 256, heads: int | None = None,
-              max_positions: int = 2048) -> nn.Module:
+              max_positions: int = 2048, activation: str = "gelu_pytorch_tanh") -> nn.Module:
     """A ``GPT2LMHeadModel`` (Conv1D projections, GELU MLP of 4 x hidden), SDPA, dropout 0.
 
     Dropout is off so that every regime computes the same function on the same batch (gradient
-    comparisons are meaningful and timing has no RNG work).
+    comparisons are meaningful and timing has no RNG work).  The activation is GPT-2's tanh GELU
+    as one op (``gelu_pytorch_tanh``); transformers' default ``gelu_new`` computes the same function
+    from primitive ops, which the few-bit codec does not recognise as a GELU.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads or max(1, hidden // 64),
                         n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="sdpa")
+                        bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="sdpa",
+                        activation_function=activation)
     return GPT2LMHeadModel(config)
 
 

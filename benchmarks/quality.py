@@ -82,7 +82,7 @@ PRESETS = {
     "check": ["inductor", "velora_auto", "velora[mode=max_memory]"],
 }
 _ALIASES = {"g": "sub_token_size", "groups": "num_groups"}
-_LIST_KEYS = {"include", "exclude"}
+_LIST_KEYS = {"include", "exclude", "codecs"}
 PROGRESS = "[q] "  # lines a worker prints with this prefix are echoed by the parent
 
 

@@ -190,7 +190,7 @@ def test_to_dict_contents():
     assert d["sub_token_size"] == 8 and d["num_groups"] is None
     assert d["coeff_dtype"] == "bfloat16"
     assert d["include"] == ["*.fc1"] and d["exclude"] == []
-    assert d["version"] == 2 and d["max_error"] == 0.6
+    assert d["version"] == 3 and d["max_error"] == 0.6
 
 
 def test_from_dict_rejects_unknown_keys():
@@ -338,3 +338,28 @@ def test_public_api_names():
         assert callable(getattr(velora_fx, name))
     assert hasattr(velora_fx, "reference")
     assert velora_fx.ConfigError is ConfigError and velora_fx.VeloraConfig is VeloraConfig
+
+
+# -- codec options (issue 6) ---------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(codecs=("velora", "zip")), "unknown codec"),
+    (dict(codecs=()), "non-empty"),
+    (dict(bits=0), "bits"),
+    (dict(bits=9), "bits"),
+    (dict(rmm_ratio=0.0), "rmm_ratio"),
+    (dict(rmm_ratio=1.5), "rmm_ratio"),
+    (dict(memory_budget=1.5), "memory_budget"),
+    (dict(memory_budget=0), "memory_budget"),
+    (dict(memory_budget=True), "memory_budget"),
+    (dict(loss_chunk_size=0), "loss_chunk_size"),
+])
+def test_codec_options_are_validated(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        VeloraConfig(**kwargs)
+
+
+def test_codec_options_round_trip():
+    config = VeloraConfig(codecs=["velora", "fewbit", "velora"], bits=2, memory_budget=0.5)
+    assert config.codecs == ("velora", "fewbit") and config.uses("fewbit") and not config.uses("rmm")
+    assert VeloraConfig.from_dict(config.to_dict()) == config
+    assert VeloraConfig(memory_budget=2**30).memory_budget == 2**30  # bytes as an int

@@ -160,5 +160,24 @@ def unwrap_compiled(model: Any) -> Any:
     return model._orig_mod if isinstance(model, OptimizedModule) else model
 
 
+# what dynamo records for nn.Linear / F.linear
+LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+@contextlib.contextmanager
+def recompute_budget(budget: float | None):
+    """inductor's knapsack: the partitioner keeps at most ``budget`` of what it would save
+    (``torch._functorch.config.activation_memory_budget``); None: leave it as it is."""
+    if budget is None:
+        yield
+    else:
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            yield
+
+
+def current_recompute_budget() -> float:
+    return float(torch._functorch.config.activation_memory_budget)
+
+
 def reset_dynamo() -> None:
     torch._dynamo.reset()

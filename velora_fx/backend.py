@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from . import _compat
 from .config import ConfigError, VeloraConfig
 from .naming import ParamNames, find_compiled_root, module_path_from_source
+from .passes.budget import fit_recompute_budget, target_bytes
+from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
+from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, run_pipeline
 from .passes.sites import Site
-from .report import GraphReport, Report
+from .report import GraphReport, Report, SiteReport
 from .state import ModelState, natural_orientation, slot_name
 
 __all__ = ["VeloraBackend", "backend", "default_backend"]
@@ -76,8 +79,17 @@ class VeloraBackend:
                  options: dict[str, Any] | None = None) -> Callable:
         root = find_compiled_root()
         model = self.model_state(root)
-        lifted = _lift_state(gm, list(example_inputs), model) if _trains(example_inputs) else None
+        training = _trains(example_inputs)
+        heads, original_bytes = [], None
+        if training and self.config.uses("chunked_loss"):
+            rewritten = _compat.copy_dynamo_graph(gm)
+            heads = rewrite_loss_heads(rewritten, self.config.loss_chunk_size)
+            if any(h.rewritten for h in heads):
+                original_bytes = self._baseline_bytes(gm, list(example_inputs))
+                gm = rewritten
+        lifted = _lift_state(gm, list(example_inputs), model) if training else None
         partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm)
+        partitioner.loss_heads, partitioner.original_bytes = heads, original_bytes
         graph = lifted.gm if lifted else gm
         inputs = lifted.example_inputs if lifted else list(example_inputs)
         if self.compiler == "inductor":
@@ -95,6 +107,27 @@ class VeloraBackend:
             with _compat.custom_partitioner(partitioner), _compat.autograd_cache_disabled():
                 compiled = eager(graph, inputs)
         return _with_state(compiled, lifted.state_tensors) if lifted else compiled
+
+    def _baseline_bytes(self, gm: fx.GraphModule, example_inputs: list[Any]) -> int | None:
+        """Activation bytes inductor's partition of dynamo's original graph saves (what a rewrite
+        before AOTAutograd is measured against); None if it cannot be traced."""
+        found: list[int] = []
+
+        def capture(joint, joint_inputs, **kwargs):
+            saved = probe_partition(joint, joint_inputs, _compat.min_cut_rematerialization_partition, **kwargs)
+            found.append(saved.activation_bytes)
+            return saved.fwd, saved.bwd
+
+        trace = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
+                                     partition_fn=_compat.inductor_partition_fn,
+                                     decompositions=_compat.select_decomp_table())
+        try:
+            with _compat.custom_partitioner(_CaptureOnly(capture)), _compat.autograd_cache_disabled():
+                trace(_compat.copy_dynamo_graph(gm), example_inputs)
+        except Exception as exc:  # noqa: BLE001 - only the report's "before" number depends on it
+            self.warn_once(f"velora_fx: could not measure the unrewritten loss head's partition ({exc!r})")
+            return None
+        return found[0] if found else None
 
     # -- models, state and reports -------------------------------------------------------------
     def model_state(self, model: nn.Module | None) -> ModelState:
@@ -181,6 +214,8 @@ class VeloraBackend:
                    "AOTAutograd reshaped the inputs (no one-to-one state binding): compiled as plain inductor")
             model.reports.append(GraphReport(graph_id, "unchanged", why, model=model.label, frame=frame))
             return plain()
+        head_grads = pin_head_gradients(gm, partitioner.param_indices) \
+            if any(h.rewritten for h in partitioner.loss_heads) else []
         ctx = JointContext(gm, joint_inputs, num_fwd_outputs, partitioner.param_indices,
                            _compat.min_cut_rematerialization_partition, kwargs, partitioner.labels)
         try:
@@ -194,12 +229,63 @@ class VeloraBackend:
             self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
             model.reports.append(GraphReport(graph_id, "fallback", reason, model=model.label, frame=frame))
             return plain()
+        if self.config.memory_budget is not None:
+            result = _meet_budget(self.config, ctx, result, partitioner.original_bytes)
+        _add_loss_heads(result, partitioner.loss_heads, partitioner.original_bytes, head_grads)
         result.report.model, result.report.frame = model.label, frame
         if not result.report.sites:
-            self.warn_once(f"velora_fx: {model.label} has no weight-gradient matmul site: nothing to compress")
+            self.warn_once(f"velora_fx: {model.label} has no site any codec of {list(self.config.codecs)} "
+                           "can compress")
         model.reports.append(result.report)
         _warn_unmatched(self, model)
         return result.saved.fwd, result.saved.bwd
+
+
+def _meet_budget(config: VeloraConfig, ctx: JointContext, result, original_bytes: int | None):
+    """Close the gap to ``memory_budget`` with inductor's recompute (see ``passes/budget.py``)."""
+    baseline = original_bytes if original_bytes is not None else result.report.saved_bytes_before
+    target = target_bytes(config.memory_budget, baseline)
+    fit = fit_recompute_budget(lambda: ctx.probe(result.gm), result.saved, target)
+    report = result.report
+    report.saved_bytes_after = fit.saved.activation_bytes
+    report.recompute_budget, report.budget_target = fit.recompute_budget, target
+    report.message = "; ".join(m for m in (report.message, fit.message()) if m)
+    result.saved = fit.saved
+    return result
+
+
+def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads: list[str]) -> None:
+    """Report rows for the loss heads rewritten before AOTAutograd, measured on the partitions:
+    what the rewritten graph's baseline saves less than the original's is what the head freed."""
+    report = result.report
+    rewritten = [h for h in heads if h.rewritten]
+    if rewritten and original_bytes is not None:
+        freed = original_bytes - report.saved_bytes_before
+        report.saved_bytes_before = original_bytes
+    else:
+        freed = None
+    kept = result.saved.bytes_of(head_grads, inputs=False)
+    for i, head in enumerate(heads):
+        after = kept if head.rewritten and i == 0 else 0
+        before = (freed + after) if head.rewritten and freed is not None and i == 0 else head.logits_bytes
+        report.sites.append(SiteReport(
+            name=head.name, consumers=[], op="linear+cross_entropy", shape=(head.rows, head.vocab),
+            dtype="", saved_by_baseline=head.rewritten, saved_forms=[], bytes_before=before,
+            bytes_after=after if head.rewritten else before,
+            decision="compressed" if head.rewritten else "skipped", reason=head.reason, codec="chunked_loss"))
+
+
+class _CaptureOnly(_compat.CustomPartitionerFn):
+    """A partitioner hook for measuring only (never part of a cache key that is looked up)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        return self.fn(gm, joint_inputs, **kwargs)
+
+    def uuid(self) -> str:
+        return f"velora_fx:capture:{id(self)}"
 
 
 def _warn_unmatched(backend: VeloraBackend, model: ModelState) -> None:

@@ -17,6 +17,8 @@ _MODES = ("auto", "max_memory", "all")
 AUTO_SUB_TOKEN_SIZES = (2, 4, 8, 16, 32, 64)
 # Default bound on a site's estimated weight-gradient error in "auto" (see docs/quality.md)
 DEFAULT_MAX_ERROR = 0.6
+# What the planner may use, by name (each one a file under codecs/; see docs/codecs.md)
+CODECS = ("velora", "fewbit", "rmm", "chunked_loss")
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,7 +75,14 @@ class VeloraConfig:
     include: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to consider"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
-    version: int = 2
+    codecs: tuple[str, ...] = field(default=("velora",), metadata={
+        "help": f"what the planner may use: any of {CODECS} (default: VeLoRA only)"})
+    bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
+    rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
+    memory_budget: float | int | None = field(default=None, metadata={
+        "help": "target saved bytes: a fraction (0, 1] of the baseline partition's, or a number of bytes (int)"})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "chunked_loss: rows of logits alive at once"})
+    version: int = 3
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -99,6 +108,20 @@ class VeloraConfig:
         set_(self, "include", _as_patterns(self.include, "include"))
         set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))
+        set_(self, "codecs", _as_codecs(self.codecs))
+        for name, low, high in (("bits", 1, 8), ("loss_chunk_size", 1, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                bound = f"an integer in [{low}, {high}]" if high else f"an integer >= {low}"
+                raise ConfigError(f"{name} must be {bound}, got {value!r}")
+        ratio = self.rmm_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ConfigError(f"rmm_ratio must be a number in (0, 1] (sketch rows per token), got {ratio!r}")
+        set_(self, "rmm_ratio", float(ratio))
+        set_(self, "memory_budget", _as_budget(self.memory_budget))
+
+    def uses(self, codec: str) -> bool:
+        return codec in self.codecs
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -146,6 +169,7 @@ class VeloraConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["codecs"] = list(self.codecs)
         d["coeff_dtype"] = None if self.coeff_dtype is None else str(self.coeff_dtype).replace("torch.", "")
         return d
 
@@ -174,6 +198,32 @@ class VeloraConfig:
             recipe.pop("num_groups", None)
             recipe.pop("sub_token_size", None)
         return cls.from_options(**{**recipe, **overrides})
+
+
+def _as_codecs(value: Any) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"codecs must be a non-empty list of names from {CODECS}, got {value!r}")
+    unknown = [n for n in names if n not in CODECS]
+    if unknown:
+        raise ConfigError(f"unknown codec(s) {unknown}; known: {list(CODECS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _as_budget(value: Any) -> float | int | None:
+    """None, a fraction in (0, 1] (float) or a number of bytes (int >= 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"memory_budget must be a fraction in (0, 1] or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"memory_budget in bytes must be >= 1, got {value}")
+        return value
+    if not 0 < value <= 1:
+        raise ConfigError(f"memory_budget as a fraction of the baseline's saved bytes must be in (0, 1], got {value} "
+                          "(give bytes as an int)")
+    return float(value)
 
 
 def _closest(name: str, candidates: Iterable[str]) -> str | None:

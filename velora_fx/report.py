@@ -48,6 +48,21 @@ class SiteReport:
     approximated: list[str] = field(default_factory=list)  # consumers whose weight grads are approximated
     estimated_error: float = 0.0     # relative energy of the activation VeLoRA drops (0: exact)
     state: str | None = None         # state_dict key of the v it uses
+    codec: str = "velora"            # velora | fewbit | rmm | chunked_loss
+    bits: int | None = None          # fewbit: bits per element
+
+    @property
+    def setting(self) -> str:
+        """The codec and its size, as the table shows it (``velora g=2``, ``fewbit 3b``)."""
+        if self.decision != "compressed":
+            return "-"
+        if self.codec == "fewbit":
+            return f"fewbit {self.bits}b"
+        if self.codec == "velora":
+            return f"velora g={self.sub_token_size}"
+        if self.codec == "chunked_loss":
+            return "chunked loss"
+        return self.codec
 
     @property
     def bytes_freed(self) -> int:
@@ -72,11 +87,14 @@ class GraphReport:
     saved_bytes_after: int = 0       # same, after the rewrite
     model: str = ""                  # which compiled model (or "functions") it belongs to
     frame: str = ""                  # dynamo's frame id: a recompile of the same code replaces a graph
+    budget_target: int | None = None     # memory_budget: saved bytes asked for
+    recompute_budget: float | None = None  # memory_budget: inductor's activation_memory_budget used
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph_id": self.graph_id, "model": self.model, "frame": self.frame, "status": self.status,
                 "message": self.message, "saved_bytes_before": self.saved_bytes_before,
-                "saved_bytes_after": self.saved_bytes_after, "sites": [s.to_dict() for s in self.sites]}
+                "saved_bytes_after": self.saved_bytes_after, "budget_target": self.budget_target,
+                "recompute_budget": self.recompute_budget, "sites": [s.to_dict() for s in self.sites]}
 
 
 @dataclass
@@ -117,13 +135,13 @@ class Report:
 
     def table(self) -> str:
         """At most 120 columns; every detail (shapes, forms, consumers) is in ``to_dict()``."""
-        header = ("graph", "site", "g", "est.err", "before", "after", "decision", "reason")
+        header = ("graph", "site", "codec", "est.err", "before", "after", "decision", "reason")
         rows = []
         for graph in self.graphs:
             for s in graph.sites:
                 partial = s.decision == "compressed" and len(s.approximated) < len(s.consumers)
                 reason = f"{s.reason} (approximated: {', '.join(s.approximated)})" if partial else s.reason
-                rows.append([str(graph.graph_id), s.name, str(s.sub_token_size or "-"),
+                rows.append([str(graph.graph_id), s.name, s.setting,
                              f"{s.estimated_error:.2f}" if s.decision == "compressed" or s.estimated_error else "-",
                              _size(s.bytes_before), _size(s.bytes_after), s.decision, reason])
         widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]

@@ -17,9 +17,11 @@ from ..report import GraphReport, SiteReport
 from ..state import random_seed
 from .._compat import int_hint, is_joint_primal, real_tensors
 from .calibrate import activation_values
-from .graph_utils import MATMULS, clone_graph_module, tensor_val
+from .graph_utils import MATMULS, clone_graph_module, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import Decision, plan_groups, structural_error
+from .pointwise_plan import STICKY_PREFIX, PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
+from .pointwise_sites import find_pointwise_sites
 from .rewrite import rewrite_group, store_states
 from .sites import ActivationGroup, Site, find_groups
 
@@ -75,37 +77,53 @@ class _Rewritten:
     encode_nodes: dict[int, list[str]]   # id(decision) -> its encode nodes
     saved_nodes: dict[int, list[str]]    # id(decision) -> the encode outputs meant to be saved (c, v)
     mutated: list[str]                   # state placeholders written in place
+    pointwise: dict[int, list[str]] = field(default_factory=dict)  # id(few-bit decision) -> saved codes
 
 
 def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, graph_id: int = 0) -> PipelineResult:
     ctx = dataclasses.replace(ctx, gm=clone_graph_module(ctx.gm, cse=True))  # the partitioner's view
-    groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels)
+    groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels) \
+        if config.uses("velora") else []
     for group in groups:
         for site in group.sites:
             site.module_path = binding.module_path(site)
+    pointwise = find_pointwise_sites(ctx.gm, ctx.param_indices) if config.uses("fewbit") else []
+    _unique_names(pointwise)
     baseline = ctx.probe(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
     features = {id(g): int_hint(tensor_val(nodes[g.encode_at]).shape[-1]) for g in groups}
     slots = {id(g): binding.slot(g.sites[0], features[id(g)]) for g in groups}
     estimate = _Estimator(ctx.gm, groups, binding.real_primals, config,
-                          {id(g): slots[id(g)].name if slots[id(g)] else g.name for g in groups})
-    decisions = plan_groups(groups, baseline, config, estimate, lambda g: features[id(g)], binding.plan,
-                            lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None)
-    _share_sizes(decisions, slots, estimate)
-    rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group)) for d in decisions}
-    apply = lambda: _apply(ctx, baseline, decisions, slots, rules, binding, config)  # noqa: E731
-    result_gm, after, done = apply()
-    for _ in range(_MAX_ROUNDS - 1):
-        if config.mode == "all" or not _revert_unpaid(nodes, [d for d in decisions if d.compress], baseline,
-                                                      after, done):
-            break
+                          {id(g): slots[id(g)].name if slots[id(g)] else g.name for g in groups},
+                          [s.encode_at for s in pointwise])
+    pointwise_plan = plan_pointwise(pointwise, baseline, config, estimate.values, binding.plan)
+    for _ in range(_MAX_ROUNDS):
+        # VeLoRA plans against the partition with the chosen few-bit codes: once a nonlinearity
+        # keeps only codes of its input, the partitioner saves its output for the next matmul
+        # (GELU's output for GPT-2's c_proj), which is then worth compressing
+        fewbit = [d for d in pointwise_plan if d.compress]
+        planning = ctx.probe(_with_pointwise(ctx.gm, fewbit)) if fewbit else baseline
+        decisions = plan_groups(groups, planning, config, estimate, lambda g: features[id(g)], binding.plan,
+                                lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None)
+        _share_sizes(decisions, slots, estimate)
+        rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group)) for d in decisions}
+        apply = lambda: _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)  # noqa: E731
         result_gm, after, done = apply()
-    if config.mode != "all" and done.encode_nodes and after.activation_bytes >= baseline.activation_bytes:
-        unpaid = [d for d in decisions if d.compress and not d.sticky]
+        for _ in range(_MAX_ROUNDS - 1):
+            if config.mode == "all" or not _revert_unpaid(nodes, [d for d in decisions if d.compress], planning,
+                                                          after, done):
+                break
+            result_gm, after, done = apply()
+        if config.mode == "all" or not _revert_unpaid_pointwise(nodes, fewbit, planning, after, done):
+            break
+    if config.mode != "all" and (done.encode_nodes or done.pointwise) and \
+            after.activation_bytes >= baseline.activation_bytes:
+        unpaid = [d for d in [*decisions, *pointwise_plan] if d.compress and not d.sticky]
         for d in unpaid:
             d.skip("no net gain in saved bytes on the real partition")
         if unpaid:
-            result_gm, after, done = apply()
+            fewbit = [d for d in pointwise_plan if d.compress]
+            result_gm, after, done = _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)
     _check_state_reads(after, done.mutated)
     for d in decisions:
         if not d.compress:
@@ -115,13 +133,61 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         elif _encodes_in_backward(after, done.saved_nodes[id(d)]):
             d.reason += "; frees nothing: the partitioner computes its encode in backward"
     _commit(decisions, slots, rules, estimate, binding)
-    report = GraphReport(graph_id=graph_id, status="rewritten" if done.encode_nodes else "unchanged",
+    for d in pointwise_plan:
+        if not d.reason.startswith("excluded"):
+            binding.plan.setdefault(STICKY_PREFIX + d.site.name, d.bits or 0)
+    rewritten = done.encode_nodes or done.pointwise
+    report = GraphReport(graph_id=graph_id, status="rewritten" if rewritten else "unchanged",
                          saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes,
                          message=f"estimated_error is structural (1 - 1/g): calibration failed ({estimate.failure})"
                          if estimate.failure else "")
     report.sites = [_site_report(nodes[d.group.encode_at], d, baseline, after, done.saved_nodes.get(id(d), []),
                                  slots[id(d.group)]) for d in decisions]
+    report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
+                     for d in pointwise_plan]
     return PipelineResult(result_gm, after, report)
+
+
+def _unique_names(sites: list) -> None:
+    """A module applied twice (one activation module shared by layers) gets ``name#2``..."""
+    seen: dict[str, int] = {}
+    for site in sites:
+        seen[site.name] = seen.get(site.name, 0) + 1
+        if seen[site.name] > 1:
+            site.name = f"{site.name}#{seen[site.name]}"
+
+
+def _with_pointwise(gm: fx.GraphModule, chosen: list[PointwiseDecision]) -> fx.GraphModule:
+    out = clone_graph_module(gm)
+    rewrite_pointwise(out, chosen)
+    return out
+
+
+def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[PointwiseDecision], planning: SavedSet,
+                             after: SavedSet, done: "_Rewritten") -> bool:
+    """Drop few-bit sites that freed nothing: the encoded tensor is still saved, its codes are
+    computed in backward, or the partitioner saved the function's output (or its input) in
+    its place.  True if any was dropped (the caller plans VeLoRA again without them)."""
+    dropped = False
+    encoded = {n for names in done.pointwise.values() for n in names}
+    newly_saved = set(after.activations) - set(planning.activations) - encoded
+    for d in chosen:
+        if d.sticky:
+            continue
+        site = d.site
+        output_forms = {f.name for f in view_forms(nodes[site.output])} | {site.output}
+        if after.which(site.forms + site.input_forms):
+            d.skip("another backward op keeps it (still saved after the rewrite)")
+        elif _encodes_in_backward(after, done.pointwise[id(d)]):
+            d.skip("exact recompute frees it as well (the partitioner encodes it in backward)")
+        elif after.which(sorted(output_forms - set(site.forms))):
+            d.skip("the partitioner saves the function's output instead (no VeLoRA site takes it)")
+        elif newly_saved & _near_inputs(nodes[site.encode_at]):
+            d.skip("the partitioner saves its input instead")
+        else:
+            continue
+        dropped = True
+    return dropped
 
 
 def _share_sizes(decisions: list[Decision], slots: dict, estimate) -> None:
@@ -156,14 +222,18 @@ def _initialised(slot) -> bool:
         return tensor is not None and bool(tensor[slot.orientation, 0] > 0)
 
 
-def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], slots: dict, rules: dict,
-           binding: GraphBinding, config: VeloraConfig) -> tuple[fx.GraphModule, SavedSet, _Rewritten]:
-    """Rewrite the chosen groups on a fresh copy and partition it (the input when none is chosen)."""
+def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], fewbit: list[PointwiseDecision],
+           slots: dict, rules: dict, binding: GraphBinding, config: VeloraConfig
+           ) -> tuple[fx.GraphModule, SavedSet, _Rewritten]:
+    """Rewrite the chosen sites on a fresh copy and partition it (the input when none is chosen)."""
     chosen = [d for d in decisions if d.compress]
-    if not chosen:
+    fewbit = [d for d in fewbit if d.compress]
+    if not chosen and not fewbit:
         return ctx.gm, baseline, _Rewritten({}, {}, [])
     gm = clone_graph_module(ctx.gm)
-    done = _rewrite(gm, chosen, slots, rules, binding, config)
+    pointwise = rewrite_pointwise(gm, fewbit) if fewbit else {}
+    done = _rewrite(gm, chosen, slots, rules, binding, config) if chosen else _Rewritten({}, {}, [])
+    done.pointwise = pointwise
     return gm, ctx.probe(gm), done
 
 
@@ -266,14 +336,15 @@ class _Estimator:
     rule would install (``names``: the state key of each group, which seeds ``init="random"``)."""
 
     def __init__(self, gm: fx.GraphModule, groups: list[ActivationGroup], real_primals, config: VeloraConfig,
-                 names: dict[int, str]):
+                 names: dict[int, str], extra: Sequence[str] = ()):
         self.config, self.names, self._cache = config, names, {}
         self.values: dict[str, torch.Tensor] = {}
         self.failure = ""  # why there is no calibration data, if there is none
-        if real_primals is not None and groups:
+        wanted = sorted({g.encode_at for g in groups} | set(extra))
+        if real_primals is not None and wanted:
             try:
                 with real_tensors():
-                    self.values = activation_values(gm, real_primals, sorted({g.encode_at for g in groups}))
+                    self.values = activation_values(gm, real_primals, wanted)
             except Exception as exc:  # noqa: BLE001 - no data: structural estimate
                 self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 

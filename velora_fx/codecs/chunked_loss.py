@@ -1,0 +1,188 @@
+"""Exact, memory-lean ``linear + cross-entropy`` head (fused lm_head + loss).
+
+Why: in a causal LM the logits ``[tokens, vocab]`` (and their fp32 copy made for a stable
+softmax) are the largest single activation of a training step -- with a 32000-entry vocabulary
+they dwarf every hidden state.  Saving them for backward costs ``N * V`` elements; inductor's
+recompute-instead-of-save answer re-runs the whole ``lm_head`` matmul in backward.  Here the
+head runs *once*: the forward walks the rows in chunks and, per chunk, computes the logits, the
+loss contribution and right away the gradients of the loss w.r.t. ``hidden``, ``weight`` and
+``bias``; only those gradients (the size of the inputs, not of the logits) survive to backward,
+which merely scales them by ``grad_output``.  Peak extra memory is a few ``[chunk, V]`` buffers.
+
+Prior art: the fused / chunked linear cross-entropy idea, e.g. Liger-Kernel's
+``FusedLinearCrossEntropy`` and Wijmans et al., "Cut Your Losses in Large-Vocabulary Language
+Models" (Apple, 2024).  This is an independent plain-PyTorch implementation written to be
+traceable by AOTAutograd / ``make_fx`` with fake tensors: static shapes, no ``.item()``, no
+data-dependent Python control flow (the chunk loop is unrolled at trace time from the static N).
+
+Numerics mirror ``F.cross_entropy(F.linear(h, W, b).float(), t, ...)``: the matmul runs in the
+input dtype, log-softmax in fp32, the fp32 logits gradient (already scaled by ``1/count`` for
+``mean``, as the reference does before its cast) is cast back to the input dtype before the two
+matmuls; ``grad_W`` / ``grad_b`` are accumulated across chunks in fp32 and cast once at the end.
+fp64 inputs are kept in fp64 throughout (the literal ``.float()`` would downcast them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_cross_entropy", "supported_call", "LinearCrossEntropyFunction", "SUPPORTED_REDUCTIONS"]
+
+SUPPORTED_REDUCTIONS = ("mean", "sum")
+
+
+def supported_call(reduction: str = "mean", label_smoothing: float = 0.0, weight=None) -> str | None:
+    """None if a ``cross_entropy`` call with these options can be replaced by
+    :func:`linear_cross_entropy`, else a short reason naming the unsupported option."""
+    if reduction not in SUPPORTED_REDUCTIONS:
+        return f"reduction={reduction!r} not supported (only {'/'.join(SUPPORTED_REDUCTIONS)})"
+    if label_smoothing != 0.0:
+        return f"label_smoothing={label_smoothing!r} not supported (only 0.0)"
+    if weight is not None:
+        return "weight (class weights) not supported"
+    return None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 for bf16/fp16/fp32 (the reference's ``.float()``), fp64 stays fp64
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_index: int,
+                     reduction: str, chunk_size: int, need_h: bool, need_w: bool, need_b: bool):
+    """h [N, D], w [V, D], b [V] | None, t [N].  Returns (loss, grad_h, grad_w, grad_b); the
+    gradients are those of ``loss`` itself (i.e. for ``mean`` already divided by count), or None."""
+    n, d = h.shape
+    v = w.shape[0]
+    acc = _acc_dtype(h.dtype)
+    valid = t != ignore_index                        # [N] bool
+    count = valid.sum().to(acc)                      # 0-dim; 0 -> mean is nan like PyTorch
+    need_grad = need_h or need_w or need_b
+    if reduction == "mean":
+        # PyTorch's all-ignored mean: loss nan, gradients 0 (every row is masked out anyway)
+        grad_scale = 1.0 / count.clamp(min=1)
+    else:
+        grad_scale = None
+
+    total = torch.zeros((), dtype=acc, device=h.device)
+    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
+    grad_w = torch.zeros((v, d), dtype=acc, device=w.device) if need_w else None
+    grad_b = torch.zeros((v,), dtype=acc, device=w.device) if (need_b and b is not None) else None
+
+    for start in range(0, n, chunk_size):            # static n: unrolled at trace time
+        stop = min(start + chunk_size, n)
+        hc = h[start:stop]
+        tc = t[start:stop]
+        vc = valid[start:stop]
+        logits = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())   # input dtype, [C, V]
+        logits = logits.to(acc)
+        lse = torch.logsumexp(logits, dim=-1)        # [C]
+        safe_t = torch.where(vc, tc, torch.zeros_like(tc)).unsqueeze(1)
+        tgt = logits.gather(1, safe_t).squeeze(1)
+        vf = vc.to(acc)
+        total = total + ((lse - tgt) * vf).sum()
+        if not need_grad:
+            continue
+        # d(row loss)/d logits = softmax - onehot(target), zero on ignored rows
+        p = (logits - lse.unsqueeze(1)).exp_()
+        del logits
+        p.scatter_add_(1, safe_t, -vf.unsqueeze(1))
+        row_scale = vf if grad_scale is None else vf * grad_scale
+        p.mul_(row_scale.unsqueeze(1))
+        g = p.to(h.dtype)                            # the reference casts grad_logits back here
+        del p
+        if need_h:
+            grad_h[start:stop].copy_(g @ w)
+        if need_w:
+            grad_w.add_(g.t() @ hc)
+        if grad_b is not None:
+            grad_b.add_(g.sum(0, dtype=acc))
+        del g
+
+    loss = total / count if reduction == "mean" else total
+    if grad_w is not None:
+        grad_w = grad_w.to(w.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(b.dtype)
+    return loss, grad_h, grad_w, grad_b
+
+
+def _anchor(loss: Tensor, grads: list[Tensor]) -> Tensor:
+    """``loss + 0 * (one element of each gradient)``: the same value, but the gradients become
+    part of what the forward output needs.  Otherwise the min-cut partitioner treats them as
+    backward-only work and may move the whole chunk loop (lm_head included) into backward, or save
+    the per-chunk logits gradients instead (N x V: nothing freed).  A non-finite gradient makes
+    the loss nan, which only ever happens when the loss itself overflowed."""
+    if not grads:
+        return loss
+    probe = sum(g.reshape(-1)[0].to(loss.dtype) for g in grads)
+    return loss + probe * 0.0
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``apply(h2d, weight, bias_or_None, target1d, ignore_index, reduction, chunk_size,
+    need_h, need_w, need_b)``; prefer :func:`linear_cross_entropy`.  The ``need_*`` flags are
+    decided by the caller (grad mode and ``requires_grad``) because ``forward`` runs under
+    no-grad and must know up front which gradients to compute."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, t, ignore_index, reduction, chunk_size, need_h, need_w, need_b):
+        loss, grad_h, grad_w, grad_b = _chunked_forward(h, w, b, t, ignore_index, reduction, chunk_size,
+                                                        need_h, need_w, need_b)
+        loss = _anchor(loss, [g for g in (grad_h, grad_w, grad_b) if g is not None])
+        ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.save_for_backward(*[g for g in (grad_h, grad_w, grad_b) if g is not None])
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for has in ctx.has:
+            if has:
+                g = next(saved)
+                grads.append(g * grad_output)   # 0-dim: keeps g's dtype
+            else:
+                grads.append(None)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 4096) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), target, ignore_index=...,
+    reduction=...)`` without materialising the ``[N, V]`` logits (N = rows of ``hidden``).
+
+    ``hidden`` is ``[..., D]``, ``target`` ``[...]`` (same leading shape), ``weight`` ``[V, D]``,
+    ``bias`` ``[V]``.  ``reduction`` is ``"mean"`` (over non-ignored targets; nan if all are
+    ignored) or ``"sum"``.  ``chunk_size`` rows are processed at a time; the lm_head matmul runs
+    once per chunk in forward and never in backward.  Returns a 0-dim loss in
+    ``promote_types(hidden.dtype, float32)``.
+    """
+    reason = supported_call(reduction)
+    if reason is not None:
+        raise ValueError(reason)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)} "
+                         "(expected hidden [..., D] and weight [V, D])")
+    if tuple(hidden.shape[:-1]) != tuple(target.shape):
+        raise ValueError(f"leading shape of hidden {tuple(hidden.shape[:-1])} does not match target "
+                         f"{tuple(target.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight's V={weight.shape[0]}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise ValueError(f"{name} dtype {tensor.dtype} differs from hidden dtype {hidden.dtype} "
+                             "(F.linear would fail too; cast explicitly)")
+
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = target.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and hidden.requires_grad
+    need_w = grad_on and weight.requires_grad
+    need_b = grad_on and bias is not None and bias.requires_grad
+    return LinearCrossEntropyFunction.apply(h2, weight, bias, t1, ignore_index, reduction, chunk_size,
+                                            need_h, need_w, need_b)

@@ -1,0 +1,136 @@
+"""Few-bit backward of a pointwise nonlinearity (Novikov et al., 2023, "Few-Bit Backward:
+Quantized Gradients of Activation Functions for Memory Footprint Reduction").
+
+Forward is exact.  Instead of the tensor f' is evaluated from (x, or y for ReLU/sigmoid/tanh),
+forward saves a ``bits``-bit code per element — the interval of the optimal piecewise-constant
+fit of f' it falls in (``fewbit_levels``) — packed eight codes to ``bits`` bytes along the last
+dim.  Backward multiplies the incoming gradient by the level of each code.  All plain aten ops:
+inductor fuses the encode into the producer's epilogue and the decode into the gradient's kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .._compat import real_tensors
+from ..passes.graph_utils import create_node
+from .base import register_codec
+from .fewbit_levels import FewBitLevels, empirical_error, fit_levels
+
+__all__ = ["FewBitCodec", "packed_shape"]
+
+aten, prims = torch.ops.aten, torch.ops.prims
+_PACK = 8  # codes per word: 8 codes of b bits fill b bytes exactly
+
+
+def _emit(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    return create_node(graph, target, args, kwargs)
+
+
+def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """Shape of the saved codes of a tensor of ``shape`` (uint8)."""
+    if shape and isinstance(shape[-1], int) and shape[-1] % _PACK == 0:
+        return (*shape[:-1], shape[-1] // _PACK, bits)
+    return tuple(shape)
+
+
+def _iota(graph: fx.Graph, length: int, step: int, device) -> fx.Node:
+    """``[0, step, 2 step, ...]`` (int64) as the post-decomposition op inductor lowers (not arange)."""
+    return _emit(graph, prims.iota.default, length, start=0, step=step, dtype=torch.int64, device=device,
+                 requires_grad=False)
+
+
+@register_codec("fewbit")
+class FewBitCodec:
+    """``encode(graph, t)`` -> packed uint8 codes of ``t``; ``decode(graph, packed, t, grad)`` ->
+    ``grad * q(code)`` in ``grad``'s dtype.  ``domain`` says whether ``t`` is the function's input
+    or its output (then the fit's thresholds are mapped through f)."""
+
+    name = "fewbit"
+
+    def __init__(self, function: str, bits: int, domain: str = "input"):
+        self.function, self.bits, self.domain = function, bits, domain
+        with real_tensors():  # the fit runs once per (function, bits), also while a fake mode is active
+            self.levels: FewBitLevels = fit_levels(function, bits)
+            thresholds = self.levels.output_thresholds() if domain == "output" else self.levels.thresholds
+        self.thresholds = tuple(float(t) for t in thresholds)
+
+    def uuid(self) -> str:
+        return f"fewbit:{self.function}:{self.bits}:{self.domain}"
+
+    def error(self, t: torch.Tensor) -> float:
+        """Relative energy of the derivative error on real data ``t`` (the tensor encoded)."""
+        with real_tensors():
+            return self._error(t)
+
+    def _error(self, t: torch.Tensor) -> float:
+        if self.domain == "input":
+            return empirical_error(self.levels, t)
+        y = t.double()
+        exact = {"relu": lambda: (y > 0).double(), "sigmoid": lambda: y * (1 - y), "tanh": lambda: 1 - y * y}
+        d = exact[self.function]()
+        q = self.levels.decode(self.levels.encode_output(t.float()), torch.float64)
+        denominator = float((d * d).sum())
+        return float(((d - q) ** 2).sum()) / denominator if denominator > 0 else 0.0
+
+    # -- forward -------------------------------------------------------------------------------
+    def encode(self, graph: fx.Graph, t: fx.Node) -> fx.Node:
+        val = t.meta["val"]
+        x = t if val.dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, t, torch.float32)
+        compare = aten.gt.Scalar if self.levels.right_closed else aten.ge.Scalar
+        codes = None
+        for threshold in self.thresholds:
+            step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold),
+                         torch.int64)
+            codes = step if codes is None else _emit(graph, aten.add.Tensor, codes, step)
+        if packed_shape(tuple(val.shape), self.bits) == tuple(val.shape):
+            return _emit(graph, prims.convert_element_type.default, codes, torch.uint8)
+        return self._pack(graph, codes, val)
+
+    def _pack(self, graph: fx.Graph, codes: fx.Node, val: torch.Tensor) -> fx.Node:
+        device = val.device
+        lead = [create_node(graph, aten.sym_size.int, (codes, d)) if not isinstance(s, int) else s
+                for d, s in enumerate(val.shape[:-1])]
+        groups = _emit(graph, aten.view.default, codes, [*lead, int(val.shape[-1]) // _PACK, _PACK])
+        shifts = _iota(graph, _PACK, self.bits, device)
+        word = _emit(graph, aten.sum.dim_IntList,
+                     _emit(graph, aten.bitwise_left_shift.Tensor, groups, shifts), [-1])
+        byte_shifts = _iota(graph, self.bits, 8, device)
+        parts = _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, word, -1),
+                      byte_shifts)
+        return _emit(graph, prims.convert_element_type.default, _emit(graph, aten.bitwise_and.Scalar, parts, 255),
+                     torch.uint8)
+
+    # -- backward ------------------------------------------------------------------------------
+    def decode(self, graph: fx.Graph, packed: fx.Node, like: fx.Node, grad: fx.Node,
+               out_dtype: torch.dtype) -> fx.Node:
+        val = like.meta["val"]
+        codes = self._unpack(graph, packed, val) if packed.meta["val"].dim() == val.dim() + 1 else \
+            _emit(graph, prims.convert_element_type.default, packed, torch.int64)
+        levels = [float(v) for v in self.levels.levels]
+        deriv = None  # levels[0] + sum_k (levels[k] - levels[k-1]) * (code >= k): no gather, one fused kernel
+        for k in range(1, len(levels)):
+            if levels[k] == levels[k - 1]:
+                continue
+            step = _emit(graph, aten.mul.Tensor, _emit(graph, prims.convert_element_type.default,
+                                                       _emit(graph, aten.ge.Scalar, codes, k), torch.float32),
+                         levels[k] - levels[k - 1])
+            deriv = step if deriv is None else _emit(graph, aten.add.Tensor, deriv, step)
+        deriv = _emit(graph, aten.add.Tensor, deriv, levels[0])
+        g32 = grad if grad.meta["val"].dtype == torch.float32 else \
+            _emit(graph, prims.convert_element_type.default, grad, torch.float32)
+        out = _emit(graph, aten.mul.Tensor, g32, deriv)
+        return out if out_dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, out, out_dtype)
+
+    def _unpack(self, graph: fx.Graph, packed: fx.Node, val: torch.Tensor) -> fx.Node:
+        device = val.device
+        wide = _emit(graph, prims.convert_element_type.default, packed, torch.int64)
+        byte_shifts = _iota(graph, self.bits, 8, device)
+        word = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.bitwise_left_shift.Tensor, wide, byte_shifts), [-1])
+        shifts = _iota(graph, _PACK, self.bits, device)
+        groups = _emit(graph, aten.bitwise_and.Scalar,
+                       _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, word, -1),
+                             shifts), (1 << self.bits) - 1)
+        lead = [create_node(graph, aten.sym_size.int, (packed, d)) if not isinstance(s, int) else s
+                for d, s in enumerate(val.shape[:-1])]
+        return _emit(graph, aten.view.default, groups, [*lead, int(val.shape[-1])])
