@@ -60,6 +60,8 @@ class SiteReport:
             return f"fewbit {self.bits}b"
         if self.codec == "velora":
             return f"velora g={self.sub_token_size}"
+        if self.codec == "rmm":
+            return "rmm"
         if self.codec == "chunked_loss":
             return "chunked loss"
         return self.codec

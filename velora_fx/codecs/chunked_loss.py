@@ -66,7 +66,10 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_i
 
     total = torch.zeros((), dtype=acc, device=h.device)
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
-    grad_w = torch.zeros((v, d), dtype=acc, device=w.device) if need_w else None
+    # grad_W accumulates in the weight's dtype through addmm: one [V, D] buffer alive at a time.
+    # (An fp32 accumulator summed with ``add_`` lets inductor fuse the adds into one kernel at the
+    # end, keeping every chunk's [V, D] partial alive: as much memory as the logits.)
+    grad_w = None
     grad_b = torch.zeros((v,), dtype=acc, device=w.device) if (need_b and b is not None) else None
 
     for start in range(0, n, chunk_size):            # static n: unrolled at trace time
@@ -94,14 +97,14 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_i
         if need_h:
             grad_h[start:stop].copy_(g @ w)
         if need_w:
-            grad_w.add_(g.t() @ hc)
+            grad_w = g.t() @ hc if grad_w is None else torch.addmm(grad_w, g.t(), hc)
         if grad_b is not None:
             grad_b.add_(g.sum(0, dtype=acc))
         del g
 
     loss = total / count if reduction == "mean" else total
-    if grad_w is not None:
-        grad_w = grad_w.to(w.dtype)
+    if need_w and grad_w is None:  # no rows
+        grad_w = torch.zeros((v, d), dtype=w.dtype, device=w.device)
     if grad_b is not None:
         grad_b = grad_b.to(b.dtype)
     return loss, grad_h, grad_w, grad_b

@@ -10,7 +10,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+import math
+
 from ..codecs.base import get_codec
+from ..codecs.rmm import sketch_rows
+from ..codecs.rmm import structural_error as rmm_structural_error
 from ..codecs.velora import StateRow, initial_vector, random_vector, reconstruction_error
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
@@ -19,7 +23,7 @@ from .._compat import int_hint, is_joint_primal, real_tensors
 from .calibrate import activation_values
 from .graph_utils import MATMULS, clone_graph_module, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
-from .planner import Decision, plan_groups, structural_error
+from .planner import RMM_PLAN, Decision, plan_groups, structural_error
 from .pointwise_plan import STICKY_PREFIX, PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
 from .pointwise_sites import find_pointwise_sites
 from .rewrite import rewrite_group, store_states
@@ -83,7 +87,7 @@ class _Rewritten:
 def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, graph_id: int = 0) -> PipelineResult:
     ctx = dataclasses.replace(ctx, gm=clone_graph_module(ctx.gm, cse=True))  # the partitioner's view
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels) \
-        if config.uses("velora") else []
+        if config.uses("velora") or config.uses("rmm") else []
     for group in groups:
         for site in group.sites:
             site.module_path = binding.module_path(site)
@@ -104,7 +108,8 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         fewbit = [d for d in pointwise_plan if d.compress]
         planning = ctx.probe(_with_pointwise(ctx.gm, fewbit)) if fewbit else baseline
         decisions = plan_groups(groups, planning, config, estimate, lambda g: features[id(g)], binding.plan,
-                                lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None)
+                                lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None,
+                                lambda g: _rmm_error(nodes[g.encode_at], config) if config.uses("rmm") else None)
         _share_sizes(decisions, slots, estimate)
         rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group)) for d in decisions}
         apply = lambda: _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)  # noqa: E731
@@ -146,6 +151,14 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
     return PipelineResult(result_gm, after, report)
+
+
+def _rmm_error(activation: fx.Node, config: VeloraConfig) -> float | None:
+    shape = tensor_val(activation).shape
+    if any(not isinstance(s, int) for s in shape):
+        return None
+    tokens = math.prod(shape[:-1])
+    return rmm_structural_error(tokens, sketch_rows(tokens, config.rmm_ratio))
 
 
 def _unique_names(sites: list) -> None:
@@ -196,7 +209,7 @@ def _share_sizes(decisions: list[Decision], slots: dict, estimate) -> None:
     first: dict[int, int] = {}
     for d in decisions:
         slot = slots[id(d.group)]
-        if not d.compress:
+        if not d.compress or d.codec == "rmm":  # rmm keeps no state
             continue
         if slot is None:
             d.skip("its weight has no state input (not a floating-point matrix)")
@@ -244,6 +257,11 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
     encode_nodes, saved_nodes = {}, {}
     for d in chosen:
         site = d.group.sites[0]
+        if d.codec == "rmm":
+            codec = get_codec("rmm", ratio=config.rmm_ratio, salt=d.group.name)
+            names, saved, _ = rewrite_group(gm, d.group.encode_at, d.sites, codec, None)
+            encode_nodes[id(d)], saved_nodes[id(d)] = names, saved
+            continue
         placeholder = placeholders[binding.state_primal(site.param_index)]
         slot = slots[id(d.group)]
         state = StateRow(current.get(placeholder, placeholder), slot.orientation, rules[id(d)])
@@ -317,9 +335,9 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Est
     for d in decisions:
         if d.reason.startswith("excluded"):
             continue
-        binding.plan.setdefault(d.group.name, d.sub_token_size or 0)
+        binding.plan.setdefault(d.group.name, RMM_PLAN if d.compress and d.codec == "rmm" else d.sub_token_size or 0)
         slot = slots[id(d.group)]
-        if not d.compress or slot is None:
+        if not d.compress or slot is None or d.codec == "rmm":
             continue
         slot.sub_token_size = d.sub_token_size
         if rules[id(d)] == "none" and not _initialised(slot):
@@ -387,4 +405,5 @@ def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: Sa
         saved_by_baseline=bool(before_forms), saved_forms=before_forms, bytes_before=bytes_before,
         bytes_after=bytes_after, decision="compressed" if d.compress else "skipped", reason=d.reason,
         sub_token_size=d.sub_token_size, approximated=[s.module_path for s in d.sites],
-        estimated_error=round(float(d.estimated_error), 6), state=slot.name if slot is not None and d.compress else None)
+        estimated_error=round(float(d.estimated_error), 6), codec=d.codec if d.compress else "velora",
+        state=slot.name if slot is not None and d.compress and d.codec == "velora" else None)

@@ -39,6 +39,7 @@ class Decision:
     sub_token_size: int | None = None
     estimated_error: float = 0.0
     sticky: bool = False                              # decided by an earlier graph of the model
+    codec: str = "velora"                             # velora | rmm
 
     @property
     def compress(self) -> bool:
@@ -49,13 +50,18 @@ class Decision:
         return self
 
 
+RMM_PLAN = -1  # a sticky plan entry meaning "compressed with rmm"
+
+
 def plan_groups(groups: list[ActivationGroup], baseline: SavedSet, config: VeloraConfig, error: ErrorFn,
                 features: Callable[[ActivationGroup], int], sticky: dict[str, int],
-                fixed: Callable[[ActivationGroup], int | None]) -> list[Decision]:
+                fixed: Callable[[ActivationGroup], int | None],
+                rmm_error: Callable[[ActivationGroup], float | None] = lambda g: None) -> list[Decision]:
     """``error(group, g)`` estimates a group's error at g; ``features(group)`` is its D;
-    ``sticky`` maps group names an earlier graph planned to their g (0: skipped); ``fixed(group)``
-    is a g the group's state already holds (loaded or planned), if any."""
-    decisions = [_decide(g, baseline, config, error, features(g), sticky, fixed(g)) for g in groups]
+    ``sticky`` maps group names an earlier graph planned to their g (0: skipped, -1: rmm);
+    ``fixed(group)`` is a g the group's state already holds (loaded or planned), if any;
+    ``rmm_error(group)`` is RMM's estimated error there (None: it cannot)."""
+    decisions = [_decide(g, baseline, config, error, features(g), sticky, fixed(g), rmm_error) for g in groups]
     bad = [d for d in decisions if d.reason.startswith("!")]
     if bad:
         raise ConfigError("velora_fx: mode='all' cannot compress these sites:\n  " + "\n  ".join(
@@ -64,7 +70,7 @@ def plan_groups(groups: list[ActivationGroup], baseline: SavedSet, config: Velor
 
 
 def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, error: ErrorFn, features: int,
-            sticky: dict[str, int], fixed: int | None) -> Decision:
+            sticky: dict[str, int], fixed: int | None, rmm_error) -> Decision:
     d = Decision(group)
     selected = [s for s in group.sites if config.selects(s.module_path)]
     if not selected:
@@ -76,21 +82,19 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
         d.sticky = True
         if not g:
             return d.skip("skipped by this model's first plan")
+        if g == RMM_PLAN:
+            return _rmm(d, selected, rmm_error(group), "kept from this model's first plan")
         return _compress(d, selected, group, g, error, "kept from this model's first plan")
+    if not config.uses("velora"):
+        return _decide_rmm(d, selected, group, baseline, config, rmm_error(group))
     sizes = _sizes(config, features, fixed)
     if config.mode == "all":
         if not sizes:
             return d.skip("!" + _no_size_reason(config, features, fixed))
         return _compress(d, selected, group, sizes[-1], error, "compressed (mode='all')")
-    unselected = sorted({s.module_path for s in group.sites} - {s.module_path for s in selected})
-    if unselected:
-        return d.skip(f"also read by unselected {', '.join(unselected)}: compressing the rest frees nothing")
-    if group.is_graph_input:
-        return d.skip("graph input (the caller holds it)")
-    if not baseline.which(group.forms):
-        return d.skip("not saved by the baseline partition (recomputed from kept tensors)")
-    if group.other_backward_users:
-        return d.skip(f"backward of {', '.join(group.other_backward_users)} keeps it anyway")
+    unpaid = _frees_nothing(group, selected, baseline)
+    if unpaid:
+        return d.skip(unpaid)
     if not sizes:
         return d.skip(_no_size_reason(config, features, fixed))
     if config.mode == "max_memory":
@@ -101,6 +105,44 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
         d.estimated_error = error(group, g)
         return d.skip(f"estimated error {d.estimated_error:.2f} at g={g} is above max_error={config.max_error:g}")
     return _compress(d, selected, group, within[-1], error, "frees saved bytes within max_error")
+
+
+def _frees_nothing(group: ActivationGroup, selected: list[Site], baseline: SavedSet) -> str:
+    """Why compressing the group cannot free saved bytes ("" if it can)."""
+    unselected = sorted({s.module_path for s in group.sites} - {s.module_path for s in selected})
+    if unselected:
+        return f"also read by unselected {', '.join(unselected)}: compressing the rest frees nothing"
+    if group.is_graph_input:
+        return "graph input (the caller holds it)"
+    if not baseline.which(group.forms):
+        return "not saved by the baseline partition (recomputed from kept tensors)"
+    if group.other_backward_users:
+        return f"backward of {', '.join(group.other_backward_users)} keeps it anyway"
+    return ""
+
+
+def _decide_rmm(d: Decision, selected: list[Site], group: ActivationGroup, baseline: SavedSet,
+                config: VeloraConfig, err: float | None) -> Decision:
+    """RMM alone (``codecs`` without "velora"): the same partition rules, its own error."""
+    if err is None:
+        return d.skip("rmm needs static shapes")
+    if config.mode == "all":
+        return _rmm(d, selected, err, "compressed (mode='all')")
+    unpaid = _frees_nothing(group, selected, baseline)
+    if unpaid:
+        return d.skip(unpaid)
+    if config.mode == "auto" and err > config.max_error:
+        d.skip(f"rmm's estimated error {err:.2f} is above max_error={config.max_error:g} (mode='max_memory' "
+               "uses it anyway)")
+        d.estimated_error = err
+        return d
+    return _rmm(d, selected, err, "frees saved bytes (rmm sketch)")
+
+
+def _rmm(d: Decision, sites: list[Site], err: float | None, reason: str) -> Decision:
+    d.sites, d.sub_token_size, d.reason, d.codec = sites, None, reason, "rmm"
+    d.estimated_error = err or 0.0
+    return d
 
 
 def _compress(d: Decision, sites: list[Site], group: ActivationGroup, g: int, error: ErrorFn, reason: str) -> Decision:

@@ -22,7 +22,7 @@ __all__ = ["rewrite_group", "store_states"]
 _TAGS = ("partitioner_tag", "seq_nr", "fwd_nn_module_stack")
 
 
-def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], codec, state: StateRow
+def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], codec, state: StateRow | None
                   ) -> tuple[list[str], list[str], fx.Node | None]:
     """Rewrite one activation group in place.  Returns the names of its forward (encode) nodes,
     of the nodes meant to be saved, and the node holding the weight's updated state (None if the
@@ -34,7 +34,7 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
     insert_at = activation.next
     while insert_at.op == "placeholder":  # a graph input: encode after every input is defined
         insert_at = insert_at.next
-    if state.tensor.op != "placeholder" and _comes_after(state.tensor, activation):
+    if state is not None and state.tensor.op != "placeholder" and _comes_after(state.tensor, activation):
         insert_at = state.tensor.next  # an earlier update of the same weight's state, later in the graph
     with graph.inserting_before(insert_at):
         saved, new_state = codec.encode(graph, activation, state)
