@@ -131,3 +131,17 @@ def test_budget_search_takes_the_least_recompute_that_fits():
     assert not fit.met and fit.saved.activation_bytes == 100 and "not reachable" in fit.message()
     fit = fit_recompute_budget(probe, _saved(1100), target=2000)
     assert fit.met and fit.recompute_budget == 1.0
+
+
+@pytest.mark.slow
+def test_inductor_codegen_matches(strict_pass):
+    model = Head()
+    ids, targets = _batch()
+    with pytest.warns(UserWarning, match="matches no site"):
+        ref_loss, ref = _step(model, velora_fx.backend(include=["nothing"]), ids, targets)
+    backend = velora_fx.backend(codecs=("chunked_loss",), loss_chunk_size=16)
+    loss, grads = _step(model, backend, ids, targets)
+    assert backend.report().compressed
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(VeloraConfig)}
 
 def transform(joint: JointGraph, *, config: VeloraConfig | None = None, **options: Any
               ) -> tuple[fx.GraphModule, Report]:
-    """Apply the VeLoRA rewrite to a joint forward+backward graph from ``velora_fx.trace_joint``.
+    """Apply the joint-graph rewrites (VeLoRA, RMM, few-bit; by ``codecs``) to a joint
+    forward+backward graph from ``velora_fx.trace_joint``.
 
     Returns the rewritten joint graph (the input is left untouched) and its report.  Split it with
     any partitioner (e.g. ``min_cut_rematerialization_partition``); the encoded tensors are tagged
@@ -36,6 +38,10 @@ def transform(joint: JointGraph, *, config: VeloraConfig | None = None, **option
     if config is not None and options:
         raise TypeError("pass either config= or keyword options, not both")
     config = config or VeloraConfig.from_options(**options)
+    if config.uses("chunked_loss") or config.memory_budget is not None:
+        warnings.warn("velora_fx.transform: chunked_loss (rewritten before AOTAutograd) and memory_budget (a "
+                      "partition choice) act in the backend only; transform applies velora, rmm and fewbit",
+                      stacklevel=2)
     state = ModelState("transform")
     real = list(joint.real_inputs) if joint.real_inputs is not None else None
     fresh = {}

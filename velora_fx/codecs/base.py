@@ -1,8 +1,16 @@
 """The codec protocol: what a compressed site saves in forward and rebuilds in backward.
 
 A codec emits ``encode`` nodes right after the activation (forward side of the joint graph) and
-``decode`` nodes right before each weight-gradient consumer (backward side), all plain aten ops.
-The rewrite pass tags the encoded nodes MUST_SAVE, so they are what the partitioner keeps.
+``decode`` nodes right before each consumer (backward side), all plain aten ops.  The rewrite
+pass tags the encoded nodes MUST_SAVE, so they are what the partitioner keeps.
+
+Two shapes of site (see docs/codecs.md):
+- weight-gradient sites (``velora``, ``rmm``): ``decode(graph, saved, activation)`` rebuilds an
+  activation-shaped stand-in that only the weight-gradient matmul reads;
+- derivative sites (``fewbit``): ``decode(graph, saved, like, grad, dtype)`` returns the input
+  gradient ``grad * q(code)`` that replaces a nonlinearity's backward region.
+The exact loss head (``chunked_loss``) is not a joint-graph codec: it is rewritten on dynamo's
+graph before AOTAutograd (``passes/loss_head.py``).
 """
 from __future__ import annotations
 
