@@ -145,3 +145,32 @@ def test_inductor_codegen_matches(strict_pass):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _HFLoss(nn.Module):
+    """A transformers causal LM whose compiled forward returns only the loss (logits stay inside)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, targets):
+        logits = self.model(ids).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def test_tied_gpt2_head_is_exact_and_named_lm_head(strict_pass):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_pytorch_tanh")
+    model = _HFLoss(GPT2LMHeadModel(config))  # lm_head.weight is wte.weight
+    ids, targets = _batch(vocab=200, t=20)
+    with pytest.warns(UserWarning, match="matches no site"):
+        ref_loss, ref = _step(model, _plain(), ids, targets)
+    backend = velora_fx.backend(codecs=("chunked_loss",), loss_chunk_size=9, compiler="eager")
+    loss, grads = _step(model, backend, ids, targets)
+    (row,) = [s for s in backend.report().sites if s.codec == "chunked_loss"]
+    assert row.decision == "compressed" and row.name == "model.lm_head"
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)

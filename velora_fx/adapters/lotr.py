@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoTRFactors", "LoTRLinear", "apply_lotr", "merge_lotr", "unmerge_lotr", "lotr_parameter_count",
+__all__ = ["LoTRFactors", "LoTRFactorDict", "LoTRLinear", "apply_lotr", "merge_lotr", "unmerge_lotr", "lotr_parameter_count",
            "lotr_report", "lotr_modules"]
 
 FACTORS_ATTR = "lotr_factors"
@@ -70,6 +70,14 @@ class LoTRFactors(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}"
+
+
+class LoTRFactorDict(nn.ModuleDict):
+    """``model.lotr_factors``: one :class:`LoTRFactors` per group.  Its ``forward`` is the identity
+    because containers that call every child in turn (``nn.Sequential``) now also call it."""
+
+    def forward(self, x: Any) -> Any:
+        return x
 
 
 class LoTRLinear(nn.Module):
@@ -210,7 +218,7 @@ def apply_lotr(model: nn.Module, target_modules: Sequence[str] | str, rank: int,
             p.requires_grad_(False)
     container = getattr(model, FACTORS_ATTR, None)
     if container is None:
-        container = nn.ModuleDict()
+        container = LoTRFactorDict()
         setattr(model, FACTORS_ATTR, container)
     elif not isinstance(container, nn.ModuleDict):
         raise ValueError(f"apply_lotr: model.{FACTORS_ATTR} exists and is not an nn.ModuleDict")

@@ -81,6 +81,17 @@ def _walk_to_linear(start: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]
         return None, chain, f"the logits come from {node.target}, not a linear layer"
 
 
+def _head_name(linear: fx.Node, weight: Any) -> str:
+    """The lm_head's module path (from the call's module stack: a tied weight's own source names
+    the embedding), else the weight's source."""
+    stack = linear.meta.get("nn_module_stack")
+    if stack:
+        path = module_path_from_source(str(list(stack.values())[-1][0]))
+        if path:
+            return path
+    return _source_name(weight) if isinstance(weight, fx.Node) else "?"
+
+
 def _source_name(weight: fx.Node) -> str:
     source = dynamo_source_name(weight) if weight.op == "placeholder" else None
     path = module_path_from_source(source) if source else None
@@ -112,7 +123,7 @@ def _rewrite(gm: fx.GraphModule, ce: fx.Node, chunk_size: int) -> LossHead | Non
         return LossHead("?", False, reason) if chain or logits.op == "call_function" else None
     hidden, weight = linear.args[0], _arg(linear, 1, "weight", None)
     bias = _arg(linear, 2, "bias", None)
-    head = LossHead(_source_name(weight) if isinstance(weight, fx.Node) else "?", False, "", chunk_size=chunk_size)
+    head = LossHead(_head_name(linear, weight), False, "", chunk_size=chunk_size)
     legacy = _arg(ce, 3, "size_average", None) is not None or _arg(ce, 5, "reduce", None) is not None
     reason = ("legacy size_average/reduce arguments" if legacy else "") or \
         supported_call(_arg(ce, 6, "reduction", "mean"), _arg(ce, 7, "label_smoothing", 0.0),

@@ -1,0 +1,195 @@
+"""Online Subspace Descent (Liang, Liu, Chen, Liu, NeurIPS 2024, arXiv:2408.12857).
+
+Why: Adam keeps two full-size moments per weight matrix (2·m·n floats).  Projecting each gradient
+onto a rank-r subspace keeps the moments in the small space (2·m·r), like GaLore, but instead of a
+periodic SVD the projection P follows the gradients by one optimizer step per training step on an
+online-PCA loss -- cheap, and it never jumps (the paper's Hamiltonian-descent argument needs a
+continuously moving P, not SVD restarts).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["OnlineSubspaceDescent", "online_pca_loss", "online_pca_grad"]
+
+
+def online_pca_loss(P: torch.Tensor, G: torch.Tensor, ortho: float = 0.0) -> torch.Tensor:
+    """L(P) = ||G - G Pᵀ P||_F² + ortho·||P Pᵀ - I||_F² for P (r x n), G (m x n).  Reference only
+    (the optimizer uses the closed-form gradient :func:`online_pca_grad`)."""
+    E = G - (G @ P.T) @ P
+    loss = (E * E).sum()
+    if ortho:
+        D = P @ P.T - torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+        loss = loss + ortho * (D * D).sum()
+    return loss
+
+
+def online_pca_grad(P: torch.Tensor, G: torch.Tensor, ortho: float = 0.0) -> torch.Tensor:
+    """Closed-form ∇_P of :func:`online_pca_loss`, without forming the n x n matrix GᵀG.
+
+    With S = G Pᵀ (m x r):  ∇ = -4 SᵀG + 2 (P Pᵀ) SᵀG + 2 (SᵀS) P  [+ 4·ortho·(P Pᵀ - I) P].
+    Cost O(m·n·r); derived from L = tr A - 2 tr(P A Pᵀ) + tr(P A Pᵀ P Pᵀ), A = GᵀG.
+    """
+    S = G @ P.T                       # m x r
+    StG = S.T @ G                     # r x n   (= P A)
+    PPt = P @ P.T                     # r x r
+    grad = -4.0 * StG + 2.0 * (PPt @ StG) + 2.0 * ((S.T @ S) @ P)
+    if ortho:
+        grad = grad + 4.0 * ortho * ((PPt - torch.eye(P.shape[0], dtype=P.dtype, device=P.device)) @ P)
+    return grad
+
+
+class OnlineSubspaceDescent(Optimizer):
+    r"""Online Subspace Descent with Adam in the subspace (Liang et al. 2024, arXiv:2408.12857).
+
+    For a 2-D parameter W whose gradient G is (after an optional transpose) s x l with s <= l and
+    s > ``rank`` (and >= ``min_dim``), a projection P (rank x l) is kept:
+
+    * init (first step only): P = top-``rank`` right singular vectors of G (one ``torch.linalg.svd``);
+    * R = G Pᵀ (s x rank); Adam moments on R only -> state is s x rank, not s x l;
+    * W ← W(1 - lr·wd) - lr·scale·(m̂ / (√v̂ + eps)) P       (decoupled weight decay, AdamW style);
+    * G̃ = G / ||G||_F;  P ← one Adam (or SGD) step with ``proj_lr`` on the online-PCA loss
+      ||G̃ - G̃ PᵀP||_F² (+ ``proj_ortho``·||PPᵀ - I||_F², the paper's optional regulariser),
+      gradient in closed form (:func:`online_pca_grad`).  No periodic SVD.
+
+    Everything else (biases, norms, small matrices, groups with ``subspace=False`` or params for which
+    ``target`` says False) gets plain AdamW.  ``proj_lr=None`` means ``5·lr`` (the paper's advice:
+    P's learning rate a multiple of W's, e.g. 5).  ``target(name_or_param) -> bool`` is called with the
+    parameter name when the optimizer was given ``named_parameters()``, else with the tensor.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, rank: int = 128,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 scale: float = 1.0, proj_lr: float | None = None, proj_optimizer: str = "adam",
+                 proj_ortho: float = 0.0, min_dim: int = 0, subspace: bool = True,
+                 target: Callable[[Any], bool] | None = None):
+        if lr < 0:
+            raise ValueError(f"invalid lr: {lr}")
+        if rank < 1:
+            raise ValueError(f"invalid rank: {rank}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}")
+        if proj_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"proj_optimizer must be 'adam' or 'sgd', got {proj_optimizer!r}")
+        if proj_lr is not None and proj_lr < 0:
+            raise ValueError(f"invalid proj_lr: {proj_lr}")
+        self._target = target
+        defaults = dict(lr=lr, rank=rank, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale=scale,
+                        proj_lr=proj_lr, proj_optimizer=proj_optimizer, proj_ortho=proj_ortho, min_dim=min_dim,
+                        subspace=subspace)
+        super().__init__(params, defaults)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _uses_subspace(self, group: dict, p: torch.Tensor, name: str | None) -> bool:
+        if not group["subspace"] or p.ndim != 2:
+            return False
+        small = min(p.shape)
+        if small <= group["rank"] or small < group["min_dim"]:
+            return False
+        if self._target is not None:
+            return bool(self._target(name if name is not None else p))
+        return True
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes held by all state tensors (moments, projections)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if torch.is_tensor(v))
+
+    # -- step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("OnlineSubspaceDescent does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    name = names[i] if names is not None else None
+                    if self._uses_subspace(group, p, name):
+                        self._init_subspace(state, group, p)
+                    else:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if "proj" in state:
+                    self._subspace_step(state, group, p)
+                else:
+                    self._adamw_step(state, group, p)
+        return loss
+
+    @staticmethod
+    def _oriented(p: torch.Tensor, g: torch.Tensor, transposed: bool) -> torch.Tensor:
+        return g.T if transposed else g
+
+    def _init_subspace(self, state: dict, group: dict, p: torch.Tensor) -> None:
+        transposed = p.shape[0] > p.shape[1]          # project the larger side: G' = (s x l), s <= l
+        G = self._oriented(p, p.grad, transposed).float()
+        _, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        r = group["rank"]
+        s = G.shape[0]
+        state["step"] = 0
+        state["transposed"] = transposed
+        state["proj"] = Vh[:r].contiguous().to(p.dtype)                       # r x l
+        state["exp_avg"] = torch.zeros(s, r, dtype=p.dtype, device=p.device)  # s x r
+        state["exp_avg_sq"] = torch.zeros(s, r, dtype=p.dtype, device=p.device)
+        if group["proj_optimizer"] == "adam":
+            state["proj_exp_avg"] = torch.zeros_like(state["proj"])
+            state["proj_exp_avg_sq"] = torch.zeros_like(state["proj"])
+
+    @staticmethod
+    def _adam_direction(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, betas, eps: float, step: int):
+        b1, b2 = betas
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - b1 ** step
+        bc2 = 1 - b2 ** step
+        return (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+
+    def _adamw_step(self, state: dict, group: dict, p: torch.Tensor) -> None:
+        state["step"] += 1
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        d = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], p.grad, group["betas"], group["eps"],
+                                 state["step"])
+        p.add_(d, alpha=-group["lr"])
+
+    def _subspace_step(self, state: dict, group: dict, p: torch.Tensor) -> None:
+        state["step"] += 1
+        step, lr = state["step"], group["lr"]
+        transposed = state["transposed"]
+        P = state["proj"]
+        G = self._oriented(p, p.grad, transposed)
+        R = G @ P.T                                                             # s x r
+        d = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], R, group["betas"], group["eps"], step)
+        update = d @ P                                                          # s x l, back-projected
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.T if transposed else update, alpha=-lr * group["scale"])
+
+        # one optimizer step on the online-PCA loss of the normalised gradient
+        norm = G.norm()
+        if not torch.isfinite(norm) or norm.item() == 0.0:
+            return
+        gP = online_pca_grad(P, G / norm, group["proj_ortho"])
+        proj_lr = group["proj_lr"] if group["proj_lr"] is not None else 5.0 * lr
+        if group["proj_optimizer"] == "adam":
+            gP = self._adam_direction(state["proj_exp_avg"], state["proj_exp_avg_sq"], gP, group["betas"],
+                                      group["eps"], step)
+        P.add_(gP, alpha=-proj_lr)
+
+
+def _expected_state_numel(shape: tuple[int, int], rank: int, proj_optimizer: str = "adam") -> int:
+    """State floats for one subspace parameter (used in docs/tests): 2·s·r moments + (1 or 3)·r·l for P."""
+    s, l = sorted(shape)
+    return 2 * s * rank + (3 if proj_optimizer == "adam" else 1) * rank * l
+
