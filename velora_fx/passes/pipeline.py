@@ -7,10 +7,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import math
+
 import torch
 import torch.fx as fx
-
-import math
 
 from ..codecs.base import get_codec
 from ..codecs.rmm import sketch_rows
@@ -119,7 +119,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                                                           after, done):
                 break
             result_gm, after, done = apply()
-        if config.mode == "all" or not _revert_unpaid_pointwise(nodes, fewbit, planning, after, done):
+        if config.mode == "all" or not _revert_unpaid_pointwise(nodes, fewbit, baseline, planning, after, done):
             break
     if config.mode != "all" and (done.encode_nodes or done.pointwise) and \
             after.activation_bytes >= baseline.activation_bytes:
@@ -176,8 +176,8 @@ def _with_pointwise(gm: fx.GraphModule, chosen: list[PointwiseDecision]) -> fx.G
     return out
 
 
-def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[PointwiseDecision], planning: SavedSet,
-                             after: SavedSet, done: "_Rewritten") -> bool:
+def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[PointwiseDecision], baseline: SavedSet,
+                             planning: SavedSet, after: SavedSet, done: "_Rewritten") -> bool:
     """Drop few-bit sites that freed nothing: the encoded tensor is still saved, its codes are
     computed in backward, or the partitioner saved the function's output (or its input) in
     its place.  True if any was dropped (the caller plans VeLoRA again without them)."""
@@ -188,12 +188,13 @@ def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[PointwiseDe
         if d.sticky:
             continue
         site = d.site
-        output_forms = {f.name for f in view_forms(nodes[site.output])} | {site.output}
+        output_forms = sorted(({f.name for f in view_forms(nodes[site.output])} | {site.output}) - set(site.forms))
+        traded = after.which(output_forms) and not baseline.which(output_forms)  # saved now, not before
         if after.which(site.forms + site.input_forms):
             d.skip("another backward op keeps it (still saved after the rewrite)")
         elif _encodes_in_backward(after, done.pointwise[id(d)]):
             d.skip("exact recompute frees it as well (the partitioner encodes it in backward)")
-        elif after.which(sorted(output_forms - set(site.forms))):
+        elif traded:
             d.skip("the partitioner saves the function's output instead (no VeLoRA site takes it)")
         elif newly_saved & _near_inputs(nodes[site.encode_at]):
             d.skip("the partitioner saves its input instead")
