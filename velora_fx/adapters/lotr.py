@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoTRFactors", "LoTRFactorDict", "LoTRLinear", "apply_lotr", "merge_lotr", "unmerge_lotr", "lotr_parameter_count",
-           "lotr_report", "lotr_modules"]
+__all__ = ["LoTRFactors", "LoTRFactorDict", "LoTRLinear", "apply_lotr", "merge_lotr", "unmerge_lotr",
+           "lotr_parameter_count", "lotr_report", "lotr_modules"]
 
 FACTORS_ATTR = "lotr_factors"
 _MERGED_ATTR = "_lotr_merged"   # merge_lotr(keep_factors=True): path -> LoTRLinear to put back
@@ -135,7 +135,7 @@ def _matches(path: str, pattern: str) -> bool:
 
 
 def _group_key(pattern: str, taken: Iterable[str]) -> str:
-    key = re.sub(r"[^0-9A-Za-z_]+", "_", pattern).strip("_") or "group"
+    key = re.sub(r"[^0-9A-Za-z]+", "_", pattern).strip("_") or "group"
     taken = set(taken)
     base, i = key, 1
     while key in taken:

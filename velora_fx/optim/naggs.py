@@ -51,10 +51,14 @@ class NAGGS(Optimizer):
     Defaults lr=1e-2, mu=1.0, gamma=1.0 are those of the authors' PyTorch release (their README's
     quadratic example uses α=0.05, μ=1, γ=1.5).
 
-    Stability on a quadratic with Hessian eigenvalues in [μ, L] at γ = μ (derived here by the Jury
-    criterion on the iteration matrix; the paper's Section on the quadratic case bounds α the same
-    way through the spectral radius of that matrix): α < (2μ + 2√(μ(L − μ))) / (L − 2μ) if L > 2μ,
-    unconditional otherwise -- see :func:`naggs_stability_bound`.
+    Each line is the implicit (Gauss-Seidel: newest values on the right) Euler step of the flow, e.g.
+    x_{k+1} − x_k = α(v_k − x_{k+1}) and γ_{k+1} − γ_k = α(μ − γ_{k+1}).
+
+    Stability on f = ½ xᵀAx with spec(A) ⊂ [μ, L] at the fixed point γ = μ: the paper studies the
+    spectral radius of the 2x2 iteration matrix of this scheme; applying the Jury criterion to it
+    (det = γ/((γ+αμ)(1+α)) < 1 always; trace condition gives the bound) yields
+    α < (2μ + 2√(μ(L − μ))) / (L − 2μ) for L > 2μ, and stability for every α when L <= 2μ
+    (:func:`naggs_stability_bound`; sharpness checked in tests).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, mu: float = 1.0, gamma: float = 1.0,
