@@ -308,19 +308,24 @@ def test_closure(name):
     assert len(calls) == 11 and calls[-1] < calls[0]
 
 
+def _train(opt, model, x, y, steps):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("name", ["osd", "naggs"])
 def test_trains_compiled_model_with_backend(name):
     torch._dynamo.reset()
     model = torch.compile(_mlp(), backend=velora_fx.backend(compiler="eager"))
     opt = OPTS[name](model.parameters())
     x, y = torch.randn(32, 16), torch.randn(32, 4)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(opt, model, x, y, steps=5)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     if name == "osd":
         assert "proj" in opt.state[model._orig_mod[0].weight]
@@ -332,12 +337,6 @@ def test_galore_factory():
     model = nn.Linear(32, 16)
     opt = galore(model.parameters(), rank=4, update_proj_gap=10, scale=0.25, lr=1e-2)
     x, y = torch.randn(64, 32), torch.randn(64, 16)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(opt, model, x, y, steps=5)
     assert losses[-1] < losses[0]
     assert opt.state[model.weight]["exp_avg"].numel() == 4 * 32  # low-rank moments
