@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import _compat
+from . import _compat, distributed
 from .config import ConfigError, VeloraConfig
 from .naming import ParamNames, find_compiled_root, module_path_from_source
 from .passes.budget import fit_recompute_budget, target_bytes
@@ -218,6 +218,7 @@ class VeloraBackend:
             if any(h.rewritten for h in partitioner.loss_heads) else []
         ctx = JointContext(gm, joint_inputs, num_fwd_outputs, partitioner.param_indices,
                            _compat.min_cut_rematerialization_partition, kwargs, partitioner.labels)
+        distributed.adopt_rank0_plan(model)  # under torch.distributed: rank 0 plans, see distributed.py
         try:
             result = run_pipeline(ctx, self.config, binding, graph_id)
         except ConfigError:
@@ -229,6 +230,9 @@ class VeloraBackend:
             self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
             model.reports.append(GraphReport(graph_id, "fallback", reason, model=model.label, frame=frame))
             return plain()
+        finally:  # on every path, so no rank waits for a collective another rank skipped
+            distributed.share_plan(model)
+            distributed.share_state(model)
         if self.config.memory_budget is not None:
             result = _meet_budget(self.config, ctx, result, partitioner.original_bytes)
         _add_loss_heads(result, partitioner.loss_heads, partitioner.original_bytes, head_grads)
