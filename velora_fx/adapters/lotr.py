@@ -19,7 +19,6 @@ one per group); a ``LoTRLinear`` only points at its group's factors without regi
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from typing import Any, Iterable, Sequence
 
