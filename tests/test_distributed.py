@@ -3,6 +3,7 @@ and under DistributedDataParallel wrapping a compiled model (DDP's graph-splitti
 active; this model fits one bucket).  FSDP2 is not covered yet."""
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -30,8 +31,9 @@ class Net(nn.Module):
         return self.out(torch.relu(self.fc(h))).square().mean()
 
 
-def _worker(rank: int, store: str, wrap: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def _worker(rank: int, tmp: str, wrap: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = Net()
@@ -48,17 +50,17 @@ def _worker(rank: int, store: str, wrap: str, results: dict) -> None:
                  for k, entry in backend.state_dict(model=model)["sites"].items()}
         plan = dict(backend.model_state(model).plan)
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results[rank] = (plan, state, grads, len(backend.report(model=model).graphs))
+        torch.save((plan, state, grads, len(backend.report(model=model).graphs)), os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def _run(wrap: str) -> dict:
+    """Results travel through files: a multiprocessing Manager would fork the test process, whose
+    threads (inductor's compile pool from earlier tests) can deadlock a fork."""
     with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.Manager()
-        results = manager.dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "store"), wrap, results), nprocs=WORLD, join=True)
-        return dict(results)
+        mp.spawn(_worker, args=(tmp, wrap), nprocs=WORLD, join=True)
+        return {rank: torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False) for rank in range(WORLD)}
 
 
 @pytest.mark.parametrize("wrap", ["compile", "ddp"])
