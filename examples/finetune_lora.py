@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
+import os
 import sys
 import time
 import warnings
@@ -33,8 +33,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-import velora_fx
 from velora_fx.data import byte_lm_batches, stdlib_text
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import print_runs, run_regimes, start_peak, summary, timed_step  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -136,35 +138,18 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     batches = byte_lm_batches(data, args.batch_size, args.seq_len, split="train", seed=args.seed,
                               device=args.device)
-    cuda = str(args.device).startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    cuda = start_peak(args.device)
     times, losses = [], []
     with tqdm(range(args.steps), desc=f"{label}: compiling", disable=args.quiet) as bar:
         for step in bar:
-            t0 = time.perf_counter()
-            loss = compiled(*next(batches))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())  # syncs: the step time is real
-            times.append(time.perf_counter() - t0)
+            loss, seconds = timed_step(compiled, optimizer, *next(batches))
+            losses.append(loss)
+            times.append(seconds)
             if step == 0:
                 bar.set_description(f"{label}: fine-tune")
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    steady = times[1:] or times
-    return {
-        "label": label,
-        "train_loss": losses[-1],
-        "val_loss": validation_loss(module, data, args),
-        "first_step_s": times[0],
-        "step_s": statistics.median(steady),
-        "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "trainable_params": sum(p.numel() for p in params),
-        # read now: a backend keeps a model's state and reports only while the model is alive
-        "report": backend.report(module) if isinstance(backend, velora_fx.VeloraBackend) else None,
-    }
+    return {**summary(label, times, losses, module, backend, cuda), "val_loss": validation_loss(module, data, args),
+            "trainable_params": sum(p.numel() for p in params)}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -200,10 +185,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _fmt_mem(n: int | None) -> str:
-    return "n/a (CPU)" if n is None else f"{n / 2**20:.1f} MiB"
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -221,22 +202,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"after pre-training ({args.pretrain_steps} steps): train loss {pre_loss:.4f}, "
           f"fine-tune val loss {before:.4f} (uniform over bytes: {math.log(256):.4f})")
 
-    backend = velora_fx.backend(mode=args.mode, compiler=args.compiler)
-    runs = [finetune(base, ft_text, args, backend, "velora")]
-    if args.compare:
-        torch._dynamo.reset()  # a fresh cache: the baseline compiles from scratch too
-        plain = "inductor" if args.compiler == "inductor" else "aot_eager"
-        runs.append(finetune(base, ft_text, args, plain, plain))
-
+    runs = run_regimes(args, lambda backend, label: finetune(base, ft_text, args, backend, label))
     print(f"\nLoRA r={args.rank} on {', '.join(LORA_TARGETS)}: {runs[0]['trainable_params']:,} trainable "
           f"params, {args.steps} steps")
-    print(f"{'regime':<10} {'val loss':>9} {'train loss':>11} {'step (median)':>14} {'first step':>11} "
-          f"{'peak memory':>12}")
-    for r in runs:
-        print(f"{r['label']:<10} {r['val_loss']:9.4f} {r['train_loss']:11.4f} {r['step_s'] * 1e3:11.1f} ms "
-              f"{r['first_step_s']:9.1f} s {_fmt_mem(r['peak_mem_bytes']):>12}")
+    print_runs(runs, [("val loss", "val_loss", ".4f"), ("train loss", "train_loss", ".4f")])
     report = runs[0]["report"]
-    print("\n" + report.table())
     total = time.perf_counter() - start
     print(f"\ntotal {total:.1f} s")
     return {"pretrain_loss": pre_loss, "val_loss_before": before, "runs": runs, "report": report,

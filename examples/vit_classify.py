@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -26,7 +26,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-import velora_fx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import print_runs, run_regimes, start_peak, summary, timed_step  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "small": dict(hidden=64, layers=2, heads=4, intermediate=128, batch_size=64, epochs=10, device="cpu"),
@@ -98,10 +100,7 @@ def train(init: torch.nn.Module, data: tuple[torch.Tensor, ...], args: argparse.
     per_epoch = len(y_train) // args.batch_size  # full batches only: one compiled shape
     total = min(args.steps, per_epoch * args.epochs) if args.steps else per_epoch * args.epochs
     generator = torch.Generator().manual_seed(args.seed)  # the same batches for every regime
-    cuda = str(args.device).startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    cuda = start_peak(args.device)
     times, losses, history, step = [], [], [], 0
     with tqdm(total=total, desc=f"{label}: compiling", disable=args.quiet) as bar:
         for epoch in range(1, args.epochs + 1):
@@ -111,13 +110,9 @@ def train(init: torch.nn.Module, data: tuple[torch.Tensor, ...], args: argparse.
                     break
                 idx = order[b * args.batch_size:(b + 1) * args.batch_size]
                 xb, yb = x_train[idx].to(args.device), y_train[idx].to(args.device)
-                t0 = time.perf_counter()
-                loss = compiled(xb, yb)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())  # syncs: the step time is real
-                times.append(time.perf_counter() - t0)
+                loss, seconds = timed_step(compiled, optimizer, xb, yb)
+                losses.append(loss)
+                times.append(seconds)
                 step += 1
                 if step == 1:
                     bar.set_description(f"{label}: epoch {epoch}")
@@ -131,19 +126,8 @@ def train(init: torch.nn.Module, data: tuple[torch.Tensor, ...], args: argparse.
             if step == total:
                 break
             bar.set_description(f"{label}: epoch {epoch + 1}")
-    steady = times[1:] or times
-    return {
-        "label": label,
-        "history": history,
-        "train_loss": losses[-1],
-        "val_loss": history[-1]["val_loss"],
-        "val_acc": history[-1]["val_acc"],
-        "first_step_s": times[0],
-        "step_s": statistics.median(steady),
-        "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        # read now: a backend keeps a model's state and reports only while the model is alive
-        "report": backend.report(module) if isinstance(backend, velora_fx.VeloraBackend) else None,
-    }
+    return {**summary(label, times, losses, module, backend, cuda), "history": history,
+            "val_loss": history[-1]["val_loss"], "val_acc": history[-1]["val_acc"]}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -176,10 +160,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _fmt_mem(n: int | None) -> str:
-    return "n/a (CPU)" if n is None else f"{n / 2**20:.1f} MiB"
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -192,20 +172,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"model: ViT {sum(p.numel() for p in init.parameters()) / 1e6:.3f} M params (hidden {args.hidden}, "
           f"{args.layers} layers, patch 2) on {args.device}")
 
-    backend = velora_fx.backend(mode=args.mode, compiler=args.compiler)
-    runs = [train(init, data, args, backend, "velora")]
-    if args.compare:
-        torch._dynamo.reset()  # a fresh cache: the baseline compiles from scratch too
-        plain = "inductor" if args.compiler == "inductor" else "aot_eager"
-        runs.append(train(init, data, args, plain, plain))
-
-    print(f"\n{'regime':<10} {'val acc':>8} {'val loss':>9} {'train loss':>11} {'step (median)':>14} "
-          f"{'first step':>11} {'peak memory':>12}")
-    for r in runs:
-        print(f"{r['label']:<10} {r['val_acc']:8.3f} {r['val_loss']:9.4f} {r['train_loss']:11.4f} "
-              f"{r['step_s'] * 1e3:11.1f} ms {r['first_step_s']:9.1f} s {_fmt_mem(r['peak_mem_bytes']):>12}")
+    runs = run_regimes(args, lambda backend, label: train(init, data, args, backend, label))
+    print_runs(runs, [("val acc", "val_acc", ".3f"), ("val loss", "val_loss", ".4f"),
+                      ("train loss", "train_loss", ".4f")])
     report = runs[0]["report"]
-    print("\n" + report.table())
     total = time.perf_counter() - start
     print(f"\ntotal {total:.1f} s")
     return {"runs": runs, "report": report, "total_s": total}
