@@ -269,14 +269,19 @@ def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads:
     else:
         freed = None
     kept = result.saved.bytes_of(head_grads, inputs=False)
-    for i, head in enumerate(heads):
-        after = kept if head.rewritten and i == 0 else 0
-        before = (freed + after) if head.rewritten and freed is not None and i == 0 else head.logits_bytes
+    measured = rewritten[0] if rewritten else None  # the partitions measure all heads together
+    for head in heads:
+        reason, before, after = head.reason, head.logits_bytes, head.logits_bytes
+        if head is measured:
+            after = kept
+            before = freed + kept if freed is not None else head.logits_bytes
+        elif head.rewritten:
+            before = after = 0
+            reason += f" (bytes counted with {measured.name})"
         report.sites.append(SiteReport(
             name=head.name, consumers=[], op="linear+cross_entropy", shape=(head.rows, head.vocab),
-            dtype="", saved_by_baseline=head.rewritten, saved_forms=[], bytes_before=before,
-            bytes_after=after if head.rewritten else before,
-            decision="compressed" if head.rewritten else "skipped", reason=head.reason, codec="chunked_loss"))
+            dtype="", saved_by_baseline=head.rewritten, saved_forms=[], bytes_before=before, bytes_after=after,
+            decision="compressed" if head.rewritten else "skipped", reason=reason, codec="chunked_loss"))
 
 
 class _CaptureOnly(_compat.CustomPartitionerFn):
