@@ -190,7 +190,7 @@ def test_to_dict_contents():
     assert d["sub_token_size"] == 8 and d["num_groups"] is None
     assert d["coeff_dtype"] == "bfloat16"
     assert d["include"] == ["*.fc1"] and d["exclude"] == []
-    assert d["version"] == 3 and d["max_error"] == 0.6
+    assert d["version"] == 4 and d["max_error"] == 0.6 and d["min_efficiency"] == 0.2
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -281,3 +281,62 @@ def test_explain_reports_every_site_and_serialises():
     data = json.loads(json.dumps(report.to_dict()))
     assert data["saved_bytes_after"] < data["saved_bytes_before"]
     assert all(p.grad is None for p in model.parameters())
+
+
+class NormFanOutMLP(nn.Module):
+    """One norm output read by three projections (q/k/v-like) and an MLP down projection whose
+    input is saved for its weight gradient alone: the two ends of ``min_efficiency``."""
+
+    def __init__(self, d=32, hidden=128):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.fc, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        y = x + self.q(h) * torch.sigmoid(self.k(h)) + self.v(h)
+        return (y + self.down(F.gelu(self.fc(self.norm2(y))))).square().mean()
+
+
+def _efficiencies(report, model) -> dict[str, float]:
+    """Per compressed site: freed fraction of the graph's saved bytes / share of trained weights."""
+    graph = report.graphs[-1]
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    out = {}
+    for s in graph.sites:
+        if s.decision == "compressed":
+            share = sum(params[c + ".weight"].numel() for c in s.consumers) / total
+            out[s.name] = (s.bytes_before - s.bytes_after) / graph.saved_bytes_before / share
+    return out
+
+
+def test_min_efficiency_skips_sites_that_free_little_per_approximated_weight():
+    torch.manual_seed(0)
+    model, x = NormFanOutMLP(), torch.randn(4, 64, 32)
+    unbounded = velora_fx.explain(model, x, sub_token_size=2, mode="auto", max_error=1.0, min_efficiency=0.0)
+    eff = _efficiencies(unbounded, model)
+    assert set(eff) == {"{q,k,v}", "fc", "down"}, eff  # all free bytes when nothing bounds them
+    # three weights approximated to free one norm output; fc's weight is 4x down's input width
+    assert max(eff["{q,k,v}"], eff["fc"]) < eff["down"]
+    bound = (max(eff["{q,k,v}"], eff["fc"]) + eff["down"]) / 2
+    bounded = velora_fx.explain(model, x, sub_token_size=2, mode="auto", max_error=1.0, min_efficiency=bound)
+    sites = {s.name: s for s in bounded.graphs[-1].sites}
+    assert sites["down"].decision == "compressed"
+    for name in ("{q,k,v}", "fc"):
+        assert sites[name].decision == "skipped" and "min_efficiency" in sites[name].reason
+    # max_memory and all ignore the bound
+    assert velora_fx.explain(model, x, sub_token_size=2, mode="max_memory", min_efficiency=bound) \
+        .graphs[-1].sites[0].decision == "compressed"
+
+
+def test_min_efficiency_skipped_site_keeps_its_weight_gradients_exact():
+    torch.manual_seed(0)
+    model, x = NormFanOutMLP(), torch.randn(4, 64, 32)
+    backend = velora_fx.backend(sub_token_size=2, compiler="eager", max_error=1.0, min_efficiency=1e6)
+    _, _, grads = train_step(model, x, backend)
+    assert all(s.decision == "skipped" for s in backend.report().sites)
+    _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)
+    for name in ("q.weight", "k.weight", "v.weight", "down.weight"):
+        torch.testing.assert_close(grads[name], exact[name])

@@ -17,6 +17,12 @@ _MODES = ("auto", "max_memory", "all")
 AUTO_SUB_TOKEN_SIZES = (2, 4, 8, 16, 32, 64)
 # Default bound on a site's estimated weight-gradient error in "auto" (see docs/quality.md)
 DEFAULT_MAX_ERROR = 0.6
+# Default least memory-per-approximation in "auto": a site must free at least this fraction of the
+# graph's saved bytes per fraction of the trained weights whose gradients it approximates.  The
+# sites that read a norm output (q/k/v, gate/up, c_attn, c_fc) free ~1.3 % each for ~11-22 % of the
+# weights (0.07-0.12) and cost the most loss; the MLP down input frees ~0.36 per weight share
+# (docs/quality.md: with them, GPT-2's auto cost +1.3 % over 5 seeds)
+DEFAULT_MIN_EFFICIENCY = 0.2
 # What the planner may use, by name (each one a file under codecs/; see docs/codecs.md)
 CODECS = ("velora", "fewbit", "rmm", "chunked_loss")
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,6 +78,8 @@ class VeloraConfig:
                 "all: every selected site (paper-faithful)"})
     max_error: float = field(default=DEFAULT_MAX_ERROR, metadata={
         "help": "auto: bound on a site's estimated relative weight-gradient error (0 = exact only)"})
+    min_efficiency: float = field(default=DEFAULT_MIN_EFFICIENCY, metadata={
+        "help": "auto: least (fraction of saved bytes a site frees) / (fraction of trained weights it approximates)"})
     include: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to consider"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
@@ -82,7 +90,7 @@ class VeloraConfig:
     memory_budget: float | int | None = field(default=None, metadata={
         "help": "target saved bytes: a fraction (0, 1] of the baseline partition's, or a number of bytes (int)"})
     loss_chunk_size: int = field(default=1024, metadata={"help": "chunked_loss: rows of logits alive at once"})
-    version: int = 3
+    version: int = 4
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -96,7 +104,7 @@ class VeloraConfig:
             raise ConfigError(f"init must be 'first_batch', 'batch', 'ema:<decay in [0, 1]>' or 'random', got {self.init!r}")
         if self.mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        for name in ("scale", "max_error"):
+        for name in ("scale", "max_error", "min_efficiency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -105,6 +113,8 @@ class VeloraConfig:
             raise ConfigError(f"scale must be > 0 (it multiplies the weight gradient), got {self.scale!r}")
         if self.max_error < 0:
             raise ConfigError(f"max_error must be >= 0, got {self.max_error!r}")
+        if self.min_efficiency < 0:
+            raise ConfigError(f"min_efficiency must be >= 0 (0: no bound), got {self.min_efficiency!r}")
         set_(self, "include", _as_patterns(self.include, "include"))
         set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))

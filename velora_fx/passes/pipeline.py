@@ -21,7 +21,7 @@ from ..report import GraphReport, SiteReport
 from ..state import random_seed
 from .._compat import int_hint, is_joint_primal, real_tensors
 from .calibrate import activation_values
-from .graph_utils import MATMULS, clone_graph_module, tensor_val, view_forms
+from .graph_utils import MATMULS, clone_graph_module, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
 from .pointwise_plan import STICKY_PREFIX, PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
@@ -101,6 +101,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                           {id(g): slots[id(g)].name if slots[id(g)] else g.name for g in groups},
                           [s.encode_at for s in pointwise])
     pointwise_plan = plan_pointwise(pointwise, baseline, config, estimate.values, binding.plan)
+    weight_share = _weight_shares(ctx)
     for _ in range(_MAX_ROUNDS):
         # VeLoRA plans against the partition with the chosen few-bit codes: once a nonlinearity
         # keeps only codes of its input, the partitioner saves its output for the next matmul
@@ -109,7 +110,8 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         planning = ctx.probe(_with_pointwise(ctx.gm, fewbit)) if fewbit else baseline
         decisions = plan_groups(groups, planning, config, estimate, lambda g: features[id(g)], binding.plan,
                                 lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None,
-                                lambda g: _rmm_error(nodes[g.encode_at], config) if config.uses("rmm") else None)
+                                lambda g: _rmm_error(nodes[g.encode_at], config) if config.uses("rmm") else None,
+                                weight_share)
         _share_sizes(decisions, slots, estimate)
         rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group)) for d in decisions}
         apply = lambda: _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)  # noqa: E731
@@ -151,6 +153,22 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
     return PipelineResult(result_gm, after, report)
+
+
+def _weight_shares(ctx: JointContext) -> Callable[[list[Site]], float]:
+    """``share(sites)``: the fraction of this graph's trained weight elements (parameters with a
+    gradient output) that the sites' weights hold; tied weights count once."""
+    primals = [n for n in ctx.gm.graph.nodes if is_joint_primal(n)]
+    grads = output_values(ctx.gm)[ctx.num_fwd_outputs:ctx.num_fwd_outputs + len(primals)]
+    sizes: dict[int, int] = {}
+    for i in ctx.param_indices:
+        if i < len(grads) and isinstance(grads[i], fx.Node) and isinstance(tensor_val(primals[i]), torch.Tensor):
+            sizes[i] = int_hint(tensor_val(primals[i]).numel())
+    total = sum(sizes.values())
+
+    def share(sites: list[Site]) -> float:
+        return sum(sizes.get(i, 0) for i in {s.param_index for s in sites}) / total if total else 0.0
+    return share
 
 
 def _rmm_error(activation: fx.Node, config: VeloraConfig) -> float | None:

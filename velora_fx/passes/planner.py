@@ -4,7 +4,10 @@
 - ``max_memory``: every group whose compression can remove bytes from what the baseline
   partition saves, at the configured g.
 - ``auto`` (default): as ``max_memory``, but only where the estimated weight-gradient error stays
-  within ``max_error``; without a fixed g it picks, per group, the largest g that does.
+  within ``max_error``; without a fixed g it picks, per group, the largest g that does.  And only
+  where the approximation buys enough memory: the fraction of the saved bytes it frees, over the
+  fraction of the trained weights whose gradients it approximates, is at least ``min_efficiency``
+  (a site read by q/k/v approximates three weights to free one norm output).
 
 A model's plan is sticky: a group planned by an earlier graph of the same model (a recompile for
 new shapes, another graph of a graph break) keeps its decision and g, so the set of approximated
@@ -56,12 +59,16 @@ RMM_PLAN = -1  # a sticky plan entry meaning "compressed with rmm"
 def plan_groups(groups: list[ActivationGroup], baseline: SavedSet, config: VeloraConfig, error: ErrorFn,
                 features: Callable[[ActivationGroup], int], sticky: dict[str, int],
                 fixed: Callable[[ActivationGroup], int | None],
-                rmm_error: Callable[[ActivationGroup], float | None] = lambda g: None) -> list[Decision]:
+                rmm_error: Callable[[ActivationGroup], float | None] = lambda g: None,
+                weight_share: Callable[[list[Site]], float] = lambda sites: 0.0) -> list[Decision]:
     """``error(group, g)`` estimates a group's error at g; ``features(group)`` is its D;
     ``sticky`` maps group names an earlier graph planned to their g (0: skipped, -1: rmm);
     ``fixed(group)`` is a g the group's state already holds (loaded or planned), if any;
-    ``rmm_error(group)`` is RMM's estimated error there (None: it cannot)."""
-    decisions = [_decide(g, baseline, config, error, features(g), sticky, fixed(g), rmm_error) for g in groups]
+    ``rmm_error(group)`` is RMM's estimated error there (None: it cannot);
+    ``weight_share(sites)`` is the fraction of the graph's trained weight elements those sites'
+    weights hold (0: unknown, no efficiency bound)."""
+    decisions = [_decide(g, baseline, config, error, features(g), sticky, fixed(g), rmm_error, weight_share)
+                 for g in groups]
     bad = [d for d in decisions if d.reason.startswith("!")]
     if bad:
         raise ConfigError("velora_fx: mode='all' cannot compress these sites:\n  " + "\n  ".join(
@@ -70,7 +77,7 @@ def plan_groups(groups: list[ActivationGroup], baseline: SavedSet, config: Velor
 
 
 def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, error: ErrorFn, features: int,
-            sticky: dict[str, int], fixed: int | None, rmm_error) -> Decision:
+            sticky: dict[str, int], fixed: int | None, rmm_error, weight_share) -> Decision:
     d = Decision(group)
     selected = [s for s in group.sites if config.selects(s.module_path)]
     if not selected:
@@ -104,7 +111,28 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
         g = sizes[0]
         d.estimated_error = error(group, g)
         return d.skip(f"estimated error {d.estimated_error:.2f} at g={g} is above max_error={config.max_error:g}")
-    return _compress(d, selected, group, within[-1], error, "frees saved bytes within max_error")
+    g = within[-1]
+    low = _inefficient(baseline, group, selected, g, config.min_efficiency, weight_share)
+    if low:
+        d.estimated_error = error(group, g)
+        return d.skip(low)
+    return _compress(d, selected, group, g, error, "frees saved bytes within max_error")
+
+
+def _inefficient(baseline: SavedSet, group: ActivationGroup, selected: list[Site], g: int, bound: float,
+                 weight_share: Callable[[list[Site]], float]) -> str:
+    """Why compressing at g buys too little memory for the gradients it approximates ("" if not).
+
+    Freed bytes are predicted from the baseline: the group's saved storage shrinks to 1/g."""
+    share = weight_share(selected)
+    total = baseline.activation_bytes
+    if bound <= 0 or share <= 0 or total <= 0:
+        return ""
+    freed = baseline.bytes_of(group.forms, inputs=False) * (1.0 - 1.0 / g) / total
+    if freed >= bound * share:
+        return ""
+    return (f"frees {freed:.1%} of the saved bytes for approximating {share:.1%} of the trained weights "
+            f"(efficiency {freed / share:.2f} < min_efficiency={bound:g})")
 
 
 def _frees_nothing(group: ActivationGroup, selected: list[Site], baseline: SavedSet) -> str:
