@@ -24,7 +24,7 @@ DEFAULT_MAX_ERROR = 0.6
 # (docs/quality.md: with them, GPT-2's auto cost +1.3 % over 5 seeds)
 DEFAULT_MIN_EFFICIENCY = 0.2
 # What the planner may use, by name (each one a file under codecs/; see docs/codecs.md)
-CODECS = ("velora", "fewbit", "rmm", "chunked_loss")
+CODECS = ("velora", "fewbit", "rmm", "gated", "chunked_loss")
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -24,8 +24,10 @@ from .calibrate import activation_values
 from .graph_utils import MATMULS, clone_graph_module, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
-from .pointwise_plan import STICKY_PREFIX, PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
+from .pointwise_plan import PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
 from .pointwise_sites import find_pointwise_sites
+from .stored_plan import plan_stored, release_taken
+from .stored_sites import find_stored_sites
 from .rewrite import rewrite_group, store_states
 from .sites import ActivationGroup, Site, find_groups
 
@@ -93,20 +95,25 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
             site.module_path = binding.module_path(site)
     pointwise = find_pointwise_sites(ctx.gm, ctx.param_indices) if config.uses("fewbit") else []
     _unique_names(pointwise)
+    stored = find_stored_sites(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices) if config.uses("gated") else []
+    _unique_names(stored)
     baseline = ctx.probe(ctx.gm)
     nodes = {n.name: n for n in ctx.gm.graph.nodes}
     features = {id(g): int_hint(tensor_val(nodes[g.encode_at]).shape[-1]) for g in groups}
     slots = {id(g): binding.slot(g.sites[0], features[id(g)]) for g in groups}
     estimate = _Estimator(ctx.gm, groups, binding.real_primals, config,
                           {id(g): slots[id(g)].name if slots[id(g)] else g.name for g in groups},
-                          [s.encode_at for s in pointwise])
+                          [s.encode_at for s in [*pointwise, *stored]])
     pointwise_plan = plan_pointwise(pointwise, baseline, config, estimate.values, binding.plan)
+    taken = {f for d in pointwise_plan if d.compress for f in d.site.forms}
+    pointwise_plan += plan_stored(stored, baseline, config, estimate.values, binding.plan, taken)
     weight_share = _weight_shares(ctx)
     for _ in range(_MAX_ROUNDS):
         # VeLoRA plans against the partition with the chosen few-bit codes: once a nonlinearity
         # keeps only codes of its input, the partitioner saves its output for the next matmul
         # (GELU's output for GPT-2's c_proj), which is then worth compressing
-        fewbit = [d for d in pointwise_plan if d.compress]
+        release_taken(pointwise_plan, baseline, config, estimate.values)
+        fewbit = [d for d in pointwise_plan if d.compress]  # few-bit and gated (stored) sites
         planning = ctx.probe(_with_pointwise(ctx.gm, fewbit)) if fewbit else baseline
         decisions = plan_groups(groups, planning, config, estimate, lambda g: features[id(g)], binding.plan,
                                 lambda g: slots[id(g)].sub_token_size if slots[id(g)] is not None else None,
@@ -142,7 +149,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     _commit(decisions, slots, rules, estimate, binding)
     for d in pointwise_plan:
         if not d.reason.startswith("excluded"):
-            binding.plan.setdefault(STICKY_PREFIX + d.site.name, d.bits or 0)
+            binding.plan.setdefault(d.sticky_prefix + d.site.name, d.bits or 0)
     rewritten = done.encode_nodes or done.pointwise
     report = GraphReport(graph_id=graph_id, status="rewritten" if rewritten else "unchanged",
                          saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes,

@@ -32,6 +32,8 @@ class PointwiseDecision:
     bits: int | None = None
     estimated_error: float = 0.0
     sticky: bool = False
+    codec_name: str = "fewbit"
+    sticky_prefix: str = STICKY_PREFIX
 
     def skip(self, reason: str) -> "PointwiseDecision":
         self.compress, self.reason, self.bits = False, reason, None
@@ -83,6 +85,10 @@ def rewrite_pointwise(gm: fx.GraphModule, chosen: list[PointwiseDecision]) -> di
     nodes = {n.name: n for n in graph.nodes}
     saved: dict[int, list[str]] = {}
     for d in chosen:
+        if d.codec_name == "gated":
+            from .stored_plan import rewrite_stored  # the stored sites ride on this pipeline
+            saved[id(d)] = rewrite_stored(gm, d)
+            continue
         codec = d.codec()
         t, grad_in, grad_out = nodes[d.site.encode_at], nodes[d.site.grad_in], nodes[d.site.grad_out]
         insert_at = t.next
@@ -120,5 +126,9 @@ def pointwise_report(d: PointwiseDecision, nodes: dict[str, fx.Node], baseline: 
         shape=tuple(int_hint(s) for s in val.shape), dtype=str(val.dtype).replace("torch.", ""),
         saved_by_baseline=bool(baseline.which(kept)), saved_forms=baseline.which(kept),
         bytes_before=before, bytes_after=after_bytes, decision="compressed" if d.compress else "skipped",
-        reason=d.reason, approximated=[f"{site.name} (input gradient)"] if d.compress else [],
-        estimated_error=round(float(d.estimated_error), 6), codec="fewbit", bits=d.bits)
+        reason=d.reason, approximated=[f"{site.name} ({_what_is_approximated(d)})"] if d.compress else [],
+        estimated_error=round(float(d.estimated_error), 6), codec=d.codec_name, bits=d.bits)
+
+
+def _what_is_approximated(d: PointwiseDecision) -> str:
+    return "input gradients of its elementwise consumers" if d.codec_name == "gated" else "input gradient"

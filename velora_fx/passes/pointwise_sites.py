@@ -112,7 +112,7 @@ def _site(op, fwd_nodes: list[fx.Node], bwd_nodes: list[fx.Node], flags: JointFl
     x, y = x_in[0], y_out[0]
     if function == "gelu" and any(n.target == aten.tanh.default for n in fwd_nodes):
         function = "gelu_tanh"
-    name = _name(fwd_nodes[-1], function)
+    name = site_name(fwd_nodes[-1], function)
     site = PointwiseSite(name=name, function=function, encode_at=(x if domain == "input" else y).name,
                          domain=domain, grad_in="", grad_out="", region=[n.name for n in bwd_nodes], output=y.name)
     root, _ = strip_views(x if domain == "input" else y)  # a saved addmm output is the view's storage
@@ -134,7 +134,8 @@ def _site(op, fwd_nodes: list[fx.Node], bwd_nodes: list[fx.Node], flags: JointFl
     return site
 
 
-def _name(node: fx.Node, function: str) -> str:
+def site_name(node: fx.Node, function: str) -> str:
+    """The module path of the module that ran ``node`` (``function@node`` if unknown)."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = module_path_from_source(str(list(stack.values())[-1][0]))
