@@ -91,17 +91,18 @@ def parse_regime(name: str) -> Regime:
                      f"velora_<preset>[_budget_<x>], each compiled one with an optional {CUDA_GRAPHS!r}")
 
 
-def velora_options(regime: Regime, model_name: str, args) -> dict:
+def velora_options(regime: Regime, model_name: str, args, include: list[str] | None = None) -> dict:
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
-    ``codecs``: VeLoRA + few-bit + chunked loss head; ``head``: the chunked loss head alone;
+    ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``head``: the chunked loss head alone;
     ``mb<x>``: those codecs under ``memory_budget=x`` (inductor's recompute closes the rest).
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
     measured; ``paper`` is the paper's sites at the paper's 32 groups, every one compressed; any
     other preset is passed as the backend's ``mode``.  ``--num-groups`` pins the size when given.
+    ``include`` replaces the paper's sites (``REFERENCE_INCLUDE[model_name]``), e.g. for a LoRA model.
     """
-    all_codecs = ["velora", "fewbit", "chunked_loss"]
+    all_codecs = ["velora", "fewbit", "gated", "chunked_loss"]
     if regime.preset == "auto":
         options: dict = {}
     elif regime.preset == "codecs":  # every lossy-or-exact codec that is built, default planning
@@ -111,7 +112,7 @@ def velora_options(regime: Regime, model_name: str, args) -> dict:
     elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5
         options = {"codecs": all_codecs, "memory_budget": float(regime.preset[2:])}
     elif regime.preset == "paper":
-        options = {"mode": "all", "include": list(REFERENCE_INCLUDE[model_name]), "num_groups": 32}
+        options = {"mode": "all", "include": list(include or REFERENCE_INCLUDE[model_name]), "num_groups": 32}
     else:
         options = {"mode": regime.preset}
     if args.num_groups is not None:
@@ -121,12 +122,14 @@ def velora_options(regime: Regime, model_name: str, args) -> dict:
     return options
 
 
-def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args):
-    """The callable a regime trains with, its velora backend (or None) and notes for the JSON."""
+def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args, include: list[str] | None = None):
+    """The callable a regime trains with, its velora backend (or None) and notes for the JSON.
+    ``include``: the paper's sites for ``eager_reference`` / ``velora_paper`` when not the model's
+    ``REFERENCE_INCLUDE`` (benchmarks/run.py passes the LoRA A projections of those sites)."""
     if regime.family == "eager":
         return model, None, {}
     if regime.family == "eager_reference":
-        include = REFERENCE_INCLUDE[model_name]
+        include = list(include or REFERENCE_INCLUDE[model_name])
         options = {} if args.num_groups is None else {"num_groups": args.num_groups}
         wrapped = apply_velora(model, include=include, init="first_batch", **options)
         return model, None, {"include": include, "wrapped": len(wrapped)}
@@ -138,7 +141,7 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args)
         notes["activation_memory_budget"] = regime.budget
     backend = None
     if regime.family == "velora":
-        options = velora_options(regime, model_name, args)
+        options = velora_options(regime, model_name, args, include)
         notes["velora_options"] = options
         backend = velora_fx.backend(**options)
         with contextlib.suppress(Exception):  # the config's shape is the backend's business
@@ -220,13 +223,14 @@ def grad_cosines(weights: dict, reference: dict) -> dict:
 
 
 def exact_grads(base: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Gradients of every linear weight from the eager model (same weights, upcast to ``dtype``).
+    """Gradients of every trained linear weight from the eager model (same weights, upcast to
+    ``dtype``); frozen weights (a LoRA model's base) have none and are left out.
 
     Kept on the benchmark device in fp32: the cosines then need no host round trip per regime.
     """
     model = LMLoss(copy.deepcopy(base)).to(ids.device, dtype)
     model(ids).backward()
-    grads = {name: w.grad.detach().float() for name, w in linear_weights(model).items()}
+    grads = {name: w.grad.detach().float() for name, w in linear_weights(model).items() if w.grad is not None}
     del model
     return grads
 
@@ -302,14 +306,31 @@ def velora_summary(backend) -> dict:
 # -- one regime ------------------------------------------------------------------------------
 class Runner:
     """One regime, alive across rounds: its own copy of the initial model, its optimizer and its
-    compiled callable, so later timed blocks run on the already-compiled code."""
+    compiled callable, so later timed blocks run on the already-compiled code.
+
+    ``build_model``, ``compile`` and ``context`` are the hooks benchmarks/run.py overrides for
+    variants this script does not know (LoRA, Liger, PEFT's VeLoRA); the optimizer takes only
+    trainable parameters, so a frozen base holds no optimizer state.
+    """
 
     def __init__(self, regime: Regime, model_name: str, base: torch.nn.Module, ids: torch.Tensor, args) -> None:
         self.regime, self.ids, self.args, self.device = regime, ids, args, ids.device
-        self.model = LMLoss(copy.deepcopy(base)).to(self.device)
-        self.fn, self.backend, self.notes = compile_model(regime, self.model, model_name, args)
+        self.model = self.build_model(base)
+        self.fn, self.backend, self.notes = self.compile(model_name)
         fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(list(self.model.parameters()), lr=1e-4, **fused)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, **fused)
+
+    def build_model(self, base: torch.nn.Module) -> torch.nn.Module:
+        """This regime's own copy of the initial weights, as a module ``forward(ids) -> loss``."""
+        return LMLoss(copy.deepcopy(base)).to(self.device)
+
+    def compile(self, model_name: str):
+        """``(callable, velora backend or None, notes)`` for ``self.model``."""
+        return compile_model(self.regime, self.model, model_name, self.args)
+
+    def context(self):
+        """Entered around the warm-up and around each timed block (the regime's memory budget)."""
+        return budget_patch(self.regime)
 
     def step(self, check=None) -> torch.Tensor:
         """One training step; ``check`` runs between backward and the optimizer (fresh grads)."""
@@ -336,7 +357,7 @@ class Runner:
 
         before = compile_counters()
         times = []
-        with budget_patch(self.regime):
+        with self.context():
             for i in range(max(self.args.warmup, self.regime.warmup_floor)):
                 sync(self.device)
                 t0 = time.perf_counter()
@@ -360,7 +381,7 @@ class Runner:
         the step, and the wall time after the sync is the step's full time."""
         total, host = [], []
         before_counters = compile_counters()
-        with budget_patch(self.regime):
+        with self.context():
             mem_before = memory_mark(self.device)
             for _ in range(self.args.steps):
                 sync(self.device)
@@ -579,15 +600,17 @@ def skip(record: dict, note: str, start: float) -> None:
     log(start, f"{record['model']:5s} {record['regime']:24s} skipped ({note})")
 
 
-def warm_regime(regime: Regime, model_name: str, base, ids, reference, record: dict, args, start: float):
-    """Build, compile and warm one regime; returns its Runner, or None (failure recorded)."""
+def warm_regime(regime: Regime, model_name: str, base, ids, reference, record: dict, args, start: float,
+                runner_cls=None):
+    """Build, compile and warm one regime; returns its Runner (``runner_cls``, default ``Runner``),
+    or None (failure recorded)."""
     t0 = time.perf_counter()
     if regime.cudagraphs and ids.device.type != "cuda":
         skip(record, "reduce-overhead (CUDA graphs) needs a CUDA device", start)
         return None
     runner = None
     try:
-        runner = Runner(regime, model_name, base, ids, args)
+        runner = (runner_cls or Runner)(regime, model_name, base, ids, args)
         record["notes"] = runner.notes
         record.update(runner.warm(reference), status="ok")
         if regime.family in ("inductor", "velora") and not record["warm_counters"]["graphs"]:

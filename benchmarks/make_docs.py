@@ -1,0 +1,411 @@
+"""Render benchmark result directories into docs/benchmarks.md and PNGs, so that the published
+tables are produced from the JSON, never typed.
+
+Reads run.py's ``run.json`` and bench_memory.py's outputs (``summary.json``, or the per-regime
+``<model>_<regime>.json`` of older runs), in any directories given (searched recursively).
+Per model / regime / size: one table per run, with ratios to plain inductor *of that run* and the
+command that made it; a Pareto plot (peak vs step time, as ratios to inductor) per model / regime /
+size; scaling tables and curves where run.py ``--scaling`` measured them.  Combinations with no
+numbers say "not measured yet".
+
+    python benchmarks/make_docs.py results/gpu results/bench --out-md docs/benchmarks.md --img-dir docs/img
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from collections import defaultdict
+
+GiB = 2**30
+ANCHOR = "inductor"
+EXPECTED = [(m, r, "12x1024") for m in ("llama", "gpt2") for r in ("full", "lora")]  # the issue's anchors
+MODEL_NAMES = {"llama": "Llama-like", "gpt2": "GPT-2-like"}
+REGIME_NAMES = {"full": "full training", "lora": "PEFT LoRA r=32, base frozen"}
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _command(doc: dict) -> str:
+    """The recorded command as one string (older bench_memory JSON kept ``sys.argv`` as a list)."""
+    command = doc.get("command")
+    if isinstance(command, list):
+        return "python " + shlex.join(command)
+    return command or "(command not recorded)"
+
+
+def _load(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+CUDA_GRAPHS = "+ro"
+
+
+def _entry(run: dict, row: dict) -> dict:
+    """One variant's numbers in one shape, whatever wrote them.  ``+ro`` (CUDA graph) peaks are
+    dropped: replays bypass the caching allocator, so they read as ~0 and are not comparable."""
+    cos = row.get("grad_cos") if isinstance(row.get("grad_cos"), dict) else {}
+    ms = row.get("ms_per_step")
+    name = row.get("regime") or row.get("variant") or "?"
+    ro = name.endswith(CUDA_GRAPHS)
+    ro_ratio = (row.get("vs_inductor+ro") or {}).get("ms_per_step") if ro else None
+    tokens = run["batch"] * run["seq"] if run.get("batch") and run.get("seq") else None
+    notes = [row.get("error") or row.get("note")] + (["CUDA graphs: peak not comparable"] if ro and ms else [])
+    notes += [f"ms × inductor+ro {ro_ratio:.2f}"] if ro_ratio else []
+    return {"variant": name, "status": row.get("status") or "ok", "note": "; ".join(n for n in notes if n) or None,
+            "clean": not (row.get("error") or row.get("note")) and (row.get("status") or "ok") == "ok",
+            "ms_per_step": ms, "host_ms_per_step": row.get("host_ms_per_step"),
+            "peak_extra_GiB": None if ro else row.get("peak_extra_GiB"), "saved_bytes": row.get("saved_activation_bytes"),
+            "first_step_s": row.get("first_step_s"),
+            "tokens_per_s": row.get("tokens_per_s") or (tokens / ms * 1e3 if tokens and ms else None),
+            "grad_cos_mean": row.get("grad_cos_mean", cos.get("mean")),
+            "grad_cos_min": row.get("grad_cos_min", cos.get("min"))}
+
+
+def _run(doc: dict, source: str, model: str, regime: str, cfg: dict, rows: list[dict], writer: str) -> dict:
+    run = {"source": source, "writer": writer, "command": _command(doc), "device": doc.get("device"),
+           "torch": doc.get("torch"), "git_commit": doc.get("git_commit"), "model": model, "regime": regime,
+           "size": f"{cfg.get('layers')}x{cfg.get('hidden')}", "vocab": cfg.get("vocab"), "batch": cfg.get("batch"),
+           "seq": cfg.get("seq"), "dtype": cfg.get("dtype"), "notes": cfg.get("notes") or []}
+    run["entries"] = [_entry(run, r) for r in rows]
+    return run
+
+
+def load_run_json(doc: dict, source: str) -> tuple[list[dict], list[dict]]:
+    """run.py: one run per block, and its scaling runs."""
+    runs = [_run(doc, source, b["model"], b["regime"], b, b.get("rows") or [], "run.py") for b in doc.get("blocks", [])]
+    scaling = []
+    if doc.get("scaling"):
+        for s in doc["scaling"].get("runs", []):
+            scaling.append({**s, "source": source, "command": _command(doc), "device": doc.get("device"),
+                            "memory_limit_GiB": doc["scaling"].get("memory_limit_GiB")})
+    return runs, scaling
+
+
+def load_bench_summary(doc: dict, source: str) -> list[dict]:
+    """bench_memory.py summary.json: the full-training regime, one run per model."""
+    by_model = defaultdict(list)
+    for row in doc.get("rows", []):
+        by_model[row.get("model")].append(row)
+    return [_run(doc, source, model, "full", doc.get("config") or {}, rows, "bench_memory.py")
+            for model, rows in by_model.items()]
+
+
+def load_bench_records(docs: list[tuple[str, dict]], directory: str) -> list[dict]:
+    """Older bench_memory.py directories without summary.json: per-regime records, grouped into
+    runs by the command that wrote them."""
+    groups = defaultdict(list)
+    for _, doc in docs:
+        groups[(_command(doc), doc.get("model"))].append(doc)
+    runs = []
+    for (_, model), group in groups.items():
+        order = list((group[0].get("config") or {}).get("regimes") or [])
+        group.sort(key=lambda d: order.index(d["regime"]) if d["regime"] in order else len(order))
+        rows = [{**d, **(d.get("summary") or {})} for d in group]
+        runs.append(_run(group[0], directory, model, "full", group[0].get("config") or {}, rows, "bench_memory.py"))
+    return runs
+
+
+def _is_bench_record(doc) -> bool:
+    return isinstance(doc, dict) and all(k in doc for k in ("model", "regime", "config", "status"))
+
+
+def collect(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """Every run and scaling run under ``paths`` (files or directories, searched recursively)."""
+    runs, scaling = [], []
+    files_by_dir = defaultdict(list)
+    for path in paths:
+        if os.path.isfile(path):
+            files_by_dir[os.path.dirname(path) or "."].append(os.path.basename(path))
+            continue
+        for directory, subdirs, files in os.walk(path):
+            subdirs.sort()
+            files_by_dir[directory] += sorted(f for f in files if f.endswith(".json"))
+    for directory, files in sorted(files_by_dir.items()):
+        docs = [(f, _load(os.path.join(directory, f))) for f in sorted(set(files))]
+        runners = [(f, d) for f, d in docs if isinstance(d, dict) and d.get("runner") == "benchmarks/run.py"]
+        summaries = [(f, d) for f, d in docs if f == "summary.json" and isinstance(d, dict) and "rows" in d]
+        for f, d in runners:
+            r, s = load_run_json(d, os.path.join(directory, f))
+            runs += r
+            scaling += s
+        if runners:
+            continue
+        if summaries:
+            runs += load_bench_summary(summaries[0][1], os.path.join(directory, "summary.json"))
+            continue
+        records = [(f, d) for f, d in docs if not f.startswith("quality") and _is_bench_record(d)]
+        if records:
+            runs += load_bench_records(records, directory)
+    return runs, scaling
+
+
+# -- ratios and tables -----------------------------------------------------------------------
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def with_ratios(run: dict) -> list[dict]:
+    """Each entry with ``vs`` = its ratios to this run's inductor (None without one)."""
+    anchor = next((e for e in run["entries"] if e["variant"] == ANCHOR and e["ms_per_step"]), None)
+    out = []
+    for e in run["entries"]:
+        vs = None
+        if anchor is not None:
+            vs = {k: _ratio(e[k], anchor[k]) for k in ("ms_per_step", "host_ms_per_step", "peak_extra_GiB",
+                                                        "saved_bytes", "tokens_per_s")}
+        out.append({**e, "vs": vs})
+    return out
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _gib(value) -> str:
+    """GiB with three decimals; tiny (CPU smoke) sizes in scientific notation instead of 0.000."""
+    return "–" if value is None else format(value, ".3f" if value >= 0.01 or value == 0 else ".2e")
+
+
+def _cell(value, spec: str, ratio) -> str:
+    text = _gib(value) if spec == "gib" else _fmt(value, spec)
+    return text if value is None or ratio is None else f"{text} ({ratio:.2f}×)"
+
+
+def _status(e: dict) -> str:
+    text = e["status"]
+    if e.get("note"):
+        text += ": " + str(e["note"])[:110].replace("|", "/").replace("\n", " ")
+    return text
+
+
+def run_table(run: dict) -> list[str]:
+    header = ["variant", "ms/step (× inductor)", "host ms (×)", "peak extra GiB (×)", "saved act. GiB (×)",
+              "first step s (compile)", "tokens/s", "grad_W cos mean / min", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in with_ratios(run):
+        vs = e["vs"] or {}
+        saved = None if e["saved_bytes"] is None else e["saved_bytes"] / GiB
+        cos = "–" if e["grad_cos_mean"] is None else f"{e['grad_cos_mean']:.4f} / {_fmt(e['grad_cos_min'], '.4f')}"
+        lines.append("| " + " | ".join([
+            f"`{e['variant']}`", _cell(e["ms_per_step"], ".2f", vs.get("ms_per_step")),
+            _cell(e["host_ms_per_step"], ".2f", vs.get("host_ms_per_step")),
+            _cell(e["peak_extra_GiB"], "gib", vs.get("peak_extra_GiB")), _cell(saved, "gib", vs.get("saved_bytes")),
+            _fmt(e["first_step_s"], ".1f"), _fmt(e["tokens_per_s"], ",.0f"), cos, _status(e)]) + " |")
+    return lines
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both time and memory, by increasing time."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+# -- plots -----------------------------------------------------------------------------------
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_pareto(runs: list[dict], title: str, path: str) -> bool:
+    """Peak extra vs step time, both × inductor of the same run (runs from different machines are
+    then comparable); the Pareto front over all points is drawn as a line.  One colour and marker
+    per run; only clean entries (status ok, no warning such as "may have run eagerly")."""
+    plt = _pyplot()
+    points = [(e["vs"]["ms_per_step"], e["vs"]["peak_extra_GiB"], e["variant"], i)
+              for i, run in enumerate(runs) for e in with_ratios(run)
+              if e["clean"] and e["vs"] and e["vs"]["ms_per_step"] and e["vs"]["peak_extra_GiB"]]
+    if plt is None or not points:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = "osD^v<>pP*"
+    for i in sorted({p[3] for p in points}):
+        mine = [p for p in points if p[3] == i]
+        ax.scatter([p[0] for p in mine], [p[1] for p in mine], marker=markers[i % len(markers)], s=30,
+                   label=f"run {i + 1}: {_short(runs[i])}")
+        for x, y, name, _ in mine:
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front([(x, y) for x, y, _, _ in points])
+    ax.plot([x for x, _ in front], [y for _, y in front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel("step time × plain inductor (same run)")
+    ax.set_ylabel("peak above weights + optimizer × plain inductor")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _short(run: dict) -> str:
+    """A run's legend label: where its JSON is, and the device."""
+    return f"{_source(run['source'])} ({run.get('device') or '?'})"
+
+
+def _source(path: str) -> str:
+    """Paths inside the working directory relative to it, others absolute."""
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel.startswith("..") else rel
+
+
+def plot_scaling(runs: list[dict], title: str, path: str) -> bool:
+    """Peak memory and tokens/s against tokens per step, one line per variant; the limit dashed."""
+    plt = _pyplot()
+    curves = [(r, [p for p in r["points"] if p["status"] == "ok"]) for r in runs]
+    curves = [(r, pts) for r, pts in curves if pts]
+    if plt is None or not curves:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for run, pts in curves:
+        tokens = [p["tokens"] for p in pts]
+        if any(p["peak_GiB"] is not None for p in pts):
+            ax1.plot(tokens, [p["peak_GiB"] for p in pts], "o-", label=run["variant"])
+        ax2.plot(tokens, [p["tokens_per_s"] for p in pts], "o-", label=run["variant"])
+    limit = runs[0].get("memory_limit_GiB")
+    if limit:
+        ax1.axhline(limit, color="k", ls="--", lw=0.8, label=f"limit {limit:g} GiB")
+    for ax, label in ((ax1, "peak allocated GiB (weights + optimizer + step)"), (ax2, "tokens / s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"tokens per step (batch {runs[0]['batch']} × sequence)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if not ax1.lines:
+        ax1.text(0.5, 0.5, "no peak memory (not measured on this device)", ha="center", transform=ax1.transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- document --------------------------------------------------------------------------------
+def _key(run: dict) -> tuple:
+    return run["model"], run["regime"], run["size"]
+
+
+def _size_sort(size: str) -> tuple:
+    numbers = [int(x) for x in re.findall(r"\d+", size)]
+    return tuple(numbers) or (0,)
+
+
+def _title(model: str, regime: str, size: str) -> str:
+    return f"{MODEL_NAMES.get(model, model)}, {REGIME_NAMES.get(regime, regime)}, {size.replace('x', ' × ')}"
+
+
+def _img_name(prefix: str, key: tuple) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{prefix}_{'_'.join(key)}") + ".png"
+
+
+def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, command: str) -> str:
+    os.makedirs(img_dir, exist_ok=True)
+    rel_img = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(out_md)))
+    by_key = defaultdict(list)
+    for run in runs:
+        by_key[_key(run)].append(run)
+    scaling_by_key = defaultdict(list)
+    for s in scaling:
+        scaling_by_key[(s["model"], s["regime"], s["size"])].append(s)
+    keys = sorted(set(by_key) | set(EXPECTED) | set(scaling_by_key),
+                  key=lambda k: (k[0] != "llama", k[0], k[1] != "full", _size_sort(k[2])))
+    lines = ["# Benchmarks", "",
+             f"Generated by `{command}`; do not edit by hand (rerun it after adding results).",
+             "Every table is one run: its command is above it, and every ratio is to plain inductor *in that run*",
+             "(same process, same weights and batch, interleaved timing). Peak extra is the peak above weights and",
+             "optimizer state (gradients count in it); benchmarks/README.md defines every column.",
+             "A velora variant measures what the backend did at the commit shown with its run: `velora_auto` is",
+             "the default plan (with `min_efficiency` since 2b68d1f) and `velora_codecs` every codec built then",
+             "(`gated` since f7ce900; the results/gpu/v4 runs record commit e553f88, the device copy's stale",
+             "HEAD, but ran the working tree of f7ce900). The narrative and the comparison with the exact front: README.md,",
+             "docs/codecs.md.", "",
+             "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
+    for key in keys:
+        n = len(by_key.get(key, []))
+        lines.append(f"| {MODEL_NAMES.get(key[0], key[0])} | {key[1]} | {key[2]} | "
+                     f"{n if n else 'not measured yet'} | {'yes' if scaling_by_key.get(key) else '–'} |")
+    for key in keys:
+        lines += ["", f"## {_title(*key)}", ""]
+        key_runs = by_key.get(key, [])
+        if not key_runs:
+            lines.append("Not measured yet.")
+        for run in key_runs:
+            shape = (f"vocab {run['vocab']}, batch {run['batch']} × {run['seq']}, {run['dtype']}"
+                     if run.get("vocab") else "shape not recorded")
+            lines += ["", f"**{run['device'] or 'device not recorded'}**, torch {run['torch'] or '?'}, {shape} "
+                          f"({run['writer']}, `{_source(run['source'])}`"
+                          + (f", commit {run['git_commit'][:12]}" if run.get("git_commit") else "") + ")", "",
+                      f"`{run['command']}`", ""]
+            lines += run_table(run)
+            lines += [f"- {n}" for n in run.get("notes") or []]
+        if key_runs:
+            name = _img_name("pareto", key)
+            if plot_pareto(key_runs, _title(*key), os.path.join(img_dir, name)):
+                lines += ["", f"![peak vs step time, {_title(*key)}]({rel_img}/{name})"]
+        key_scaling = scaling_by_key.get(key, [])
+        if key_scaling:
+            lines += scaling_section(key, key_scaling, img_dir, rel_img)
+    return "\n".join(lines) + "\n"
+
+
+def scaling_section(key: tuple, runs: list[dict], img_dir: str, rel_img: str) -> list[str]:
+    limit = runs[0].get("memory_limit_GiB")
+    anchor = next((r for r in runs if r["variant"] == ANCHOR and r.get("max_tokens")), None)
+    lines = ["", f"### Scaling: longest sequence at batch {runs[0]['batch']} within "
+                 f"{'no limit (CPU)' if limit is None else f'{limit:g} GiB'}", "",
+             f"`{runs[0]['command']}`", "",
+             "| variant | max sequence | max tokens (× inductor) | tries (seq: status, peak GiB) | status |",
+             "|---|---|---|---|---|"]
+    for r in runs:
+        tries = ", ".join(f"{p['seq']}: {p['status']}" + (f" {p['peak_GiB']:.1f}" if p.get("peak_GiB") else "")
+                          for p in r["points"]) or "–"
+        ratio = _ratio(r.get("max_tokens"), anchor["max_tokens"]) if anchor else None
+        status = r["status"] + (f": {str(r['note'])[:100]}" if r.get("note") else "")
+        lines.append(f"| `{r['variant']}` | {_fmt(r.get('max_seq'), 'd')} | {_cell(r.get('max_tokens'), 'd', ratio)} "
+                     f"| {tries} | {status.replace('|', '/')} |")
+    name = _img_name("scaling", key)
+    if plot_scaling(runs, "scaling: " + _title(*key), os.path.join(img_dir, name)):
+        lines += ["", f"![scaling, {_title(*key)}]({rel_img}/{name})"]
+    return lines
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="*", default=["results/gpu"],
+                    help="result directories (searched recursively) or JSON files; default results/gpu")
+    ap.add_argument("--out-md", default="docs/benchmarks.md")
+    ap.add_argument("--img-dir", default="docs/img")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    runs, scaling = collect(args.paths)
+    command = "python benchmarks/make_docs.py " + shlex.join(
+        list(args.paths) + ["--out-md", args.out_md, "--img-dir", args.img_dir])
+    text = render(runs, scaling, args.out_md, args.img_dir, command)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out_md)), exist_ok=True)
+    with open(args.out_md, "w") as fh:
+        fh.write(text)
+    print(f"{args.out_md}: {len(runs)} runs, {len(scaling)} scaling runs", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":
+    main()
