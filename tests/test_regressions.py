@@ -242,3 +242,16 @@ def test_reference_keeps_weight_reachable_and_state_dict_keys():
     assert keys <= set(model.state_dict()), set(model.state_dict())
     out = model(torch.randn(3, 8))
     assert out.shape == (3, 4) and F.linear(torch.zeros(1, 8), model[0].weight).shape == (1, 4)
+
+
+@pytest.mark.slow
+def test_fp16_coefficients_compile_under_inductor(strict_pass):
+    """fp16 coefficients are clamped to fp16's range; ``aten.clamp`` after decomposition has no
+    inductor lowering ("both a fallback and a decomp"), so the clamp is clamp_min + clamp_max."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).half()
+    x = torch.randn(4, 8, 16, dtype=torch.float16)
+    backend = velora_fx.backend(mode="max_memory", sub_token_size=4)
+    torch.compile(model, backend=backend)(x).float().square().mean().backward()
+    assert backend.report().compressed
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -50,6 +50,8 @@ class SiteReport:
     state: str | None = None         # state_dict key of the v it uses
     codec: str = "velora"            # velora | fewbit | rmm | chunked_loss
     bits: int | None = None          # fewbit: bits per element
+    predicted_bytes_after: int | None = None  # what the planner expected the codec to store (None:
+                                              # skipped, or a codec without a prediction)
 
     @property
     def setting(self) -> str:
@@ -137,7 +139,7 @@ class Report:
 
     def table(self) -> str:
         """At most 120 columns; every detail (shapes, forms, consumers) is in ``to_dict()``."""
-        header = ("graph", "site", "codec", "est.err", "before", "after", "decision", "reason")
+        header = ("graph", "site", "codec", "est.err", "before", "after", "pred.", "decision", "reason")
         rows = []
         for graph in self.graphs:
             for s in graph.sites:
@@ -145,7 +147,9 @@ class Report:
                 reason = f"{s.reason} (approximated: {', '.join(s.approximated)})" if partial else s.reason
                 rows.append([str(graph.graph_id), s.name, s.setting,
                              f"{s.estimated_error:.2f}" if s.decision == "compressed" or s.estimated_error else "-",
-                             _size(s.bytes_before), _size(s.bytes_after), s.decision, reason])
+                             _size(s.bytes_before), _size(s.bytes_after),
+                             _size(s.predicted_bytes_after) if s.predicted_bytes_after is not None else "-",
+                             s.decision, reason])
         widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
         widths[1] = min(widths[1], 36)
         fixed = sum(widths[:-1]) + 2 * (len(header) - 1)

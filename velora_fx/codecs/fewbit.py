@@ -58,6 +58,13 @@ class FewBitCodec:
     def uuid(self) -> str:
         return f"fewbit:{self.function}:{self.bits}:{self.domain}"
 
+    def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> int:
+        """What forward saves for a tensor of ``shape``: the packed uint8 codes."""
+        numel = 1
+        for s in packed_shape(tuple(int(s) for s in shape), self.bits):
+            numel *= int(s)
+        return numel
+
     def error(self, t: torch.Tensor) -> float:
         """Relative energy of the derivative error on real data ``t`` (the tensor encoded)."""
         with real_tensors():

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from ..distributed import emit_rank_mean
 from ..passes.graph_utils import create_node
 from .base import register_codec
 
@@ -144,6 +145,15 @@ class VeloraCodec:
         self.coeff_dtype = coeff_dtype
         self.scale = scale
 
+    def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """What forward saves for an activation of ``shape``: one coefficient per sub-token (in
+        ``coeff_dtype``, default the activation's) and v (fp32, g floats)."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        coeff = torch.empty((), dtype=self.coeff_dtype or dtype).element_size()
+        return numel // self.sub_token_size * coeff + self.sub_token_size * 4
+
     def encode(self, graph: fx.Graph, activation: fx.Node, state: StateRow) -> tuple[list[fx.Node], fx.Node]:
         g = self.sub_token_size
         row = _emit(graph, aten.select.int, state.tensor, 0, state.orientation)
@@ -156,7 +166,7 @@ class VeloraCodec:
         coeff = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.mul.Tensor, subtokens, v), [-1])
         dtype = self.coeff_dtype or activation.meta["val"].dtype
         if dtype == torch.float16:
-            coeff = _emit(graph, aten.clamp.default, coeff, -_FP16_MAX, _FP16_MAX)
+            coeff = _emit(graph, aten.clamp_max.default, _emit(graph, aten.clamp_min.default, coeff, -_FP16_MAX), _FP16_MAX)
         coeff = _cast(graph, coeff, dtype)
         # one stored coefficient goes into the state row: the state write is a forward mutation,
         # so this data dependency makes min-cut compute the coefficients in forward (MUST_SAVE
@@ -170,7 +180,10 @@ class VeloraCodec:
     def _emit_rule(self, graph: fx.Graph, rule: str, row: fx.Node, v_old: fx.Node, subtokens: fx.Node) -> fx.Node:
         g = self.sub_token_size
         flat = _emit(graph, aten.view.default, subtokens, [-1, g])
-        fresh = _emit_normalised(graph, _emit(graph, aten.mean.dim, flat, [0]), g)
+        mean = _emit(graph, aten.mean.dim, flat, [0])
+        if rule != "first_batch":  # a v updated every step: from the global batch (distributed.py)
+            mean = emit_rank_mean(graph, mean)
+        fresh = _emit_normalised(graph, mean, g)
         if rule == "batch":
             return fresh
         initialised = _emit(graph, aten.gt.Scalar, _emit(graph, aten.select.int, row, 0, 0), 0.0)

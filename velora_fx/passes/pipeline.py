@@ -156,7 +156,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                          message=f"estimated_error is structural (1 - 1/g): calibration failed ({estimate.failure})"
                          if estimate.failure else "")
     report.sites = [_site_report(nodes[d.group.encode_at], d, baseline, after, done.saved_nodes.get(id(d), []),
-                                 slots[id(d.group)]) for d in decisions]
+                                 slots[id(d.group)], config) for d in decisions]
     report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
     return PipelineResult(result_gm, after, report)
@@ -418,7 +418,7 @@ class _Estimator:
 
 
 def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
-                 slot) -> SiteReport:
+                 slot, config: VeloraConfig) -> SiteReport:
     group = d.group
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
@@ -432,4 +432,7 @@ def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: Sa
         bytes_after=bytes_after, decision="compressed" if d.compress else "skipped", reason=d.reason,
         sub_token_size=d.sub_token_size, approximated=[s.module_path for s in d.sites],
         estimated_error=round(float(d.estimated_error), 6), codec=d.codec if d.compress else "velora",
-        state=slot.name if slot is not None and d.compress and d.codec == "velora" else None)
+        state=slot.name if slot is not None and d.compress and d.codec == "velora" else None,
+        predicted_bytes_after=get_codec("velora", sub_token_size=d.sub_token_size, coeff_dtype=config.coeff_dtype)
+        .saved_bytes(tuple(int_hint(s) for s in val.shape), val.dtype)
+        if d.compress and d.codec == "velora" and all(isinstance(int_hint(s), int) for s in val.shape) else None)

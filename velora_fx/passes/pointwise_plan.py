@@ -127,7 +127,9 @@ def pointwise_report(d: PointwiseDecision, nodes: dict[str, fx.Node], baseline: 
         saved_by_baseline=bool(baseline.which(kept)), saved_forms=baseline.which(kept),
         bytes_before=before, bytes_after=after_bytes, decision="compressed" if d.compress else "skipped",
         reason=d.reason, approximated=[f"{site.name} ({_what_is_approximated(d)})"] if d.compress else [],
-        estimated_error=round(float(d.estimated_error), 6), codec=d.codec_name, bits=d.bits)
+        estimated_error=round(float(d.estimated_error), 6), codec=d.codec_name, bits=d.bits,
+        predicted_bytes_after=d.codec().saved_bytes(tuple(int_hint(s) for s in val.shape), val.dtype)
+        if d.compress else None)
 
 
 def _what_is_approximated(d: PointwiseDecision) -> str:
