@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from .._compat import is_joint_primal
+from .graph_utils import ancestors
 
 __all__ = ["activation_values"]
 
@@ -25,7 +26,7 @@ def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Se
     Raises if a needed node cannot run eagerly (the caller then falls back to no data)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     targets = [nodes[n] for n in names]
-    needed = _ancestors(targets)
+    needed = ancestors(targets)
     primals = [n for n in gm.graph.nodes if is_joint_primal(n)]
     if len(primals) != len(real_primals):
         raise ValueError(f"{len(primals)} primals but {len(real_primals)} real inputs")
@@ -54,17 +55,6 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(), list(targets)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _last_uses(gm: fx.GraphModule, needed: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:

@@ -85,6 +85,19 @@ def strip_views(node: fx.Node, through: set = VIEW_LIKE) -> tuple[fx.Node, list[
     return node, list(reversed(chain))
 
 
+def ancestors(targets: list[fx.Node]) -> set[fx.Node]:
+    """``targets`` and every node they are computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
 def view_forms(root: fx.Node) -> list[fx.Node]:
     """``root`` and every node reachable from it through view-like ops only."""
     forms, stack = [], [root]

@@ -8,6 +8,7 @@ another backward op, or the partitioner saved the function's output instead).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.fx as fx
 
@@ -51,18 +52,10 @@ def plan_pointwise(sites: list[PointwiseSite], baseline: SavedSet, config: Velor
     for site in sites:
         d = PointwiseDecision(site)
         decisions.append(d)
-        key = STICKY_PREFIX + site.name
-        if not config.selects(site.name):
-            d.skip("excluded by include/exclude")
-        elif site.unsupported:
-            d.skip(site.unsupported)
-        elif key in sticky:
-            d.sticky = True
-            if sticky[key]:
-                _compress(d, sticky[key], values, "kept from this model's first plan")
-            else:
-                d.skip("skipped by this model's first plan")
-        elif not baseline.which(site.kept):
+        if decided_before_planning(d, config, sticky, STICKY_PREFIX + site.name,
+                                   lambda bits: _compress(d, bits, values, "kept from this model's first plan")):
+            continue
+        if not baseline.which(site.kept):
             d.skip("not saved by the baseline partition")
         else:
             _compress(d, config.bits, values, f"frees its saved {site.domain} ({config.bits}-bit codes)")
@@ -71,6 +64,25 @@ def plan_pointwise(sites: list[PointwiseSite], baseline: SavedSet, config: Velor
                 d.skip(f"estimated error {error:.2f} at {config.bits} bits is above max_error={config.max_error:g}")
                 d.estimated_error = error
     return decisions
+
+
+def decided_before_planning(d: PointwiseDecision, config: VeloraConfig, sticky: dict[str, int], key: str,
+                            keep: Callable[[int], None]) -> bool:
+    """What every pointwise-like site decides first: include/exclude, unsupported, and the model's
+    sticky plan (``keep(value)`` re-applies a kept choice).  True if decided."""
+    if not config.selects(d.site.name):
+        d.skip("excluded by include/exclude")
+    elif d.site.unsupported:
+        d.skip(d.site.unsupported)
+    elif key in sticky:
+        d.sticky = True
+        if sticky[key]:
+            keep(sticky[key])
+        else:
+            d.skip("skipped by this model's first plan")
+    else:
+        return False
+    return True
 
 
 def _compress(d: PointwiseDecision, bits: int, values: dict, reason: str) -> None:

@@ -16,7 +16,7 @@ from ..codecs.gated import Int8StorageCodec
 from ..config import VeloraConfig
 from .graph_utils import create_node, tensor_val
 from .partition_probe import SavedSet
-from .pointwise_plan import PointwiseDecision
+from .pointwise_plan import PointwiseDecision, decided_before_planning
 from .stored_sites import StoredSite
 
 __all__ = ["StoredDecision", "plan_stored", "release_taken", "rewrite_stored", "STORED_PREFIX"]
@@ -43,18 +43,10 @@ def plan_stored(sites: list[StoredSite], baseline: SavedSet, config: VeloraConfi
     for site in sites:
         d = StoredDecision(site)
         decisions.append(d)
-        key = STORED_PREFIX + site.name
-        if not config.selects(site.name):
-            d.skip("excluded by include/exclude")
-        elif site.unsupported:
-            d.skip(site.unsupported)
-        elif key in sticky:
-            d.sticky = True
-            if sticky[key]:
-                _compress(d, values, "kept from this model's first plan")
-            else:
-                d.skip("skipped by this model's first plan")
-        elif set(site.forms) & taken:
+        if decided_before_planning(d, config, sticky, STORED_PREFIX + site.name,
+                                   lambda _: _compress(d, values, "kept from this model's first plan")):
+            continue
+        if set(site.forms) & taken:
             d.skip(TAKEN)
         elif not baseline.which(site.kept):
             d.skip("not saved by the baseline partition")

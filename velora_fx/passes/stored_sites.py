@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .._compat import CheckpointPolicy
-from .graph_utils import CASTS, FORWARD_MATMULS, JointFlags, output_values, tensor_val, view_forms
+from .graph_utils import CASTS, ancestors, FORWARD_MATMULS, JointFlags, output_values, tensor_val, view_forms
 from .pointwise_sites import site_name
 
 __all__ = ["StoredSite", "find_stored_sites"]
@@ -49,16 +49,7 @@ class StoredSite:
 
 def _forward_side(gm: fx.GraphModule, num_fwd_outputs: int) -> set[fx.Node]:
     """Every node a forward output depends on."""
-    outputs = [o for o in output_values(gm)[:num_fwd_outputs] if isinstance(o, fx.Node)]
-    seen: set[fx.Node] = set()
-    stack = list(outputs)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
+    return ancestors([o for o in output_values(gm)[:num_fwd_outputs] if isinstance(o, fx.Node)])
 
 
 def _anchor(gm: fx.GraphModule, num_fwd_outputs: int) -> int:
