@@ -51,9 +51,10 @@ def int_hint(value: Any, fallback: int = 4096) -> int:
 
 
 def dynamo_source_name(placeholder: torch.fx.Node) -> str | None:
-    """The dynamo source of a graph input (e.g. ``L['self']._modules['fc']._parameters['weight']``)."""
+    """The dynamo source of a graph input (e.g. ``L['self']._modules['fc']._parameters['weight']``);
+    DDPOptimizer's subgraphs carry it only as ``_dynamo_source``."""
     arg = placeholder.meta.get("grapharg")
-    source = getattr(arg, "source", None)
+    source = getattr(arg, "source", None) or getattr(placeholder, "_dynamo_source", None)
     if source is None:
         return None
     name = source.name
@@ -181,3 +182,21 @@ def current_recompute_budget() -> float:
 
 def reset_dynamo() -> None:
     torch._dynamo.reset()
+
+
+def functional_all_reduce_sum() -> tuple[Any, Any]:
+    """The aten-level functional collectives (all_reduce, wait_tensor) a rewritten graph can call:
+    inductor and AOTAutograd trace, partition and lower them like any other op."""
+    import torch.distributed._functional_collectives  # noqa: F401  (registers their fake kernels)
+    ops = torch.ops._c10d_functional
+    return ops.all_reduce.default, ops.wait_tensor.default
+
+
+def world_group_name() -> str:
+    """The name functional collectives use for the default process group."""
+    return torch.distributed.group.WORLD.group_name
+
+
+def default_store() -> Any:
+    """The default process group's key-value store (plans travel through it, see distributed.py)."""
+    return torch.distributed.distributed_c10d._get_default_store()

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import json
+import operator
 import os
 import warnings
 import weakref
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from . import _compat, distributed
 from .config import ConfigError, VeloraConfig
+from .codecs.velora import random_vector
 from .naming import ParamNames, find_compiled_root, module_path_from_source
 from .passes.budget import fit_recompute_budget, target_bytes
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
@@ -35,11 +37,12 @@ from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, run_pipeline
 from .passes.sites import Site
 from .report import GraphReport, Report, SiteReport
-from .state import ModelState, natural_orientation, slot_name
+from .state import ModelState, natural_orientation, random_seed, slot_name
 
 __all__ = ["VeloraBackend", "backend", "default_backend"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SERIALS = itertools.count()
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,8 +74,10 @@ class VeloraBackend:
         self._models: "weakref.WeakKeyDictionary[nn.Module, ModelState]" = weakref.WeakKeyDictionary()
         self._functions = ModelState("functions")
         self._graph_ids = itertools.count()
+        self.serial = next(_SERIALS)  # names this backend's plans across ranks (created in the same order)
         self._model_ids = itertools.count()
         self._warned: set[str] = set()
+        self._pending: dict[str, dict[str, Any]] = {}  # model label -> loaded entries no compiled weight holds yet
 
     # -- dynamo entry point ------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
@@ -87,7 +92,7 @@ class VeloraBackend:
             if any(h.rewritten for h in heads):
                 original_bytes = self._baseline_bytes(gm, list(example_inputs))
                 gm = rewritten
-        lifted = _lift_state(gm, list(example_inputs), model) if training else None
+        lifted = _lift_state(gm, list(example_inputs), model, root) if training else None
         partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm)
         partitioner.loss_heads, partitioner.original_bytes = heads, original_bytes
         graph = lifted.gm if lifted else gm
@@ -106,7 +111,7 @@ class VeloraBackend:
                                          decompositions=_compat.select_decomp_table())
             with _compat.custom_partitioner(partitioner), _compat.autograd_cache_disabled():
                 compiled = eager(graph, inputs)
-        return _with_state(compiled, lifted.state_tensors) if lifted else compiled
+        return _StateCall(compiled, self, model, lifted) if lifted else compiled
 
     def _baseline_bytes(self, gm: fx.GraphModule, example_inputs: list[Any]) -> int | None:
         """Activation bytes inductor's partition of dynamo's original graph saves (what a rewrite
@@ -177,7 +182,23 @@ class VeloraBackend:
             param, orientation = found
             return param, orientation, int(param.shape[-1] if orientation == 0 else param.shape[-2])
 
-        target.load_state_dict(state.get("sites", {}), resolve)
+        sites = dict(state.get("sites", {}))
+        live = {s.name for s in target.live_slots()}
+        # FSDP2: between steps a module holds its sharded DTensor parameter, while compiled graphs
+        # see the all-gathered one, a different object: such entries wait, by name, until a
+        # compiled graph binds that weight (checked now on a scratch state)
+        deferred = {n: e for n, e in sites.items()
+                    if n not in live and distributed.is_sharded((resolve(n) or (None,))[0])}
+        ModelState("scratch").load_state_dict(deferred, resolve)
+        target.load_state_dict({n: e for n, e in sites.items() if n not in deferred}, resolve)
+        if deferred:
+            self._pending.setdefault(target.label, {}).update(deferred)
+
+    def _take_pending(self, model: ModelState, slot) -> None:
+        """Load an entry ``load_state_dict`` deferred, once a compiled graph binds its weight."""
+        entry = self._pending.get(model.label, {}).pop(slot.name, None)
+        if entry is not None:
+            model.load_state_dict({slot.name: entry}, lambda name: None)
 
     def state_tensors(self, model: nn.Module | None = None) -> list[Tensor]:
         """The device tensors holding the state (graph inputs that live as long as the model,
@@ -218,7 +239,8 @@ class VeloraBackend:
             if any(h.rewritten for h in partitioner.loss_heads) else []
         ctx = JointContext(gm, joint_inputs, num_fwd_outputs, partitioner.param_indices,
                            _compat.min_cut_rematerialization_partition, kwargs, partitioner.labels)
-        distributed.adopt_rank0_plan(model)  # under torch.distributed: rank 0 plans, see distributed.py
+        graph_key = f"{self.serial}/{graph_id}"  # the same on every rank: backends and graphs come in order
+        distributed.adopt_rank0_plan(model, graph_key)  # under torch.distributed: rank 0 plans, see distributed.py
         try:
             result = run_pipeline(ctx, self.config, binding, graph_id)
         except ConfigError:
@@ -230,9 +252,8 @@ class VeloraBackend:
             self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
             model.reports.append(GraphReport(graph_id, "fallback", reason, model=model.label, frame=frame))
             return plain()
-        finally:  # on every path, so no rank waits for a collective another rank skipped
-            distributed.share_plan(model)
-            distributed.share_state(model)
+        finally:  # on every path, so no rank waits for a plan rank 0 never sends
+            distributed.share_plan(model, graph_key)
         if self.config.memory_budget is not None:
             result = _meet_budget(self.config, ctx, result, partitioner.original_bytes)
         _add_loss_heads(result, partitioner.loss_heads, partitioner.original_bytes, head_grads)
@@ -319,7 +340,8 @@ class _Lifted:
     example_inputs: list[Any]
     state_tensors: list[Tensor]
     state_index: dict[int, int]          # input index of a weight -> input index of its state
-    real_inputs: list[Any]
+    real_inputs: list[Any] | None        # real values of every input (None: some are fake, no calibration)
+    inputs: list[Any]                    # the inputs with the real weights (for binding and names)
 
 
 def _trains(example_inputs: Sequence[Any]) -> bool:
@@ -331,25 +353,124 @@ def _has_state(x: Any) -> bool:
             and not _compat.is_fake(x))
 
 
-def _lift_state(gm: fx.GraphModule, example_inputs: list[Any], model: ModelState) -> _Lifted | None:
-    weights = [i for i, x in enumerate(example_inputs) if _has_state(x)]
+def _lift_state(gm: fx.GraphModule, example_inputs: list[Any], model: ModelState,
+                root: nn.Module | None = None) -> _Lifted | None:
+    real = _real_weights(gm, example_inputs, root)
+    weights = [i for i, x in enumerate(real) if _has_state(x)]
     if not weights:
         return None
-    tensors = [model.tensor_for(example_inputs[i]) for i in weights]
+    tensors = [model.tensor_for(real[i]) for i in weights]
     new_gm = _compat.copy_dynamo_graph(gm)
     fake_mode = _compat.fake_mode_of(list(example_inputs))
     fakes = [_compat.static_fake(fake_mode, t) for t in tensors]
     _compat.append_static_inputs(new_gm, [f"velora_state_{i}" for i in weights], fakes)
     n = len(example_inputs)
+    calibration = None if any(_compat.is_fake(x) for x in real) else real + tensors
     return _Lifted(new_gm, example_inputs + fakes, tensors, {w: n + k for k, w in enumerate(weights)},
-                   example_inputs + tensors)
+                   calibration, real + tensors)
 
 
-def _with_state(compiled: Callable, state: list[Tensor]) -> Callable:
-    """The compiled graph, called with the state tensors appended."""
-    def call(*args):
-        return compiled(*args, *state)
-    return call
+def _real_weights(gm: fx.GraphModule, example_inputs: list[Any], root: nn.Module | None) -> list[Any]:
+    """The inputs, with each fake one that is a parameter of ``root`` (by its dynamo source)
+    replaced by that parameter.  DDPOptimizer compiles its bucket subgraphs on fake copies of
+    everything, the weights included; state belongs to the real weight."""
+    if root is None or not any(_compat.is_fake(x) for x in example_inputs):
+        return list(example_inputs)
+    params = dict(root.named_parameters(remove_duplicate=False))
+    out = list(example_inputs)
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        source = _compat.dynamo_source_name(node) if i < len(out) and _compat.is_fake(out[i]) else None
+        param = params.get(module_path_from_source(source)) if source else None
+        if param is not None and param.shape == out[i].shape and param.dtype == out[i].dtype:
+            out[i] = param
+    return out
+
+
+class _StateCall:
+    """The compiled graph, called with the state tensors of the weights each call passes.
+
+    Dynamo reuses a compiled graph for every module whose code and guards match: the frames of a
+    stack's identical layers after a graph break (FSDP2 breaks at every ``fully_shard`` module; a
+    graph break in a loop; per-layer ``compile``), so a call's weights need not be those it was
+    compiled with.  State belongs to the weight: other weights get their own state tensors and
+    slots, copied from the compiled weights' slots (same sub-token size; v: ``first_batch`` starts
+    from the compiled module's v, ``random`` from its own seed, ``batch`` / ``ema`` from its own
+    batch in graph).  Under torch.distributed, the first call with a set of weights takes rank 0's
+    state before and after it runs (eager broadcasts, outside any compile: a v set at compile time
+    from each rank's own batch, and one the graph sets from it, become rank 0's).  Per call: one
+    dict lookup by the weights' ids (an entry leaves when a weight dies)."""
+
+    def __init__(self, compiled: Callable, backend: VeloraBackend, model: ModelState, lifted: _Lifted) -> None:
+        self.compiled, self.backend, self.model = compiled, backend, model
+        self.positions = sorted(lifted.state_index)
+        self.weights = operator.itemgetter(*self.positions) if len(self.positions) > 1 else \
+            (lambda args, i=self.positions[0]: (args[i],))
+        weights = self.weights(lifted.inputs)
+        self.origin = [weakref.ref(w) for w in weights]
+        self.compiled_state = lifted.state_tensors
+        self.bound: dict[tuple[int, ...], list[Tensor]] = {}
+        self.unsynced: set[tuple[int, ...]] = set()
+        self._refs: list[weakref.ref] = []
+        self._remember(weights, lifted.state_tensors)
+
+    def __call__(self, *args):
+        key = tuple(map(id, self.weights(args)))
+        state = self.bound.get(key)
+        if state is None:
+            if any(_compat.is_fake(w) for w in self.weights(args)):  # DDPOptimizer's fake first call
+                return self.compiled(*args, *self.compiled_state)
+            state = self._bind(args)
+        if key not in self.unsynced:
+            return self.compiled(*args, *state)
+        # the first call with these weights under torch.distributed: rank 0's v before the call
+        # uses it (set at compile time or loaded), and after it (v the graph set from this batch)
+        self.unsynced.discard(key)
+        distributed.share_tensors(state)
+        out = self.compiled(*args, *state)
+        distributed.share_tensors(state)
+        return out
+
+    def _remember(self, weights: Sequence[Tensor], state: list[Tensor]) -> None:
+        key = tuple(map(id, weights))
+        forget = lambda _ref, bound=self.bound: bound.pop(key, None)  # noqa: E731 - ids are reused
+        self.bound[key] = state
+        self._refs += [weakref.ref(w, forget) for w in weights]
+        if distributed.active():
+            self.unsynced.add(key)
+
+    def _bind(self, args: Sequence[Any]) -> list[Tensor]:
+        root = find_compiled_root()  # the model this call runs under
+        model, names = self.backend.model_state(root), ParamNames(root)
+        init = self.backend.config.init
+        tensors = []
+        for weight, origin in zip(self.weights(args), (r() for r in self.origin)):
+            state = model.tensor_for(weight)
+            tensors.append(state)
+            if origin is None or origin is weight:
+                continue
+            path, leaf, module = names.module_of(weight, None)
+            for src in [s for s in list(self.model.slots.values()) if s.param_ref() is origin]:
+                name = slot_name(path, leaf or "weight", src.orientation, natural_orientation(module)) \
+                    if path or leaf else src.name
+                slot = model.register_slot(weight, src.orientation, name, src.features)
+                self.backend._take_pending(model, slot)
+                g, o = src.sub_token_size, src.orientation
+                if g is None:
+                    continue
+                if slot.sub_token_size not in (None, g):
+                    raise ValueError(f"velora_fx: {slot.name!r} holds a v of size {slot.sub_token_size}, but the "
+                                     f"graph dynamo reuses for it was compiled for {src.name!r} with size {g}")
+                slot.sub_token_size = g
+                with torch.no_grad():
+                    if state[o, 0] > 0:
+                        continue  # loaded
+                    if init == "random":
+                        state[o, 1:1 + g].copy_(random_vector(g, random_seed(slot.name)).to(state.device))
+                        state[o, 0] = 1.0
+                    elif init == "first_batch":
+                        state[o].copy_(src.tensor[o])
+        self._remember(self.weights(args), tensors)
+        return tensors
 
 
 def _mode_options(mode: str | None) -> dict[str, Any]:
@@ -365,7 +486,7 @@ class _Partitioner(_compat.CustomPartitionerFn):
     def __init__(self, backend: VeloraBackend, model: ModelState, names: ParamNames, lifted: _Lifted | None,
                  gm: fx.GraphModule) -> None:
         self.backend, self.model, self.names, self.lifted = backend, model, names, lifted
-        inputs = lifted.real_inputs if lifted else []
+        inputs = lifted.inputs if lifted else []
         self.params = [x if isinstance(x, nn.Parameter) else None for x in inputs]
         labels = _primal_labels(gm)
         self.labels = labels + [None] * (len(inputs) - len(labels))
@@ -389,12 +510,13 @@ class _Partitioner(_compat.CustomPartitionerFn):
         if self.lifted is None or primals is None or len(primals) != len(self.params):
             return None
         return make_binding(self.model, self.names, self.params, self.lifted.state_index, self.lifted.real_inputs,
-                            self.labels)
+                            self.labels, on_slot=lambda slot: self.backend._take_pending(self.model, slot))
 
     def release_inputs(self) -> None:
         """Drop the references to the calibration batch (inductor may keep this object alive)."""
         if self.lifted is not None:
             self.lifted.real_inputs = self.lifted.example_inputs = None
+            self.lifted.inputs = [x if isinstance(x, nn.Parameter) else None for x in self.lifted.inputs]
 
     def uuid(self) -> str:
         return self._uuid
@@ -407,9 +529,11 @@ class _Partitioner(_compat.CustomPartitionerFn):
 
 
 def make_binding(model: ModelState, names: ParamNames, params: list[Tensor | None], state_index: dict[int, int],
-                 real_inputs: list[Any] | None, labels: Sequence[str | None] = ()) -> GraphBinding:
+                 real_inputs: list[Any] | None, labels: Sequence[str | None] = (),
+                 on_slot: Callable[[Any], None] | None = None) -> GraphBinding:
     """How a joint graph with lifted state inputs reaches ``model``: names, slots, plan, real inputs.
-    ``labels`` are the source-derived paths of the inputs (for weights outside a root module)."""
+    ``labels`` are the source-derived paths of the inputs (for weights outside a root module);
+    ``on_slot`` sees every slot the pass binds (before it plans)."""
 
     def module_of(site: Site):
         label = labels[site.param_index] if site.param_index < len(labels) else None
@@ -427,7 +551,10 @@ def make_binding(model: ModelState, names: ParamNames, params: list[Tensor | Non
             path, leaf = site.module_path, "weight"
         name = slot_name(path, leaf or "weight", site.orientation, natural_orientation(module))
         with _compat.real_tensors():
-            return model.register_slot(params[site.param_index], site.orientation, name, features)
+            found = model.register_slot(params[site.param_index], site.orientation, name, features)
+            if on_slot is not None:
+                on_slot(found)
+            return found
 
     return GraphBinding(module_path=module_path, slot=slot, state_primal=state_index.get, plan=model.plan,
                         real_primals=real_inputs)
