@@ -249,7 +249,7 @@ def markdown(rows: list[dict], info: dict, args) -> str:
                                                 if vs.get("ms_per_step") is not None else "")
         saved = r.get("saved_GiB_all_graphs")
         sites = "–" if r["sites"] is None else f"{r['compressed_sites']}/{r['sites']}" + (
-            f", saved {saved['before']:.2f} → {saved['after']:.2f} GiB" if saved else "") + (
+            f", saved {saved['before']:.3f} → {saved['after']:.3f} GiB" if saved else "") + (
             "" if r["v_same_on_all_ranks"] is None else (", v same on all ranks" if r["v_same_on_all_ranks"]
                                                          else ", v DIFFERS between ranks"))
         status = r["status"] + (f": {(r['error'] or r['note'])[:100]}" if r.get("error") or r.get("note") else "")

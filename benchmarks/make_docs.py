@@ -394,12 +394,29 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _distributed(paths: list[str]) -> str:
+    """bench_distributed.py runs (FSDP2 on several GPUs): their own summary.md, verbatim (the
+    table already carries the device, the command and ratios to inductor in the same run)."""
+    found = []
+    for path in paths:
+        for root, _, files in sorted(os.walk(path)) if os.path.isdir(path) else []:
+            if "bench_distributed.json" in files and "summary.md" in files:
+                found.append(os.path.join(root, "summary.md"))
+    if not found:
+        return "\n## Several GPUs (FSDP2)\n\nNot measured yet.\n"
+    parts = ["", "## Several GPUs (FSDP2, `benchmarks/bench_distributed.py`)", ""]
+    for summary in found:
+        with open(summary) as fh:
+            parts += [f"From `{summary}`:", "", fh.read().strip(), ""]
+    return "\n".join(parts) + "\n"
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     runs, scaling = collect(args.paths)
     command = "python benchmarks/make_docs.py " + shlex.join(
         list(args.paths) + ["--out-md", args.out_md, "--img-dir", args.img_dir])
-    text = render(runs, scaling, args.out_md, args.img_dir, command)
+    text = render(runs, scaling, args.out_md, args.img_dir, command) + _distributed(args.paths)
     os.makedirs(os.path.dirname(os.path.abspath(args.out_md)), exist_ok=True)
     with open(args.out_md, "w") as fh:
         fh.write(text)
