@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .._compat import CheckpointPolicy
-from .graph_utils import CASTS, ancestors, FORWARD_MATMULS, JointFlags, output_values, tensor_val, view_forms
+from .graph_utils import CASTS, VIEW_LIKE, ancestors, FORWARD_MATMULS, JointFlags, output_values, tensor_val, view_forms
 from .pointwise_sites import site_name
 
 __all__ = ["StoredSite", "find_stored_sites"]
@@ -53,11 +53,12 @@ def _forward_side(gm: fx.GraphModule, num_fwd_outputs: int) -> set[fx.Node]:
 
 
 def _anchor(gm: fx.GraphModule, num_fwd_outputs: int) -> int:
-    """The first forward output that is a floating-point value computed in the graph (-1: none)."""
+    """The first forward output that is a floating-point value computed in the graph (-1: none);
+    never a view, which AOTAutograd may regenerate from an input it aliases."""
     for i, out in enumerate(output_values(gm)[:num_fwd_outputs]):
         val = tensor_val(out) if isinstance(out, fx.Node) else None
         if out is not None and isinstance(out, fx.Node) and out.op == "call_function" and \
-                isinstance(val, torch.Tensor) and val.is_floating_point():
+                out.target not in VIEW_LIKE and isinstance(val, torch.Tensor) and val.is_floating_point():
             return i
     return -1
 
