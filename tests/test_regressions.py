@@ -255,3 +255,21 @@ def test_fp16_coefficients_compile_under_inductor(strict_pass):
     torch.compile(model, backend=backend)(x).float().square().mean().backward()
     assert backend.report().compressed
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_report_totals_count_each_layer_compiled_from_one_frame():
+    """FSDP2 compiles every decoder layer as a recompile of one dynamo frame: totals must count
+    each layer's graph once, while a recompile of the same layer (new shapes) still replaces it."""
+    from velora_fx.report import GraphReport, Report, SiteReport
+
+    def graph(graph_id, layer, before):
+        site = SiteReport(name=f"layers.{layer}.mlp.down_proj", consumers=[f"layers.{layer}.mlp.down_proj"],
+                          op="mm", shape=(4, 8), dtype="float32", saved_by_baseline=True, saved_forms=["mm"],
+                          bytes_before=before, bytes_after=before // 2, decision="compressed", reason="")
+        return GraphReport(graph_id=graph_id, status="rewritten", sites=[site], saved_bytes_before=before,
+                           saved_bytes_after=before // 2, model="M#0", frame="frame-7")
+
+    report = Report(graphs=[graph(0, 0, 100), graph(1, 1, 100), graph(2, 2, 100)])
+    assert report.saved_bytes_before == 300 and len(report.current) == 3
+    report.graphs.append(graph(3, 1, 60))  # layer 1 recompiled for a new shape
+    assert report.saved_bytes_before == 260 and [g.graph_id for g in report.current] == [0, 2, 3]

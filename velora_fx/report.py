@@ -104,15 +104,19 @@ class GraphReport:
 @dataclass
 class Report:
     """Graphs a backend compiled (or one ``transform``).  Totals count the latest graph of each
-    compiled frame: a recompile for new shapes replaces its predecessor rather than adding to it."""
+    compiled frame and set of modules: a recompile for new shapes replaces its predecessor rather
+    than adding to it, while the graphs of different layers compiled from one frame all count."""
 
     graphs: list[GraphReport] = field(default_factory=list)
 
     @property
     def current(self) -> list[GraphReport]:
-        latest: dict[tuple[str, str], GraphReport] = {}
+        latest: dict[tuple, GraphReport] = {}
         for g in self.graphs:
-            key = (g.model, g.frame) if g.frame else (g.model, f"#{g.graph_id}")
+            # the modules a graph's sites belong to tell one layer's graph from another's when
+            # dynamo compiles several layers as recompiles of one frame (FSDP2 units)
+            modules = tuple(sorted({c for s in g.sites for c in s.consumers}))
+            key = (g.model, g.frame, modules) if g.frame else (g.model, f"#{g.graph_id}")
             latest[key] = g
         return sorted(latest.values(), key=lambda g: g.graph_id)
 
