@@ -611,6 +611,14 @@ def _gib(n) -> str:
     return "–" if n is None else f"{n / 2**30:.2f}"
 
 
+def _status(r: dict) -> str:
+    """A run's status cell: the status, and the first 100 characters of its error if any."""
+    status = r.get("status", "?")
+    if r.get("error"):
+        status += ": " + r["error"].replace("|", "/").replace("\n", " ")[:100]
+    return status
+
+
 def _f(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
@@ -655,9 +663,7 @@ def summary_markdown(results: dict) -> str:
     for name, r in p1["runs"].items():
         sb = r.get("state_bytes") or {}
         ratio = f"{sb['total'] / adamw_state:.2f}" if sb.get("total") is not None and adamw_state else "–"
-        status = r.get("status", "?")
-        if r.get("error"):
-            status += ": " + r["error"].replace("|", "/").replace("\n", " ")[:100]
+        status = _status(r)
         lines.append(f"| {name} ({hp_label(r)}) | {_f(r.get('final_val_loss'), '.4f')} "
                      f"| {_f(r.get('min_val_loss'), '.4f')} "
                      f"| {_mib(sb.get('total'))} ({_mib(sb.get('hidden'))} / {_mib(sb.get('other'))}) | {ratio} "
@@ -681,9 +687,7 @@ def summary_markdown(results: dict) -> str:
     for kind, r in p2.get("runs", {}).items():
         rank = p2.get("lora_rank") if kind == "lora" else p2.get("lotr_rank")
         before = r.get("curve", {}).get("val_loss", [None])[0] if r.get("curve", {}).get("val_loss") else None
-        status = r.get("status", "?")
-        if r.get("error"):
-            status += ": " + r["error"].replace("|", "/").replace("\n", " ")[:100]
+        status = _status(r)
         lines.append(f"| {kind} | {rank} | {_f(r.get('trainable_params'), ',')} | {_f(before, '.4f')} "
                      f"| {_f(r.get('final_val_loss'), '.4f')} | {_f(r.get('min_val_loss'), '.4f')} "
                      f"| {_f(r.get('step_ms_median'), '.1f')} | {_f(r.get('tokens_per_s'), ',.0f')} "

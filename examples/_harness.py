@@ -12,6 +12,16 @@ import torch
 import velora_fx
 
 
+def apply_size(ap: argparse.ArgumentParser, args: argparse.Namespace, sizes: dict[str, dict[str, Any]]) -> None:
+    """Fill the options the command line left out from the ``--size`` preset; a CUDA preset on a
+    machine without CUDA is a usage error that says what to pass instead."""
+    for key, value in sizes[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device} (from --size {args.size}) needs CUDA; pass --device cpu")
+
+
 def fmt_mem(n: int | None) -> str:
     return "n/a (CPU)" if n is None else f"{n / 2**20:.1f} MiB"
 

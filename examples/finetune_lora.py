@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from velora_fx.data import byte_lm_batches, stdlib_text
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import print_runs, run_regimes, start_peak, summary, timed_step  # noqa: E402
+from _harness import apply_size, print_runs, run_regimes, start_peak, summary, timed_step  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -177,11 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    for key, value in SIZES[args.size].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device} (from --size {args.size}) needs CUDA; pass --device cpu")
+    apply_size(ap, args, SIZES)
     return args
 
 

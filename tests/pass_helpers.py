@@ -69,6 +69,18 @@ def train_step(model, x, backend=None, autocast=None):
     return out.detach(), x.grad.detach(), grads
 
 
+def square_loss_step(model, x, backend=None):
+    """Compile with ``backend`` (fresh dynamo), one ``out.square().mean()`` backward; returns the
+    output and the parameter gradients, and clears them for the next call."""
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=backend) if backend is not None else model
+    out = run(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
 def reference_twin(model: nn.Module, backend: velora_fx.VeloraBackend) -> nn.Module:
     """An eager copy of ``model`` where every linear the backend compressed uses the eager
     reference with the very v the backend used (so the two must agree to rounding)."""

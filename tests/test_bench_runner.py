@@ -4,7 +4,6 @@ The runner goes through a subprocess (it owns dynamo's state and may call sys.ex
 ``--compiler eager`` (inductor's partitioner and decompositions, no code generation), so both
 regimes and several variants take seconds; make_docs then renders the JSON to a temporary path.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+
+from script_loader import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -21,11 +22,7 @@ TINY = ["--device", "cpu", "--models", "llama", "--sizes", "1x64", "--vocab", "5
 
 def _load(name: str):
     sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py", f"_bench_{name}")
 
 
 def _run(out, *extra) -> dict:

@@ -3,7 +3,6 @@
 The ``compiler="eager"`` runs (same rewrite and partitioner, no codegen) take seconds; the inductor
 runs compile real kernels and are marked slow.
 """
-import importlib.util
 import math
 import pathlib
 import sys
@@ -11,14 +10,13 @@ import sys
 import pytest
 import torch
 
+from script_loader import load_script
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"_example_{name}")
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import velora_fx
+from pass_helpers import square_loss_step
 from velora_fx.codecs.fewbit_levels import FewBitFunction, fit_levels
 
 FUNCTIONS = {
@@ -65,14 +66,7 @@ class MLP(nn.Module):
         return x
 
 
-def _step(model, x, backend=None):
-    torch._dynamo.reset()
-    run = torch.compile(model, backend=backend) if backend is not None else model
-    out = run(x)
-    out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
+_step = square_loss_step
 
 
 @settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture],

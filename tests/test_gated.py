@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import velora_fx
+from pass_helpers import square_loss_step
 from velora_fx.codecs.gated import Int8StorageCodec, dequantize, group_size, quantize, scale_dtype
 
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
@@ -57,14 +58,7 @@ class GatedMLP(nn.Module):
         return x
 
 
-def _step(model, x, backend=None):
-    torch._dynamo.reset()
-    run = torch.compile(model, backend=backend) if backend is not None else model
-    out = run(x)
-    out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
+_step = square_loss_step
 
 
 @settings(max_examples=25, deadline=None)

@@ -8,14 +8,13 @@ import pathlib
 import pytest
 import torch
 
+from script_loader import load_script
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "optim_compare.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("_optim_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "_optim_compare")
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,13 @@ inductor fuses the encode into the producer's epilogue and the decode into the g
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
 from .._compat import real_tensors
-from ..passes.graph_utils import create_node
+from ..passes.graph_utils import create_node, emit as _emit
 from .base import register_codec
 from .fewbit_levels import FewBitLevels, empirical_error, fit_levels
 
@@ -21,10 +23,6 @@ __all__ = ["FewBitCodec", "packed_shape"]
 
 aten, prims = torch.ops.aten, torch.ops.prims
 _PACK = 8  # codes per word: 8 codes of b bits fill b bytes exactly
-
-
-def _emit(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
-    return create_node(graph, target, args, kwargs)
 
 
 def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
@@ -60,10 +58,7 @@ class FewBitCodec:
 
     def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> int:
         """What forward saves for a tensor of ``shape``: the packed uint8 codes."""
-        numel = 1
-        for s in packed_shape(tuple(int(s) for s in shape), self.bits):
-            numel *= int(s)
-        return numel
+        return math.prod(packed_shape(tuple(int(s) for s in shape), self.bits))
 
     def error(self, t: torch.Tensor) -> float:
         """Relative energy of the derivative error on real data ``t`` (the tensor encoded)."""

@@ -16,11 +16,13 @@ matmul's epilogue and the decode into the backward kernel that reads it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
 from .._compat import real_tensors
-from ..passes.graph_utils import create_node
+from ..passes.graph_utils import emit as _emit
 from .base import register_codec
 
 __all__ = ["Int8StorageCodec", "quantize", "dequantize", "scale_dtype", "GROUP"]
@@ -59,10 +61,6 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> 
     return (codes.float() * scale.float()).reshape(like.shape).to(like.dtype)
 
 
-def _emit(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
-    return create_node(graph, target, args, kwargs)
-
-
 @register_codec("gated")
 class Int8StorageCodec:
     """``encode(graph, t)`` -> ``[codes, scale]`` (what forward saves instead of ``t``);
@@ -87,9 +85,7 @@ class Int8StorageCodec:
             return float(err.norm() / t.float().norm().clamp_min(1e-30))
 
     def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        numel = 1
-        for s in shape:
-            numel *= int(s)
+        numel = math.prod(int(s) for s in shape)
         scales = numel // group_size(int(shape[-1]), self.group)
         return numel + scales * torch.empty((), dtype=scale_dtype(dtype)).element_size()
 

@@ -15,7 +15,7 @@ import zlib
 import torch
 import torch.fx as fx
 
-from ..passes.graph_utils import create_node
+from ..passes.graph_utils import emit as _emit
 from .base import register_codec
 
 __all__ = ["RmmCodec", "sketch_rows", "rademacher", "structural_error"]
@@ -49,10 +49,6 @@ def rademacher(seed: torch.Tensor, salt: int, rows: int, cols: int, dtype: torch
     h = torch.bitwise_and(idx * 0x9E3779B + seed * 0x85EBCA7 + salt, _MASK)
     bit = torch.bitwise_and(_mix(h), 1)
     return ((bit * 2 - 1).to(dtype) * rows ** -0.5).view(rows, cols)
-
-
-def _emit(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
-    return create_node(graph, target, args, kwargs)
 
 
 @register_codec("rmm")

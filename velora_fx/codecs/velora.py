@@ -10,6 +10,8 @@ fuses into the kernel producing ``x``, and the new state is written back with on
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..distributed import emit_rank_mean
-from ..passes.graph_utils import create_node
+from ..passes.graph_utils import create_node, emit as _emit
 from .base import register_codec
 
 __all__ = ["project", "reconstruct", "initial_vector", "random_vector", "reconstruction_error", "StateRow",
@@ -92,10 +94,6 @@ class StateRow:
     update: str        # "none" (v already set), "first_batch", "batch", "ema:<decay>"
 
 
-def _emit(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
-    return create_node(graph, target, args, kwargs)
-
-
 def _emit_normalised(graph: fx.Graph, u: fx.Node, g: int) -> fx.Node:
     norm = _emit(graph, aten.sqrt.default, _emit(graph, aten.sum.default, _emit(graph, aten.mul.Tensor, u, u)))
     ok = _emit(graph, aten.logical_and.default, _emit(graph, aten.gt.Scalar, norm, _EPS),
@@ -148,9 +146,7 @@ class VeloraCodec:
     def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """What forward saves for an activation of ``shape``: one coefficient per sub-token (in
         ``coeff_dtype``, default the activation's) and v (fp32, g floats)."""
-        numel = 1
-        for s in shape:
-            numel *= int(s)
+        numel = math.prod(int(s) for s in shape)
         coeff = torch.empty((), dtype=self.coeff_dtype or dtype).element_size()
         return numel // self.sub_token_size * coeff + self.sub_token_size * 4
 

@@ -146,6 +146,11 @@ def create_node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None =
     return node
 
 
+def emit(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    """``create_node`` with the op's arguments spelled out (what the codecs write)."""
+    return create_node(graph, target, args, kwargs)
+
+
 def _graph_fake_mode(graph: fx.Graph):
     """The fake mode of a graph's inputs (for ops without tensor arguments, e.g. ``full``)."""
     values = [n.meta.get("val") for n in graph.find_nodes(op="placeholder")]
