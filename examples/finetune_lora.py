@@ -87,10 +87,18 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def add_lora(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, args: argparse.Namespace, velora: bool = False) -> torch.nn.Module:
+    """PEFT LoRA r=``args.rank`` (alpha 2r, no dropout) on ``LORA_TARGETS``.  ``velora``: PEFT's own
+    VeLoRA variant on every LoRA A (``VeloraConfig``, ``args.num_groups`` groups if set, else the
+    paper's 32; projection fixed from the first training batch), run as an autograd.Function."""
     from peft import LoraConfig, get_peft_model
+    extra = {}
+    if velora:
+        from peft import VeloraConfig
+        extra["velora_config"] = VeloraConfig(num_groups=getattr(args, "num_groups", None) or 32,
+                                              init_type="batch_average_once")
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", **extra)
     with warnings.catch_warnings():  # transformers 5 deprecation noise raised from inside peft
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
@@ -127,18 +135,23 @@ def pretrain(model: torch.nn.Module, data: bytes, args: argparse.Namespace) -> f
 
 
 def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backend: Any,
-             label: str) -> dict[str, Any]:
-    """LoRA fine-tune a copy of ``base`` through ``torch.compile(..., backend=backend)``."""
+             label: str, velora: bool = False, val_before: bool = False) -> dict[str, Any]:
+    """LoRA fine-tune a copy of ``base`` through ``torch.compile(..., backend=backend)``, or
+    uncompiled when ``backend`` is None.  ``velora``: PEFT's VeLoRA variant (``add_lora``);
+    ``val_before``: also the validation loss of the adapted model before its first step.
+    ``resident_bytes``: CUDA memory allocated when the peak counter was reset (None on CPU)."""
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)  # same LoRA init for every regime
-    model = add_lora(copy.deepcopy(base), args)
+    model = add_lora(copy.deepcopy(base), args, velora=velora)
     module = LossModule(model).train()
-    compiled = torch.compile(module, backend=backend)
+    compiled = module if backend is None else torch.compile(module, backend=backend)
+    before = {"val_loss_before": validation_loss(module, data, args)} if val_before else {}
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     batches = byte_lm_batches(data, args.batch_size, args.seq_len, split="train", seed=args.seed,
                               device=args.device)
     cuda = start_peak(args.device)
+    resident = torch.cuda.memory_allocated() if cuda else None
     times, losses = [], []
     with tqdm(range(args.steps), desc=f"{label}: compiling", disable=args.quiet) as bar:
         for step in bar:
@@ -148,8 +161,9 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
             if step == 0:
                 bar.set_description(f"{label}: fine-tune")
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    return {**summary(label, times, losses, module, backend, cuda), "val_loss": validation_loss(module, data, args),
-            "trainable_params": sum(p.numel() for p in params)}
+    return {**summary(label, times, losses, module, backend, cuda), **before,
+            "val_loss": validation_loss(module, data, args), "trainable_params": sum(p.numel() for p in params),
+            "resident_bytes": resident}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -33,12 +33,12 @@ def online_pca_grad(P: torch.Tensor, G: torch.Tensor, ortho: float = 0.0) -> tor
     With S = G Pᵀ (m x r):  ∇ = -4 SᵀG + 2 (P Pᵀ) SᵀG + 2 (SᵀS) P  [+ 4·ortho·(P Pᵀ - I) P].
     Cost O(m·n·r); derived from L = tr A - 2 tr(P A Pᵀ) + tr(P A Pᵀ P Pᵀ), A = GᵀG.
     """
-    S = G @ P.T                       # m x r
-    StG = S.T @ G                     # r x n   (= P A)
-    PPt = P @ P.T                     # r x r
-    grad = -4.0 * StG + 2.0 * (PPt @ StG) + 2.0 * ((S.T @ S) @ P)
+    S = G @ P.mT                      # m x r   (leading batch dims allowed throughout)
+    StG = S.mT @ G                    # r x n   (= P A)
+    PPt = P @ P.mT                    # r x r
+    grad = -4.0 * StG + 2.0 * (PPt @ StG) + 2.0 * ((S.mT @ S) @ P)
     if ortho:
-        grad = grad + 4.0 * ortho * ((PPt - torch.eye(P.shape[0], dtype=P.dtype, device=P.device)) @ P)
+        grad = grad + 4.0 * ortho * ((PPt - torch.eye(P.shape[-2], dtype=P.dtype, device=P.device)) @ P)
     return grad
 
 
@@ -51,23 +51,29 @@ class OnlineSubspaceDescent(Optimizer):
     * init (first step only): P = top-``rank`` right singular vectors of G (one ``torch.linalg.svd``);
     * R = G Pᵀ (s x rank); Adam moments on R only -> state is s x rank, not s x l;
     * W ← W(1 - lr·wd) - lr·scale·(m̂ / (√v̂ + eps)) P       (decoupled weight decay, AdamW style);
-    * G̃ = G / ||G||_F;  P ← one Adam (or SGD) step with ``proj_lr`` on the online-PCA loss
+    * G̃ = G / ||G||_F;  P ← one Adam (or SGD) step on the online-PCA loss
       ||G̃ - G̃ PᵀP||_F² (+ ``proj_ortho``·||PPᵀ - I||_F², the paper's optional regulariser),
       gradient in closed form (:func:`online_pca_grad`).  No periodic SVD.
 
     Everything else (biases, norms, small matrices, groups with ``subspace=False`` or params for which
-    ``target`` says False) gets plain AdamW.  ``proj_lr=None`` means ``5·lr`` (the paper's advice:
-    P's learning rate a multiple of W's, e.g. 5).  ``target(name_or_param) -> bool`` is called with the
+    ``target`` says False) gets plain AdamW.  ``target(name_or_param) -> bool`` is called with the
     parameter name when the optimizer was given ``named_parameters()``, else with the tensor.
 
+    P's step is ``proj_lr · lr_t / lr_0`` (lr_0: the group's lr when the optimizer was built), so it
+    follows whatever schedule drives ``lr``, as in the authors' code.  The default 5e-3 is their
+    code's rate (1 / update_proj_gap at gap 200); the paper's "5 × W's rate" gives the same at
+    lr 1e-3.  It is *not* tied to lr by default: at GaLore's lr 1e-2, 5·lr = 0.05 moves Adam's P by
+    more than its own entries (~1/√l) per step, and a 58 M Llama then stalled at val loss 6.1 where
+    AdamW reached 3.9 (H100, benchmarks/optim_compare.py, docs/optim.md).
+
     Measured drift of P (64 x 256, rank 8, 300 steps at lr 1e-2): ||PPᵀ - I|| is 0.03 with Adam at
-    ``proj_lr=1e-3`` but about 1 with Adam at the default 5·lr; ``proj_ortho=1`` or
-    ``proj_optimizer="sgd"`` keep it below 0.04.  A drifting P rescales the effective step.
+    ``proj_lr=1e-3`` but about 1 at 5e-2; ``proj_ortho=1`` or ``proj_optimizer="sgd"`` keep it below
+    0.04.  A drifting P rescales the effective step.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, rank: int = 128,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 scale: float = 1.0, proj_lr: float | None = None, proj_optimizer: str = "adam",
+                 scale: float = 1.0, proj_lr: float = 5e-3, proj_optimizer: str = "adam",
                  proj_ortho: float = 0.0, min_dim: int = 0, subspace: bool = True,
                  target: Callable[[Any], bool] | None = None):
         if lr < 0:
@@ -78,13 +84,18 @@ class OnlineSubspaceDescent(Optimizer):
             raise ValueError(f"invalid betas: {betas}")
         if proj_optimizer not in ("adam", "sgd"):
             raise ValueError(f"proj_optimizer must be 'adam' or 'sgd', got {proj_optimizer!r}")
-        if proj_lr is not None and proj_lr < 0:
+        if proj_lr < 0:
             raise ValueError(f"invalid proj_lr: {proj_lr}")
         self._target = target
         defaults = dict(lr=lr, rank=rank, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale=scale,
                         proj_lr=proj_lr, proj_optimizer=proj_optimizer, proj_ortho=proj_ortho, min_dim=min_dim,
                         subspace=subspace)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("proj_lr_base_lr", group["lr"])  # lr_0 of ``proj_lr · lr_t / lr_0``
 
     # -- helpers --------------------------------------------------------------------------------
     def _uses_subspace(self, group: dict, p: torch.Tensor, name: str | None) -> bool:
@@ -109,6 +120,7 @@ class OnlineSubspaceDescent(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        buckets: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
         for group in self.param_groups:
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
@@ -126,9 +138,13 @@ class OnlineSubspaceDescent(Optimizer):
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if "proj" in state:
-                    self._subspace_step(state, group, p)
+                    key = (id(group), tuple(p.shape), p.dtype, p.device, state["step"])
+                    buckets.setdefault(key, []).append((p, state))
                 else:
                     self._adamw_step(state, group, p)
+        groups = {id(g): g for g in self.param_groups}
+        for key, items in buckets.items():
+            self._subspace_step(items, groups[key[0]])
         return loss
 
     @staticmethod
@@ -167,29 +183,45 @@ class OnlineSubspaceDescent(Optimizer):
                                  state["step"])
         p.add_(d, alpha=-group["lr"])
 
-    def _subspace_step(self, state: dict, group: dict, p: torch.Tensor) -> None:
-        state["step"] += 1
-        step, lr = state["step"], group["lr"]
-        transposed = state["transposed"]
-        P = state["proj"]
-        G = self._oriented(p.grad, transposed)
-        R = G @ P.T                                                             # s x r
-        d = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], R, group["betas"], group["eps"], step)
-        update = d @ P                                                          # s x l, back-projected
-        if group["weight_decay"]:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.T if transposed else update, alpha=-lr * group["scale"])
+    def _subspace_step(self, items: list[tuple[torch.Tensor, dict]], group: dict) -> None:
+        """One step for every subspace weight of one group with one shape, stacked: a transformer's
+        q/k/v/o (or its MLP matrices) share a shape, so the ~25 small kernels per weight become ~25
+        batched ones per shape -- a per-weight loop left the step host-bound at 3x AdamW's time."""
+        params = [p for p, _ in items]
+        states = [st for _, st in items]
+        transposed = states[0]["transposed"]
+        for st in states:
+            st["step"] += 1
+        step, lr = states[0]["step"], group["lr"]
 
-        # one optimizer step on the online-PCA loss of the normalised gradient
-        norm = G.norm()
-        if not torch.isfinite(norm) or norm.item() == 0.0:
-            return
-        gP = online_pca_grad(P, G / norm, group["proj_ortho"])
-        proj_lr = group["proj_lr"] if group["proj_lr"] is not None else 5.0 * lr
+        def stacked(key: str) -> torch.Tensor:
+            return torch.stack([st[key] for st in states])
+
+        G = torch.stack([self._oriented(p.grad, transposed) for p in params])      # b x s x l
+        P = stacked("proj")                                                          # b x r x l
+        m, v = stacked("exp_avg"), stacked("exp_avg_sq")                             # b x s x r
+        d = self._adam_direction(m, v, G @ P.mT, group["betas"], group["eps"], step)
+        update = d @ P                                                               # back-projected
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, [u.T if transposed else u for u in update.unbind(0)],
+                            alpha=-lr * group["scale"])
+
+        # one optimizer step on the online-PCA loss of each normalised gradient (no host sync: a
+        # zero gradient gives a zero step; a non-finite one has already poisoned W above)
+        norms = torch.linalg.vector_norm(G.flatten(1), dim=1).clamp_min(torch.finfo(G.dtype).tiny)
+        gP = online_pca_grad(P, G / norms[:, None, None], group["proj_ortho"])
+        base = group.get("proj_lr_base_lr") or lr
+        proj_lr = group["proj_lr"] * (lr / base if base else 1.0)
+        written = [("exp_avg", m), ("exp_avg_sq", v)]
         if group["proj_optimizer"] == "adam":
-            gP = self._adam_direction(state["proj_exp_avg"], state["proj_exp_avg_sq"], gP, group["betas"],
-                                      group["eps"], step)
+            pm, pv = stacked("proj_exp_avg"), stacked("proj_exp_avg_sq")
+            gP = self._adam_direction(pm, pv, gP, group["betas"], group["eps"], step)
+            written += [("proj_exp_avg", pm), ("proj_exp_avg_sq", pv)]
         P.add_(gP, alpha=-proj_lr)
+        written.append(("proj", P))
+        for key, value in written:
+            torch._foreach_copy_([st[key] for st in states], list(value.unbind(0)))
 
 
 def _expected_state_numel(shape: tuple[int, int], rank: int, proj_optimizer: str = "adam") -> int:
