@@ -333,8 +333,9 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "A velora variant measures what the backend did at the commit shown with its run: `velora_auto` is",
              "the default plan (with `min_efficiency` since 2b68d1f) and `velora_codecs` every codec built then",
              "(`gated` since f7ce900; the results/gpu/v4 runs record commit e553f88, the device copy's stale",
-             "HEAD, but ran the working tree of f7ce900). The narrative and the comparison with the exact front: README.md,",
-             "docs/codecs.md.", "",
+             "HEAD, but ran the working tree of f7ce900; the results/gpu/v5 runs record 0a515bb, whose velora_fx",
+             "backend and codecs they ran: later commits changed only the optimizers and scripts). The narrative",
+             "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
         n = len(by_key.get(key, []))
