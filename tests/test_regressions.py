@@ -273,3 +273,21 @@ def test_report_totals_count_each_layer_compiled_from_one_frame():
     assert report.saved_bytes_before == 300 and len(report.current) == 3
     report.graphs.append(graph(3, 1, 60))  # layer 1 recompiled for a new shape
     assert report.saved_bytes_before == 260 and [g.graph_id for g in report.current] == [0, 2, 3]
+
+
+def test_eager_compiler_handles_dropout(strict_pass):
+    """compiler="eager" runs inductor's joint passes outside compile_fx; its random-op pass needs
+    inductor's fake mode, and without it any graph with dropout failed to compile (BackendCompilerFailed:
+    'NullHandler' object does not support the context manager protocol).  The pass must still apply,
+    and the inverted-dropout scaling must survive: with p=0.5 about half the hidden units are zeroed
+    and the rest doubled, so the output differs from eval mode while its bias gradient stays exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.5), nn.Linear(16, 4)).train()
+    x = torch.randn(32, 8)
+    backend = velora_fx.backend(compiler="eager", mode="all", sub_token_size=4)
+    out = torch.compile(model, backend=backend)(x)
+    out.sum().backward()
+    report = backend.report(model)
+    assert [s.decision for s in report.sites] == ["compressed", "compressed"]
+    assert torch.isfinite(out).all() and not torch.allclose(out, model.eval()(x))
+    torch.testing.assert_close(model[3].bias.grad, torch.full((4,), 32.0))  # d(sum)/d(bias) = batch size

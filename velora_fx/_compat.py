@@ -31,6 +31,7 @@ from torch._inductor.compile_fx import compile_fx  # noqa: E402,F401
 from torch._inductor.compile_fx import partition_fn as inductor_partition_fn  # noqa: E402,F401
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files  # noqa: E402,F401
 from torch._inductor.decomposition import select_decomp_table  # noqa: E402,F401
+from torch._inductor.virtualized import V as _inductor_virtualized  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
 from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402,F401
 
@@ -78,6 +79,17 @@ def custom_partitioner(partitioner: Any):
     """Make inductor's partition step call ``partitioner`` (a CustomPartitionerFn)."""
     with inductor_config.patch(custom_partitioner_fn=partitioner):
         yield
+
+
+def eager_partition_fn(gm: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+    """inductor's partition step (joint-graph passes + partitioner) outside ``compile_fx``, for
+    ``compiler="eager"``.  Its random-op pass (``replace_random``) reads ``V.fake_mode``, which only
+    ``compile_fx`` sets: without it any graph with dropout failed to compile."""
+    mode = fake_mode_of(joint_inputs)
+    if mode is None:
+        return inductor_partition_fn(gm, joint_inputs, **kwargs)
+    with _inductor_virtualized.set_fake_mode(mode):
+        return inductor_partition_fn(gm, joint_inputs, **kwargs)
 
 
 def fake_mode_of(values: Any):

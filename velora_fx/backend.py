@@ -107,7 +107,7 @@ class VeloraBackend:
             if mode or options:
                 self.warn_once("velora_fx: compiler='eager' ignores torch.compile's mode= and options=")
             eager = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
-                                         partition_fn=_compat.inductor_partition_fn,
+                                         partition_fn=_compat.eager_partition_fn,
                                          decompositions=_compat.select_decomp_table())
             with _compat.custom_partitioner(partitioner), _compat.autograd_cache_disabled():
                 compiled = eager(graph, inputs)
@@ -124,7 +124,7 @@ class VeloraBackend:
             return saved.fwd, saved.bwd
 
         trace = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
-                                     partition_fn=_compat.inductor_partition_fn,
+                                     partition_fn=_compat.eager_partition_fn,
                                      decompositions=_compat.select_decomp_table())
         try:
             with _compat.custom_partitioner(_CaptureOnly(capture)), _compat.autograd_cache_disabled():
