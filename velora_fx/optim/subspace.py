@@ -67,8 +67,8 @@ class OnlineSubspaceDescent(Optimizer):
     AdamW reached 3.9 (H100, benchmarks/optim_compare.py, docs/optim.md).
 
     Measured drift of P (64 x 256, rank 8, 300 steps at lr 1e-2): ||PPᵀ - I|| is 0.03 with Adam at
-    ``proj_lr=1e-3`` but about 1 at 5e-2; ``proj_ortho=1`` or ``proj_optimizer="sgd"`` keep it below
-    0.04.  A drifting P rescales the effective step.
+    ``proj_lr=1e-3``, 0.15 at the default 5e-3 and about 1 at 5e-2; ``proj_ortho=1`` or
+    ``proj_optimizer="sgd"`` keep it below 0.04.  A drifting P rescales the effective step.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, rank: int = 128,
