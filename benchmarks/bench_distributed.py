@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_memory import (_ISOLATE, CUDA_GRAPHS, GiB, BudgetInductor, Regime, _fmt, _ratio, _table,  # noqa: E402
-                          budget_patch, compile_counters, counters_since, memory_mark, memory_peak, parse_regime,
-                          run_info, sync, velora_options, velora_summary)
+                          add_workload_arguments, budget_patch, compile_counters, counters_since, memory_mark,
+                          memory_peak, parse_regime, run_info, sync, velora_options, velora_summary)
 from models import LMLoss, build  # noqa: E402
 
 import velora_fx  # noqa: E402
@@ -343,16 +343,7 @@ def parse_args(argv=None):
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES),
                     help=f"in timing order; default {REGIMES}; any inductor_budget_<x> or velora_<preset> of "
                          "bench_memory.py (no CUDA graphs, no eager regimes)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=8, help="per rank")
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=3, help="steps before timing (the first compiles)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per block")
-    ap.add_argument("--rounds", type=int, default=3, help="timed blocks per regime, interleaved across regimes")
+    add_workload_arguments(ap, rounds=3, batch_help="per rank", device_choices=["cuda", "cpu"])
     ap.add_argument("--sequential", action="store_true",
                     help="one regime at a time (warm, its rounds, free it, torch._dynamo.reset()): less memory")
     ap.add_argument("--warm-deadline", type=float, default=None, metavar="SECONDS",

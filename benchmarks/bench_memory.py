@@ -716,26 +716,36 @@ def run_info(args, device: torch.device) -> dict:
             "config": dict(vars(args))}
 
 
+def add_workload_arguments(ap: argparse.ArgumentParser, *, shape: bool = True, warmup: int = 3, rounds: int = 2,
+                           unit: str = "regime", batch_help: str | None = None, device_choices=None) -> None:
+    """The options every GPU benchmark here shares, defined once: device and dtype, the model shape
+    (``--layers``/``--hidden`` unless the caller has its own, e.g. run.py's ``--sizes``), vocabulary,
+    batch and sequence, and the interleaved timing (``--warmup``/``--steps``/``--rounds``)."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=device_choices)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    if shape:
+        ap.add_argument("--layers", type=int, default=12)
+        ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=8, help=batch_help)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=warmup,
+                    help="steps before timing (the first compiles; +ro takes >= 3)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per block")
+    ap.add_argument("--rounds", type=int, default=rounds, help=f"timed blocks per {unit}, interleaved across {unit}s")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama", "gpt2"], choices=["llama", "gpt2"])
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES),
                     help=f"in timing order; from {REGIMES}; inductor_budget_<x> and velora_<preset>[_budget_<x>] "
                          f"take any budget, and any compiled regime takes the suffix {CUDA_GRAPHS!r} (CUDA graphs)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_workload_arguments(ap)
     ap.add_argument("--ref-dtype", default="float32", choices=["float32", "same"],
                     help="dtype of the exact eager gradient the cosines compare against")
     ap.add_argument("--no-grad-cos", dest="grad_cos", action="store_false",
                     help="skip the exact eager gradient and the cosines (saves one eager fp32 step and its memory)")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=3, help="steps before timing (the first compiles; +ro takes >= 3)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per block")
-    ap.add_argument("--rounds", type=int, default=2, help="timed blocks per regime, interleaved across regimes")
     ap.add_argument("--sequential", action="store_true",
                     help="one regime at a time (warm, all its rounds, free it): less memory, no interleaving")
     ap.add_argument("--warm-deadline", type=float, default=None, metavar="SECONDS",

@@ -602,15 +602,8 @@ def parse_args(argv=None):
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help=f"default {' '.join(DEFAULT_VARIANTS)}; also {' '.join(MORE_VARIANTS)}, any bench_memory.py "
                          "regime (velora_<preset>[_budget_<x>], inductor_budget_<x>, +ro); inductor is always run first")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
+    bm.add_workload_arguments(ap, shape=False, warmup=2, unit="variant")
     ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--warmup", type=int, default=2, help="steps before timing (the first compiles; +ro takes >= 3)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per block")
-    ap.add_argument("--rounds", type=int, default=2, help="timed blocks per variant, interleaved across variants")
     ap.add_argument("--ref-dtype", default="float32", choices=["float32", "same"])
     ap.add_argument("--no-grad-cos", dest="grad_cos", action="store_false")
     ap.add_argument("--num-groups", type=int, default=None,
