@@ -95,7 +95,9 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
     ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``head``: the chunked loss head alone;
-    ``mb<x>``: those codecs under ``memory_budget=x`` (inductor's recompute closes the rest).
+    ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
+    exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
+    the least estimated step time, whatever its gradient error).
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
     measured; ``paper`` is the paper's sites at the paper's 32 groups, every one compressed; any
@@ -109,8 +111,11 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
         options = {"codecs": all_codecs}
     elif regime.preset == "head":    # the exact chunked loss head alone
         options = {"codecs": ["chunked_loss"]}
-    elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5
-        options = {"codecs": all_codecs, "memory_budget": float(regime.preset[2:])}
+    elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast
+        fast = regime.preset.endswith("fast")
+        options = {"codecs": all_codecs, "memory_budget": float(regime.preset[2:len(regime.preset) - 4 * fast])}
+        if fast:
+            options["error_cost"] = 0.0
     elif regime.preset == "paper":
         options = {"mode": "all", "include": list(include or REFERENCE_INCLUDE[model_name]), "num_groups": 32}
     else:

@@ -91,6 +91,11 @@ def test_pareto_front_and_variant_names():
     runner = _load("run")
     assert runner.parse_variant("liger_compiled").family == "liger"
     assert runner.parse_variant("velora_mb0.5").preset == "mb0.5"
+    bm = _load("bench_memory")
+    args, _ = runner.parse_args(["--variants", "inductor"])
+    assert bm.velora_options(runner.parse_variant("velora_mb0.5"), "llama", args)["memory_budget"] == 0.5
+    fast = bm.velora_options(runner.parse_variant("velora_mb0.3fast"), "llama", args)
+    assert fast["memory_budget"] == 0.3 and fast["error_cost"] == 0.0
     assert runner.parse_size("12x1024") == (12, 1024)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import velora_fx
+from velora_fx.codecs.velora import project, reconstruct
 from pass_helpers import Block, Stack, reference_twin, saved_activation_bytes, train_step, twin_grads
 
 pytestmark = pytest.mark.usefixtures("strict_pass")
@@ -340,3 +341,50 @@ def test_min_efficiency_skipped_site_keeps_its_weight_gradients_exact():
     _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)
     for name in ("q.weight", "k.weight", "v.weight", "down.weight"):
         torch.testing.assert_close(grads[name], exact[name])
+
+
+class _Conv1D(nn.Module):
+    """GPT-2's layout: y = x W + b with W [in, out], so grad_W = xᵀ grad."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv1d"])
+@pytest.mark.parametrize("g", [2, 8])
+def test_weight_gradient_is_computed_from_the_coefficients(layer, g):
+    """gradᵀ (C ⊗ v) = (gradᵀ C) ⊗ v: the weight-gradient matmul contracts the tokens against the
+    D/g coefficients, never against a rebuilt [N, D] activation, and still equals the eager
+    reference (which rebuilds x̂)."""
+    d_in, d_out = 32, 24
+    model = nn.Sequential(nn.Linear(d_in, d_in), nn.Tanh(),
+                          nn.Linear(d_in, d_out) if layer == "linear" else _Conv1D(d_in, d_out))
+    x = torch.randn(3, 5, d_in)
+    joint = velora_fx.trace_joint(model, x)
+    gm, report = velora_fx.transform(joint, mode="all", sub_token_size=g, include=["2"])
+    assert [s.name for s in report.compressed] == ["2"]
+    weight_grads = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default
+                    and tuple(n.meta["val"].shape) in ((d_out, d_in // g), (d_in // g, d_out))]
+    assert len(weight_grads) == 1, [tuple(n.meta["val"].shape) for n in gm.graph.find_nodes(
+        op="call_function", target=torch.ops.aten.mm.default)]
+    backend = velora_fx.backend(mode="all", sub_token_size=g, include=["2"], compiler="eager")
+    _, _, grads = train_step(model, x, backend)
+    (entry,) = backend.state_dict()["sites"].values()
+    # eager: the layer's input h and output gradient; the reference rebuilds x̂ = c ⊗ v from h
+    captured = {}
+    model[2].register_forward_hook(lambda m, args, out: captured.update(h=args[0].detach()))
+    model[2].register_full_backward_hook(lambda m, gin, gout: captured.update(grad=gout[0].detach()))
+    model.zero_grad(set_to_none=True)
+    _, _, exact = train_step(model, x)
+    h_hat = reconstruct(project(captured["h"], entry["vector"]), entry["vector"]).reshape(-1, d_in)
+    grad = captured["grad"].reshape(-1, d_out)
+    expected = grad.T @ h_hat if layer == "linear" else h_hat.T @ grad
+    torch.testing.assert_close(grads["2.weight"], expected, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        if name != "2.weight":
+            torch.testing.assert_close(grads[name], exact[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -6,6 +6,7 @@ one file to change.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import torch
@@ -186,6 +187,30 @@ def recompute_budget(budget: float | None):
     else:
         with torch._functorch.config.patch(activation_memory_budget=budget):
             yield
+
+
+# (matmul FLOP/s, memory bytes/s) when the device cannot say: an H100's bf16 dense rate and HBM3
+# bandwidth; only their ratio matters for ranking plans of one graph
+_FALLBACK_ROOFLINE = (800e12, 3.0e12)
+
+
+def device_roofline(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """The matmul rate and memory bandwidth of ``device`` for ``dtype`` (inductor's datasheet
+    numbers on CUDA; a fixed H100-like balance elsewhere)."""
+    return _cuda_roofline(device.index or 0, dtype) if device.type == "cuda" else _FALLBACK_ROOFLINE
+
+
+@functools.cache
+def _cuda_roofline(index: int, dtype: torch.dtype) -> tuple[float, float]:
+    try:
+        from torch._inductor.utils import get_device_tflops, get_gpu_dram_gbps
+        with torch.cuda.device(index):
+            tflops, gbps = float(get_device_tflops(dtype)), float(get_gpu_dram_gbps())
+        if tflops > 0 and gbps > 0:
+            return tflops * 1e12, gbps * 1e9
+    except Exception:  # noqa: BLE001 - no datasheet, no triton: the fixed balance
+        pass
+    return _FALLBACK_ROOFLINE
 
 
 def current_recompute_budget() -> float:

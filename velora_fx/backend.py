@@ -31,7 +31,7 @@ from . import _compat, distributed
 from .config import ConfigError, VeloraConfig
 from .codecs.velora import random_vector
 from .naming import ParamNames, find_compiled_root, module_path_from_source
-from .passes.budget import fit_recompute_budget, target_bytes
+from .passes.budget import target_bytes
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, run_pipeline
@@ -242,7 +242,7 @@ class VeloraBackend:
         graph_key = f"{self.serial}/{graph_id}"  # the same on every rank: backends and graphs come in order
         distributed.adopt_rank0_plan(model, graph_key)  # under torch.distributed: rank 0 plans, see distributed.py
         try:
-            result = run_pipeline(ctx, self.config, binding, graph_id)
+            result = run_pipeline(ctx, self.config, binding, graph_id, _budget_target(self.config, partitioner.original_bytes))
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -254,8 +254,6 @@ class VeloraBackend:
             return plain()
         finally:  # on every path, so no rank waits for a plan rank 0 never sends
             distributed.share_plan(model, graph_key)
-        if self.config.memory_budget is not None:
-            result = _meet_budget(self.config, ctx, result, partitioner.original_bytes)
         _add_loss_heads(result, partitioner.loss_heads, partitioner.original_bytes, head_grads)
         result.report.model, result.report.frame = model.label, frame
         if not result.report.sites:
@@ -266,17 +264,12 @@ class VeloraBackend:
         return result.saved.fwd, result.saved.bwd
 
 
-def _meet_budget(config: VeloraConfig, ctx: JointContext, result, original_bytes: int | None):
-    """Close the gap to ``memory_budget`` with inductor's recompute (see ``passes/budget.py``)."""
-    baseline = original_bytes if original_bytes is not None else result.report.saved_bytes_before
-    target = target_bytes(config.memory_budget, baseline)
-    fit = fit_recompute_budget(lambda: ctx.probe(result.gm), result.saved, target)
-    report = result.report
-    report.saved_bytes_after = fit.saved.activation_bytes
-    report.recompute_budget, report.budget_target = fit.recompute_budget, target
-    report.message = "; ".join(m for m in (report.message, fit.message()) if m)
-    result.saved = fit.saved
-    return result
+def _budget_target(config: VeloraConfig, original_bytes: int | None):
+    """``memory_budget`` in bytes, as a function of the baseline partition's saved bytes (a
+    fraction counts from the graph before the loss-head rewrite, when there was one)."""
+    if config.memory_budget is None:
+        return None
+    return lambda baseline: target_bytes(config.memory_budget, original_bytes if original_bytes is not None else baseline)
 
 
 def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads: list[str]) -> None:

@@ -89,6 +89,9 @@ class VeloraConfig:
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
         "help": "target saved bytes: a fraction (0, 1] of the baseline partition's, or a number of bytes (int)"})
+    error_cost: float = field(default=1.0, metadata={
+        "help": "memory_budget: step-time fraction one unit of weighted gradient error is worth when the planner "
+                "weighs codecs against exact recompute (0: fastest plan, any error; large: exact whenever it fits)"})
     loss_chunk_size: int = field(default=1024, metadata={"help": "chunked_loss: rows of logits alive at once"})
     version: int = 4
 
@@ -104,7 +107,7 @@ class VeloraConfig:
             raise ConfigError(f"init must be 'first_batch', 'batch', 'ema:<decay in [0, 1]>' or 'random', got {self.init!r}")
         if self.mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        for name in ("scale", "max_error", "min_efficiency"):
+        for name in ("scale", "max_error", "min_efficiency", "error_cost"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -115,6 +118,8 @@ class VeloraConfig:
             raise ConfigError(f"max_error must be >= 0, got {self.max_error!r}")
         if self.min_efficiency < 0:
             raise ConfigError(f"min_efficiency must be >= 0 (0: no bound), got {self.min_efficiency!r}")
+        if self.error_cost < 0:
+            raise ConfigError(f"error_cost must be >= 0 (0: ignore gradient error), got {self.error_cost!r}")
         set_(self, "include", _as_patterns(self.include, "include"))
         set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))

@@ -93,12 +93,14 @@ class GraphReport:
     frame: str = ""                  # dynamo's frame id: a recompile of the same code replaces a graph
     budget_target: int | None = None     # memory_budget: saved bytes asked for
     recompute_budget: float | None = None  # memory_budget: inductor's activation_memory_budget used
+    budget_plans: list[dict[str, Any]] = field(default_factory=list)  # memory_budget: the plans weighed
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph_id": self.graph_id, "model": self.model, "frame": self.frame, "status": self.status,
                 "message": self.message, "saved_bytes_before": self.saved_bytes_before,
                 "saved_bytes_after": self.saved_bytes_after, "budget_target": self.budget_target,
-                "recompute_budget": self.recompute_budget, "sites": [s.to_dict() for s in self.sites]}
+                "recompute_budget": self.recompute_budget, "budget_plans": list(self.budget_plans),
+                "sites": [s.to_dict() for s in self.sites]}
 
 
 @dataclass

@@ -215,5 +215,63 @@ class VeloraCodec:
                                                         int(coeff.meta["val"].shape[-1]) * self.sub_token_size])
         return _emit(graph, aten.mul.Tensor, x_hat, self.scale) if self.scale != 1.0 else x_hat
 
+    def factored_matmul(self, graph: fx.Graph, saved: list[fx.Node], activation: fx.Node, matmul: fx.Node,
+                        operand_index: int, chain: list[fx.Node]) -> fx.Node | None:
+        """The weight gradient straight from the coefficients, never building x̂ (None: not this form).
+
+        With x̂ = C ⊗ v (C: [N, D/g] coefficients, v: [g]), ``gradᵀ x̂`` is ``(gradᵀ C) ⊗ v``: a
+        matmul g times smaller along the features, then a broadcast multiply.  It also skips
+        writing and reading the [N, D] reconstruction.  Handled: a 2-D ``mm`` whose operand is the
+        activation flattened to [N, D] (``mm(gradᵀ, x)``, nn.Linear) or its transpose
+        (``mm(xᵀ, grad)``, GPT-2's Conv1D)."""
+        if matmul.target is not aten.mm.default:
+            return None
+        features = int(activation.meta["val"].shape[-1])
+        axis = _feature_axis(activation, chain)
+        if axis is None or (operand_index, axis) not in ((1, 1), (0, 0)):
+            return None
+        coeff, v = saved
+        g, dtype = self.sub_token_size, activation.meta["val"].dtype
+        flat = _emit(graph, aten.view.default, _cast(graph, coeff, dtype), [-1, features // g])
+        v = _cast(graph, v, dtype)
+        if operand_index == 1:  # mm(gradᵀ [out, N], x [N, D]) -> (gradᵀ C) [out, D/g] ⊗ v
+            small = _emit(graph, aten.mm.default, matmul.args[0], flat)
+            outer = _emit(graph, aten.mul.Tensor, _emit(graph, aten.unsqueeze.default, small, -1), v)
+            shape = [small.meta["val"].shape[0], features]
+        else:                   # mm(xᵀ [D, N], grad [N, out]) -> v ⊗ (Cᵀ grad) [D/g, out]
+            # permute, not aten.t: the joint graph is past inductor's decompositions, which lower t
+            small = _emit(graph, aten.mm.default, _emit(graph, aten.permute.default, flat, [1, 0]), matmul.args[1])
+            outer = _emit(graph, aten.mul.Tensor, _emit(graph, aten.unsqueeze.default, small, 1),
+                          _emit(graph, aten.view.default, v, [1, g, 1]))
+            shape = [features, small.meta["val"].shape[1]]
+        result = _emit(graph, aten.view.default, outer, shape)
+        return _emit(graph, aten.mul.Tensor, result, self.scale) if self.scale != 1.0 else result
+
     def uuid(self) -> str:
-        return f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}"
+        return f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}:factored"
+
+
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_PASS = {aten.alias.default, aten.clone.default}
+
+
+def _feature_axis(activation: fx.Node, chain: list[fx.Node]) -> int | None:
+    """Where the activation's feature axis ends up in a 2-D matmul operand reached through
+    ``chain`` (reshapes that keep the features last, 2-D transposes); None for any other form."""
+    features = activation.meta["val"].shape[-1]
+    axis = activation.meta["val"].dim() - 1  # features last
+    for node in chain:
+        val_in, val_out = node.args[0].meta["val"], node.meta["val"]
+        if node.target in _PASS:
+            continue
+        if node.target in _RESHAPES:
+            if axis != val_in.dim() - 1 or val_out.shape[-1] != features:
+                return None
+            axis = val_out.dim() - 1
+        elif node.target in (aten.t.default, aten.transpose.int, aten.permute.default) and val_in.dim() == 2 \
+                and val_out.dim() == 2 and (node.target is not aten.permute.default or list(node.args[1]) in ([1, 0], [-1, -2])):
+            axis = 1 - axis
+        else:
+            return None
+    operand = chain[-1] if chain else activation
+    return axis if operand.meta["val"].dim() == 2 else None

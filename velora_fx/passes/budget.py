@@ -1,21 +1,34 @@
-"""``memory_budget``: after the codecs, close the remaining gap with inductor's own exact recompute.
+"""``memory_budget``: one choice between keeping, recomputing and encoding, at least estimated cost.
 
-The codecs run first (each one frees bytes at a cost in gradient error but no recompute); if the
-saved set is still above the target, the partitioner's knapsack (``activation_memory_budget``)
-is searched for the largest budget — the least recompute — that meets it.  When even full
-recompute cannot, the smallest reachable saved set is used and the report says so.
+The planner offers a few *plans* for a graph: exact (no codec; only the model's earlier,
+sticky codec choices), the matmul codecs alone (velora / rmm), and every codec the config allows.
+For each plan the partitioner's knapsack (``activation_memory_budget``) is searched for the
+largest budget — the least recompute — that meets the target (``fit_recompute_budget``).  Each
+fitted plan is priced as
+
+    estimated step time / the baseline partition's + ``error_cost`` x its gradient error
+
+(``step_cost.py``'s roofline; the error is each codec's ``estimated_error`` weighted by the share of
+the trained weights whose gradient it touches), and the cheapest plan that meets the target wins.
+A codec is thus used only where it is cheaper than exact recompute by more than the gradient
+error it costs.  A plan whose cost before any recompute is already above the best is not fitted.
+When no plan can meet the target, the one with the fewest saved bytes is used and the report
+says so.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
 
 from .._compat import recompute_budget
 from .partition_probe import SavedSet
+from .step_cost import StepCost, estimate_step
 
-__all__ = ["BudgetFit", "target_bytes", "fit_recompute_budget"]
+__all__ = ["BudgetFit", "PlanOption", "PlanChoice", "choose_plan", "target_bytes", "fit_recompute_budget"]
 
-_STEPS = 6  # bisection steps on the knapsack budget (1/64 resolution)
+_STEPS = 5  # bisection steps on the knapsack budget (1/32 resolution; each is one partition)
 
 
 @dataclass
@@ -25,10 +38,10 @@ class BudgetFit:
     saved: SavedSet             # the partition chosen
     met: bool
 
-    def message(self) -> str:
+    def message(self, plan: str = "codecs") -> str:
         got = self.saved.activation_bytes
-        how = "codecs alone" if self.recompute_budget >= 1.0 else \
-            f"codecs + inductor recompute (activation_memory_budget={self.recompute_budget:.3g})"
+        how = f"{plan} alone" if self.recompute_budget >= 1.0 else \
+            f"{plan} + inductor recompute (activation_memory_budget={self.recompute_budget:.3g})"
         if self.met:
             return f"memory_budget: {got} <= {self.target} bytes with {how}"
         return f"memory_budget: {self.target} bytes is not reachable; best reachable {got} bytes with {how}"
@@ -57,3 +70,58 @@ def fit_recompute_budget(probe: Callable[[], SavedSet], current: SavedSet, targe
         else:
             high = mid
     return best
+
+
+@dataclass
+class PlanOption:
+    """One way to compress a graph before recompute closes the rest of the gap."""
+
+    name: str                # e.g. "exact", "velora", "velora+fewbit+gated"
+    gm: fx.GraphModule       # the joint graph with this plan's codecs
+    saved: SavedSet          # its partition under the ambient knapsack budget
+    error: float             # weighted estimated gradient error (0: exact)
+    payload: Any = None      # what the caller needs to commit it
+
+
+@dataclass
+class PlanChoice:
+    option: PlanOption
+    fit: BudgetFit | None    # None: not fitted (its cost before recompute was already too high)
+    cost: StepCost
+    time_ratio: float        # estimated step time / the baseline partition's
+    score: float             # time_ratio + error_cost * error
+
+    def to_dict(self, chosen: bool) -> dict[str, Any]:
+        fit = self.fit
+        return {"plan": self.option.name, "chosen": chosen, "fitted": fit is not None,
+                "met": bool(fit and fit.met), "saved_bytes": fit.saved.activation_bytes if fit else None,
+                "recompute_budget": fit.recompute_budget if fit else None,
+                "estimated_time_ratio": round(self.time_ratio, 4), "error": round(self.option.error, 6),
+                "score": round(self.score, 4), "estimated_flops": self.cost.flops,
+                "estimated_bytes_moved": self.cost.bytes}
+
+
+def choose_plan(options: Sequence[PlanOption], target: int, probe: Callable[[fx.GraphModule], SavedSet],
+                baseline: SavedSet, error_cost: float) -> tuple[PlanChoice, list[PlanChoice]]:
+    """The cheapest option that meets ``target`` saved bytes (or, if none can, the one reaching the
+    fewest bytes), and every option as evaluated.  ``probe(gm)`` partitions ``gm`` under the
+    ambient knapsack budget; ``baseline`` is the unmodified graph's partition (the time unit)."""
+    base = estimate_step(baseline.fwd, baseline.bwd).seconds or 1.0
+    evaluated: list[PlanChoice] = []
+    best: PlanChoice | None = None
+    for option in options:
+        unfitted = estimate_step(option.saved.fwd, option.saved.bwd)
+        floor = unfitted.seconds / base + error_cost * option.error  # recompute only adds work
+        if best is not None and floor >= best.score:
+            evaluated.append(PlanChoice(option, None, unfitted, unfitted.seconds / base, floor))
+            continue
+        fit = fit_recompute_budget(lambda: probe(option.gm), option.saved, target)
+        cost = estimate_step(fit.saved.fwd, fit.saved.bwd)
+        choice = PlanChoice(option, fit, cost, cost.seconds / base, cost.seconds / base + error_cost * option.error)
+        evaluated.append(choice)
+        if fit.met and (best is None or choice.score < best.score):
+            best = choice
+    if best is None:  # nothing meets the target: the fewest saved bytes, then the cheapest
+        fitted = [c for c in evaluated if c.fit is not None]
+        best = min(fitted, key=lambda c: (c.fit.saved.activation_bytes, c.score))
+    return best, evaluated

@@ -43,9 +43,21 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
     # compute them in backward when the activation is kept anyway; the pipeline checks that)
     for node in saved:
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    factored = getattr(codec, "factored_matmul", None)
     for site in sites:
         matmul = nodes[site.grad_matmul]
         known = set(graph.nodes)
+        with graph.inserting_before(matmul):
+            direct = factored(graph, saved, activation, matmul, site.operand_index, [nodes[n] for n in site.chain]) \
+                if factored is not None else None
+        if direct is not None:  # the weight gradient from the encoded form itself (no reconstruction)
+            for node in graph.nodes:
+                if node not in known:
+                    _copy_tags(matmul, node)
+                    node.meta["partitioner_tag"] = "must_be_in_backward"
+            matmul.replace_all_uses_with(direct)
+            graph.erase_node(matmul)
+            continue
         with graph.inserting_before(matmul):
             rebuilt = codec.decode(graph, saved, activation)
             mapping = {activation: rebuilt}

@@ -1,0 +1,140 @@
+"""``memory_budget``'s joint plan choice (passes/budget.py, passes/step_cost.py).
+
+The planner weighs exact recompute against the codecs: each plan gets the least recompute meeting
+the target, is priced by the roofline step estimate plus ``error_cost`` x its weighted error, and
+the cheapest plan that meets the target wins.  Checked here: the estimate counts a matmul's FLOPs
+exactly and charges recompute; the choice is the cheapest met plan and pruned plans could not have
+won; a large ``error_cost`` gives the exact plan with gradients equal to plain compilation; no
+``error_cost`` gives the fastest plan; the report's saved bytes are the partition's."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import velora_fx
+from pass_helpers import square_loss_step
+from test_gated import GatedMLP
+from velora_fx.passes.budget import PlanOption, choose_plan
+from velora_fx.passes.partition_probe import SavedSet
+from velora_fx.passes.step_cost import estimate_step, graph_cost
+
+CODECS = ("velora", "fewbit", "gated")
+
+
+def _traced_mm(m, k, n, dtype=torch.float32):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    return make_fx(lambda a, b: torch.mm(a, b).relu() + 1, tracing_mode="fake")(
+        torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
+
+
+@pytest.mark.parametrize("m,k,n", [(4, 8, 16), (32, 64, 8)])
+def test_step_cost_counts_matmul_flops_and_output_bytes(m, k, n):
+    gm = _traced_mm(m, k, n)
+    cost = graph_cost(gm)
+    assert cost.flops == 2 * m * k * n
+    # the output (m x n fp32) is written and read once; relu's result fuses into the add
+    assert cost.bytes == 2 * m * n * 4
+    assert cost.seconds > 0
+
+
+def _saved(nbytes, gm):
+    return SavedSet({"a": "a"}, {}, {"a": nbytes}, gm, gm)
+
+
+def test_choice_is_the_cheapest_plan_that_meets_the_target():
+    """Three synthetic plans: the cheap one misses the target, the lossy one is fastest but its
+    error makes it dearer than the exact one at error_cost 1, cheaper at error_cost 0."""
+    small, large, other = _traced_mm(8, 8, 8), _traced_mm(64, 64, 64), _traced_mm(8, 8, 8)
+    ratio = graph_cost(large).seconds / graph_cost(small).seconds
+    assert ratio > 10
+    options = [PlanOption("exact", large, _saved(100, large), 0.0),
+               PlanOption("lossy", small, _saved(100, small), ratio),  # error worth `ratio` step times
+               PlanOption("unreachable", other, _saved(10_000, other), 0.0)]
+    probe = lambda gm: _saved(100 if gm is not options[2].gm else 10_000, gm)  # noqa: E731
+    best, evaluated = choose_plan(options, target=500, probe=probe, baseline=_saved(100, small), error_cost=1.0)
+    assert best.option.name == "exact"
+    scores = {c.option.name: c for c in evaluated}
+    assert not scores["unreachable"].fit.met
+    assert scores["lossy"].score > best.score
+    best, _ = choose_plan(options, target=500, probe=probe, baseline=_saved(100, small), error_cost=0.0)
+    assert best.option.name == "lossy"
+    best, _ = choose_plan(options, target=5, probe=probe, baseline=_saved(100, small), error_cost=0.0)
+    assert not best.fit.met and best.fit.saved.activation_bytes == 100  # none fits: fewest bytes
+
+
+def _grads(model, x, backend):
+    return square_loss_step(model, x, backend)[1]
+
+
+def _budget_graph(backend):
+    (graph,) = backend.report().graphs
+    return graph
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.8])
+def test_budget_choice_is_consistent_with_its_report(strict_pass, budget):
+    model, x = GatedMLP(32, 96, layers=2), torch.randn(4, 16, 32)
+    backend = velora_fx.backend(codecs=CODECS, mode="max_memory", memory_budget=budget, compiler="eager",
+                                error_cost=0.0)
+    _grads(model, x, backend)
+    graph = _budget_graph(backend)
+    plans = graph.budget_plans
+    assert len(plans) >= 2 and plans[0]["plan"] == "exact", plans
+    (chosen,) = [p for p in plans if p["chosen"]]
+    met = [p for p in plans if p["met"]]
+    if met:
+        assert chosen["met"] and chosen["score"] == min(p["score"] for p in met)
+        assert graph.saved_bytes_after <= graph.budget_target
+    for p in plans:
+        if not p["fitted"]:  # pruned: its cost before recompute already reached the winner's
+            assert p["score"] >= chosen["score"]
+    assert graph.saved_bytes_after == chosen["saved_bytes"]
+    compressed = [s for s in graph.sites if s.decision == "compressed"]
+    if chosen["plan"] == "exact":
+        assert not compressed
+    else:
+        assert compressed and all(s.codec in chosen["plan"] for s in compressed)
+    skipped_by_budget = [s for s in graph.sites if s.reason.startswith("memory_budget: plan")]
+    assert all(s.decision == "skipped" for s in skipped_by_budget)
+
+
+def test_large_error_cost_keeps_every_gradient_exact(strict_pass):
+    model, x = GatedMLP(32, 96, layers=2), torch.randn(4, 16, 32)
+    ref = _grads(model, x, None)  # eager
+    backend = velora_fx.backend(codecs=CODECS, mode="max_memory", memory_budget=0.5, compiler="eager",
+                                error_cost=1e6)
+    grads = _grads(model, x, backend)
+    graph = _budget_graph(backend)
+    assert [p["plan"] for p in graph.budget_plans if p["chosen"]] == ["exact"]
+    assert graph.saved_bytes_after <= graph.budget_target, graph.message
+    assert not [s for s in graph.sites if s.decision == "compressed"]
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_recompute_costs_more_than_keeping(strict_pass):
+    """The exact plan under a tight budget recomputes: its estimate is above the baseline's."""
+    model, x = GatedMLP(32, 96, layers=2), torch.randn(4, 16, 32)
+    backend = velora_fx.backend(codecs=("velora",), memory_budget=0.3, compiler="eager", error_cost=1e6)
+    _grads(model, x, backend)
+    graph = _budget_graph(backend)
+    (exact,) = [p for p in graph.budget_plans if p["plan"] == "exact"]
+    assert exact["recompute_budget"] < 1.0 and exact["estimated_time_ratio"] > 1.0, exact
+
+
+def test_error_cost_is_validated():
+    with pytest.raises(velora_fx.ConfigError, match="error_cost"):
+        velora_fx.backend(error_cost=-1)
+
+
+def test_attention_is_priced_by_its_flops():
+    """Attention is priced by its FLOPs (4 per query-key-dim triple forward), also for the CPU
+    kernels torch's flop counter has no formula for, and with keys longer than queries."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    q, kv = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 32, 8)
+    gm = make_fx(lambda a, b: torch.nn.functional.scaled_dot_product_attention(a, b, b),
+                 tracing_mode="fake")(q, kv)
+    assert isinstance(gm, fx.GraphModule)
+    assert estimate_step(gm, gm).flops == 2 * 4 * (2 * 4 * 16 * 32 * 8)
