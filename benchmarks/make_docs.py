@@ -334,7 +334,10 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "the default plan (with `min_efficiency` since 2b68d1f) and `velora_codecs` every codec built then",
              "(`gated` since f7ce900; the results/gpu/v4 runs record commit e553f88, the device copy's stale",
              "HEAD, but ran the working tree of f7ce900; the results/gpu/v5 runs record 0a515bb, whose velora_fx",
-             "backend and codecs they ran: later commits changed only the optimizers and scripts). The narrative",
+             "backend and codecs they ran: later commits changed only the optimizers and scripts; the",
+             "results/gpu/v6 sweeps record 6915111 but ran the working tree of 947f782: the memory_budget planner",
+             "and VeLoRA's weight gradient from the coefficients; in v6/sweep_gpt2 that code still emitted aten.t,",
+             "which inductor refused for GPT-2's Conv1D, hence its errors, fixed before v6/sweep_gpt2b). The narrative",
              "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
