@@ -97,7 +97,8 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``head``: the chunked loss head alone;
     ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
     exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
-    the least estimated step time, whatever its gradient error).
+    the least estimated step time, whatever its gradient error); a ``c<rows>`` suffix sets
+    ``loss_chunk_size`` (``velora_mb0.5c256``).
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
     measured; ``paper`` is the paper's sites at the paper's 32 groups, every one compressed; any
@@ -111,11 +112,15 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
         options = {"codecs": all_codecs}
     elif regime.preset == "head":    # the exact chunked loss head alone
         options = {"codecs": ["chunked_loss"]}
-    elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast
-        fast = regime.preset.endswith("fast")
-        options = {"codecs": all_codecs, "memory_budget": float(regime.preset[2:len(regime.preset) - 4 * fast])}
-        if fast:
+    elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast, velora_mb0.5c256
+        match = re.fullmatch(r"mb([0-9.]+)(fast)?(?:c(\d+))?", regime.preset)
+        if match is None:
+            raise ValueError(f"velora_{regime.preset}: expected velora_mb<budget>[fast][c<loss chunk rows>]")
+        options = {"codecs": all_codecs, "memory_budget": float(match.group(1))}
+        if match.group(2):
             options["error_cost"] = 0.0
+        if match.group(3):
+            options["loss_chunk_size"] = int(match.group(3))
     elif regime.preset == "paper":
         options = {"mode": "all", "include": list(include or REFERENCE_INCLUDE[model_name]), "num_groups": 32}
     else:

@@ -96,6 +96,8 @@ def test_pareto_front_and_variant_names():
     assert bm.velora_options(runner.parse_variant("velora_mb0.5"), "llama", args)["memory_budget"] == 0.5
     fast = bm.velora_options(runner.parse_variant("velora_mb0.3fast"), "llama", args)
     assert fast["memory_budget"] == 0.3 and fast["error_cost"] == 0.0
+    chunked = bm.velora_options(runner.parse_variant("velora_mb0.5c256"), "llama", args)
+    assert chunked["loss_chunk_size"] == 256 and "error_cost" not in chunked
     assert runner.parse_size("12x1024") == (12, 1024)
 
 

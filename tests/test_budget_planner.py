@@ -138,3 +138,14 @@ def test_attention_is_priced_by_its_flops():
                  tracing_mode="fake")(q, kv)
     assert isinstance(gm, fx.GraphModule)
     assert estimate_step(gm, gm).flops == 2 * 4 * (2 * 4 * 16 * 32 * 8)
+
+
+def test_report_table_lists_the_plans(strict_pass):
+    model, x = GatedMLP(32, 96, layers=2), torch.randn(4, 16, 32)
+    backend = velora_fx.backend(codecs=CODECS, memory_budget=0.5, compiler="eager")
+    _grads(model, x, backend)
+    table = backend.report().table()
+    plans = _budget_graph(backend).budget_plans
+    assert sum(line.startswith("  * plan ") for line in table.splitlines()) == 1
+    for p in plans:
+        assert f"plan {p['plan']}:" in table

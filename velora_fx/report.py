@@ -166,6 +166,12 @@ class Report:
         for g in self.graphs:
             if g.status not in ("rewritten", "unchanged") or g.message:
                 lines.append(_clip(f"graph {g.graph_id}: {g.status}{': ' + g.message if g.message else ''}", _WIDTH))
+            for p in g.budget_plans:  # memory_budget: every plan weighed, the chosen one marked
+                fit = (f"saved {_size(p['saved_bytes'])} at recompute budget {p['recompute_budget']:.3g}"
+                       if p["fitted"] else "not fitted (cost before recompute above the winner's)")
+                lines.append(_clip(f"  {'*' if p['chosen'] else ' '} plan {p['plan']}: {fit}; est. time "
+                                   f"{p['estimated_time_ratio']:.3f}x + error_cost x error {p['error']:.3f} = {p['score']:.3f}",
+                                   _WIDTH))
         current = self.current
         n_sites = sum(len(g.sites) for g in current)
         n_compressed = sum(1 for g in current for s in g.sites if s.decision == "compressed")
