@@ -22,11 +22,14 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from .._compat import recompute_budget
+from .._compat import is_joint_primal, recompute_budget
+from .graph_utils import CASTS, FORWARD_MATMULS, VIEW_LIKE
 from .partition_probe import SavedSet
+from .planner import Decision
 from .step_cost import StepCost, estimate_step
 
-__all__ = ["BudgetFit", "PlanOption", "PlanChoice", "choose_plan", "target_bytes", "fit_recompute_budget"]
+__all__ = ["BudgetFit", "PlanOption", "PlanChoice", "choose_plan", "plan_under_budget", "target_bytes",
+           "fit_recompute_budget"]
 
 _STEPS = 5  # bisection steps on the knapsack budget (1/32 resolution; each is one partition)
 
@@ -125,3 +128,88 @@ def choose_plan(options: Sequence[PlanOption], target: int, probe: Callable[[fx.
         fitted = [c for c in evaluated if c.fit is not None]
         best = min(fitted, key=lambda c: (c.fit.saved.activation_bytes, c.score))
     return best, evaluated
+
+
+def plan_under_budget(ctx, baseline: SavedSet, decisions: list[Decision], pointwise_plan: list, planned: tuple,
+                      weight_share, nodes: dict[str, fx.Node], target: int, error_cost: float,
+                      apply: Callable[[set[int]], tuple]) -> tuple:
+    """``memory_budget``: exact, the matmul codecs alone, or every planned codec, each with the least
+    recompute that meets ``target``; the cheapest wins.  Codec choices the winner does not use are
+    skipped and say why; the model's earlier (sticky) choices are in every plan.  ``ctx`` is the
+    pipeline's JointContext, ``planned`` its (graph, partition, rewrite) with every planned codec,
+    ``apply(ids)`` builds the same for a subset of decisions (by ``id``).  Returns the winner's
+    graph, fitted partition and rewrite, and (winner, every plan as evaluated)."""
+    chosen = [d for d in [*decisions, *pointwise_plan] if d.compress]
+    sticky = {id(d) for d in chosen if d.sticky}
+    matmul = sticky | {id(d) for d in decisions if d.compress}
+    everything = {id(d) for d in chosen}
+    share = _error_weights(ctx, weight_share, nodes)
+    error = lambda subset: sum(share(d) * d.estimated_error for d in chosen if id(d) in subset)  # noqa: E731
+    names = {id(d): (d.codec if isinstance(d, Decision) else d.codec_name) for d in chosen}
+    options, seen = [], set()
+    for subset in (sticky, matmul, everything):
+        key = frozenset(subset)
+        if key in seen:
+            continue
+        seen.add(key)
+        built = planned if subset == everything else apply(subset)
+        name = "+".join(sorted({names[i] for i in subset - sticky})) or "exact"
+        if sticky and subset != sticky:
+            name += " (+ this model's earlier choices)"
+        elif sticky:
+            name = "this model's earlier choices"
+        options.append(PlanOption(name, built[0], built[1], error(subset), (subset, built)))
+    best, evaluated = choose_plan(options, target, ctx.probe, baseline, error_cost)
+    subset, (gm, _, done) = best.option.payload
+    for d in chosen:
+        if id(d) not in subset:
+            d.skip(f"memory_budget: plan '{best.option.name}' meets it at a lower estimated cost")
+    return gm, best.fit.saved, done, (best, evaluated)
+
+
+def _error_weights(ctx, weight_share, nodes: dict[str, fx.Node]) -> Callable[[Any], float]:
+    """How much of the model a codec's error reaches: the share of the trained weights whose
+    gradient it approximates (a VeLoRA/RMM site's weights; for a nonlinearity's codes, the weights
+    of the matmuls that produce its input, whose gradients its derivative multiplies)."""
+    primal_index = {n: i for i, n in enumerate(n for n in ctx.gm.graph.nodes if is_joint_primal(n))}
+    params = set(ctx.param_indices)
+
+    def producers(node: fx.Node) -> list["_ParamRef"]:
+        found, seen, frontier = set(), set(), [node]
+        for _ in range(6):
+            nxt = []
+            for n in frontier:
+                for inp in n.all_input_nodes:
+                    if inp in seen:
+                        continue
+                    seen.add(inp)
+                    if inp.op == "call_function" and inp.target in FORWARD_MATMULS:
+                        found |= {primal_index[r] for r in _roots(inp) if primal_index.get(r) in params}
+                    elif inp.op == "call_function":
+                        nxt.append(inp)
+            frontier = nxt
+        return [_ParamRef(i) for i in sorted(found)]
+
+    def weight(d) -> float:
+        if isinstance(d, Decision):
+            return weight_share(d.sites)
+        return weight_share(producers(nodes[d.site.encode_at]))
+    return weight
+
+
+@dataclass(frozen=True)
+class _ParamRef:
+    param_index: int
+
+
+def _roots(matmul: fx.Node) -> list[fx.Node]:
+    """The placeholders a matmul's operands are views or casts of."""
+    out = []
+    for arg in matmul.all_input_nodes:
+        root = arg
+        while root.op == "call_function" and (root.target in VIEW_LIKE or root.target in CASTS) \
+                and root.all_input_nodes:
+            root = root.all_input_nodes[0]
+        if root.op == "placeholder":
+            out.append(root)
+    return out

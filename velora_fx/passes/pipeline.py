@@ -21,8 +21,8 @@ from ..report import GraphReport, SiteReport
 from ..state import random_seed
 from .._compat import int_hint, is_joint_primal, real_tensors
 from .calibrate import activation_values
-from .budget import PlanOption, choose_plan
-from .graph_utils import CASTS, FORWARD_MATMULS, MATMULS, VIEW_LIKE, clone_graph_module, output_values, tensor_val, view_forms
+from .budget import plan_under_budget
+from .graph_utils import MATMULS, clone_graph_module, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
 from .pointwise_plan import PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
@@ -144,9 +144,9 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
             result_gm, after, done = _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)
     choice = None
     if budget_target is not None:
-        result_gm, after, done, choice = _choose_under_budget(
+        result_gm, after, done, choice = plan_under_budget(
             ctx, baseline, decisions, pointwise_plan, (result_gm, after, done), weight_share, nodes,
-            budget_target(baseline.activation_bytes), config,
+            budget_target(baseline.activation_bytes), config.error_cost,
             lambda subset: _apply(ctx, baseline, [d for d in decisions if id(d) in subset],
                                   [d for d in pointwise_plan if id(d) in subset], slots, rules, binding, config))
     _check_state_reads(after, done.mutated)
@@ -176,88 +176,6 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
     return PipelineResult(result_gm, after, report)
-
-
-def _choose_under_budget(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], pointwise_plan: list,
-                         planned: tuple, weight_share, nodes: dict[str, fx.Node], target: int, config: VeloraConfig,
-                         apply: Callable[[set[int]], tuple]) -> tuple:
-    """``memory_budget``: exact, the matmul codecs alone, or every planned codec, each with the least
-    recompute that meets ``target``; the cheapest wins (``budget.py``).  Codec choices the winner
-    does not use are skipped and say why; the model's earlier (sticky) choices are in every plan."""
-    chosen = [d for d in [*decisions, *pointwise_plan] if d.compress]
-    sticky = {id(d) for d in chosen if d.sticky}
-    matmul = sticky | {id(d) for d in decisions if d.compress}
-    everything = {id(d) for d in chosen}
-    share = _error_weights(ctx, weight_share, nodes)
-    error = lambda subset: sum(share(d) * d.estimated_error for d in chosen if id(d) in subset)  # noqa: E731
-    names = {id(d): (d.codec if isinstance(d, Decision) else d.codec_name) for d in chosen}
-    options, seen = [], set()
-    for subset in (sticky, matmul, everything):
-        key = frozenset(subset)
-        if key in seen:
-            continue
-        seen.add(key)
-        built = planned if subset == everything else apply(subset)
-        name = "+".join(sorted({names[i] for i in subset - sticky})) or "exact"
-        if sticky and subset != sticky:
-            name += " (+ this model's earlier choices)"
-        elif sticky:
-            name = "this model's earlier choices"
-        options.append(PlanOption(name, built[0], built[1], error(subset), (subset, built)))
-    best, evaluated = choose_plan(options, target, ctx.probe, baseline, config.error_cost)
-    subset, (gm, _, done) = best.option.payload
-    for d in chosen:
-        if id(d) not in subset:
-            d.skip(f"memory_budget: plan '{best.option.name}' meets it at a lower estimated cost")
-    return gm, best.fit.saved, done, (best, evaluated)
-
-
-def _error_weights(ctx: JointContext, weight_share, nodes: dict[str, fx.Node]) -> Callable[[Any], float]:
-    """How much of the model a codec's error reaches: the share of the trained weights whose
-    gradient it approximates (a VeLoRA/RMM site's weights; for a nonlinearity's codes, the weights
-    of the matmuls that produce its input, whose gradients its derivative multiplies)."""
-    primal_index = {n: i for i, n in enumerate(n for n in ctx.gm.graph.nodes if is_joint_primal(n))}
-    params = set(ctx.param_indices)
-
-    def producers(node: fx.Node) -> list[Site]:
-        found, seen, frontier = set(), set(), [node]
-        for _ in range(6):
-            nxt = []
-            for n in frontier:
-                for inp in n.all_input_nodes:
-                    if inp in seen:
-                        continue
-                    seen.add(inp)
-                    if inp.op == "call_function" and inp.target in FORWARD_MATMULS:
-                        found |= {primal_index[r] for r in _roots(inp) if primal_index.get(r) in params}
-                    elif inp.op == "call_function":
-                        nxt.append(inp)
-            frontier = nxt
-        return [_ParamRef(i) for i in sorted(found)]
-
-    def weight(d) -> float:
-        if isinstance(d, Decision):
-            return weight_share(d.sites)
-        return weight_share(producers(nodes[d.site.encode_at]))
-    return weight
-
-
-@dataclass(frozen=True)
-class _ParamRef:
-    param_index: int
-
-
-def _roots(matmul: fx.Node) -> list[fx.Node]:
-    """The placeholders a matmul's operands are views or casts of."""
-    out = []
-    for arg in matmul.all_input_nodes:
-        root = arg
-        while root.op == "call_function" and (root.target in VIEW_LIKE or root.target in CASTS) \
-                and root.all_input_nodes:
-            root = root.all_input_nodes[0]
-        if root.op == "placeholder":
-            out.append(root)
-    return out
 
 
 def _weight_shares(ctx: JointContext) -> Callable[[list[Site]], float]:
