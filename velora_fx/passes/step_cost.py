@@ -13,8 +13,9 @@ recompute).  Both show up as nodes of the partitioned graphs, so one estimate pr
   tensor is paid where forward writes it).
 
 It is an estimate for ranking plans of the same graph, not a profiler: the pointwise chains inductor
-fuses into one kernel are charged once, at their materialised results.  benchmarks/budget_sweep.py
-puts predicted beside measured step times.
+fuses into one kernel are charged once, at their materialised results.  The report's
+``budget_plans`` carry the estimate; docs/codecs.md (v6) puts it beside measured step times (it
+reads low, most for recompute).
 """
 from __future__ import annotations
 
