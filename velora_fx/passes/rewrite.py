@@ -51,10 +51,7 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
             direct = factored(graph, saved, activation, matmul, site.operand_index, [nodes[n] for n in site.chain]) \
                 if factored is not None else None
         if direct is not None:  # the weight gradient from the encoded form itself (no reconstruction)
-            for node in graph.nodes:
-                if node not in known:
-                    _copy_tags(matmul, node)
-                    node.meta["partitioner_tag"] = "must_be_in_backward"
+            _pin_to_backward(graph, known, matmul)
             matmul.replace_all_uses_with(direct)
             graph.erase_node(matmul)
             continue
@@ -65,12 +62,7 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
                 original = nodes[name]
                 args, kwargs = fx.node.map_arg((original.args, original.kwargs), lambda n: mapping.get(n, n))
                 mapping[original] = create_node(graph, original.target, args, kwargs, like=original)
-        # decode is tangent-free, so min-cut could run it in forward and save the full-size
-        # reconstruction: pin it (and the replayed views) to backward
-        for node in graph.nodes:
-            if node not in known:
-                _copy_tags(matmul, node)
-                node.meta["partitioner_tag"] = "must_be_in_backward"
+        _pin_to_backward(graph, known, matmul)
         operand = matmul.args[site.operand_index]
         new_args = list(matmul.args)
         new_args[site.operand_index] = mapping[operand] if site.chain else rebuilt
@@ -101,6 +93,16 @@ def _comes_after(a: fx.Node, b: fx.Node) -> bool:
             return True
         node = node.next
     return False
+
+
+def _pin_to_backward(graph: fx.Graph, known: set[fx.Node], matmul: fx.Node) -> None:
+    """Tag the nodes added since ``known`` like ``matmul`` and pin them to backward: a decode (or a
+    matmul on the coefficients) is tangent-free where it reads only saved tensors, so min-cut could
+    run it in forward and save its full-size result."""
+    for node in graph.nodes:
+        if node not in known:
+            _copy_tags(matmul, node)
+            node.meta["partitioner_tag"] = "must_be_in_backward"
 
 
 def _copy_tags(src: fx.Node, dst: fx.Node) -> None:
