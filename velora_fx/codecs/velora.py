@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..distributed import emit_rank_mean
-from ..passes.graph_utils import create_node, emit as _emit
+from ..passes.graph_utils import SWAP_LIKE, create_node, emit as _emit, swaps_last_two
 from .base import register_codec
 
 __all__ = ["project", "reconstruct", "initial_vector", "random_vector", "reconstruction_error", "StateRow",
@@ -268,8 +268,7 @@ def _feature_axis(activation: fx.Node, chain: list[fx.Node]) -> int | None:
             if axis != val_in.dim() - 1 or val_out.shape[-1] != features:
                 return None
             axis = val_out.dim() - 1
-        elif node.target in (aten.t.default, aten.transpose.int, aten.permute.default) and val_in.dim() == 2 \
-                and val_out.dim() == 2 and (node.target is not aten.permute.default or list(node.args[1]) in ([1, 0], [-1, -2])):
+        elif node.target in SWAP_LIKE and val_in.dim() == 2 and swaps_last_two(node):
             axis = 1 - axis
         else:
             return None
