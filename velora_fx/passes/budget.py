@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 
 from .._compat import is_joint_primal, recompute_budget
-from .graph_utils import CASTS, FORWARD_MATMULS, VIEW_LIKE
+from .graph_utils import CASTS, FORWARD_MATMULS, VIEW_LIKE, near_inputs, strip_views
 from .partition_probe import SavedSet
 from .planner import Decision
 from .step_cost import StepCost, estimate_step
@@ -175,20 +175,11 @@ def _error_weights(ctx, weight_share, nodes: dict[str, fx.Node]) -> Callable[[An
     params = set(ctx.param_indices)
 
     def producers(node: fx.Node) -> list["_ParamRef"]:
-        found, seen, frontier = set(), set(), [node]
-        for _ in range(6):
-            nxt = []
-            for n in frontier:
-                for inp in n.all_input_nodes:
-                    if inp in seen:
-                        continue
-                    seen.add(inp)
-                    if inp.op == "call_function" and inp.target in FORWARD_MATMULS:
-                        found |= {primal_index[r] for r in _roots(inp) if primal_index.get(r) in params}
-                    elif inp.op == "call_function":
-                        nxt.append(inp)
-            frontier = nxt
-        return [_ParamRef(i) for i in sorted(found)]
+        """The trained weights of the forward matmuls a few cheap ops above ``node``."""
+        matmuls = [nodes[n] for n in near_inputs(node, depth=6, stop=FORWARD_MATMULS)
+                   if nodes[n].op == "call_function" and nodes[n].target in FORWARD_MATMULS]
+        roots = (strip_views(arg, VIEW_LIKE | CASTS)[0] for m in matmuls for arg in m.all_input_nodes)
+        return [_ParamRef(i) for i in sorted({primal_index.get(r) for r in roots} & params)]
 
     def weight(d) -> float:
         if isinstance(d, Decision):
@@ -200,16 +191,3 @@ def _error_weights(ctx, weight_share, nodes: dict[str, fx.Node]) -> Callable[[An
 @dataclass(frozen=True)
 class _ParamRef:
     param_index: int
-
-
-def _roots(matmul: fx.Node) -> list[fx.Node]:
-    """The placeholders a matmul's operands are views or casts of."""
-    out = []
-    for arg in matmul.all_input_nodes:
-        root = arg
-        while root.op == "call_function" and (root.target in VIEW_LIKE or root.target in CASTS) \
-                and root.all_input_nodes:
-            root = root.all_input_nodes[0]
-        if root.op == "placeholder":
-            out.append(root)
-    return out

@@ -98,6 +98,22 @@ def ancestors(targets: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def near_inputs(node: fx.Node, depth: int = 4, stop: set = MATMULS) -> set[str]:
+    """Names of the tensors ``node`` is computed from by at most ``depth`` cheap ops: the walk
+    goes up through every op but those in ``stop`` (whose names it still includes)."""
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for inp in n.all_input_nodes:
+                if inp.name not in seen:
+                    seen.add(inp.name)
+                    if inp.op == "call_function" and inp.target not in stop:
+                        nxt.append(inp)
+        frontier = nxt
+    return seen
+
+
 def view_forms(root: fx.Node) -> list[fx.Node]:
     """``root`` and every node reachable from it through view-like ops only."""
     forms, stack = [], [root]

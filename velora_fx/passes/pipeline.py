@@ -22,7 +22,7 @@ from ..state import random_seed
 from .._compat import int_hint, is_joint_primal, real_tensors
 from .calibrate import activation_values
 from .budget import plan_under_budget
-from .graph_utils import MATMULS, clone_graph_module, output_values, tensor_val, view_forms
+from .graph_utils import clone_graph_module, near_inputs, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
 from .pointwise_plan import PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
@@ -237,7 +237,7 @@ def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[PointwiseDe
             d.skip("exact recompute frees it as well (the partitioner encodes it in backward)")
         elif traded:
             d.skip("the partitioner saves the function's output instead (no VeLoRA site takes it)")
-        elif newly_saved & _near_inputs(nodes[site.encode_at]):
+        elif newly_saved & near_inputs(nodes[site.encode_at]):
             d.skip("the partitioner saves its input instead")
         else:
             continue
@@ -349,27 +349,12 @@ def _revert_unpaid(nodes: dict[str, fx.Node], chosen: list[Decision], baseline: 
             d.skip("another backward op keeps it (still saved after the rewrite)")
         elif _encodes_in_backward(after, done.saved_nodes[id(d)]):
             d.skip("exact recompute frees it as well (the partitioner recomputes it in backward)")
-        elif newly_saved and _near_inputs(nodes[d.group.activation]) & newly_saved:
+        elif newly_saved and near_inputs(nodes[d.group.activation]) & newly_saved:
             d.skip("the partitioner saves its input instead, to recompute it for another backward op")
         else:
             continue
         dropped = True
     return dropped
-
-
-def _near_inputs(node: fx.Node, depth: int = 4) -> set[str]:
-    """Names of the tensors ``node`` is computed from by a few cheap (non-matmul) ops."""
-    seen, frontier = set(), [node]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for inp in n.all_input_nodes:
-                if inp.name not in seen:
-                    seen.add(inp.name)
-                    if inp.op == "call_function" and inp.target not in MATMULS:
-                        nxt.append(inp)
-        frontier = nxt
-    return seen
 
 
 def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Estimator", binding: GraphBinding) -> None:
