@@ -53,19 +53,20 @@ def graph_cost(gm: fx.GraphModule) -> StepCost:
     flops_per_s, bytes_per_s = device_roofline(device, dtype)
     outputs: set[fx.Node] = set()
     fx.node.map_arg(gm.graph.find_nodes(op="output")[0].args, outputs.add)
-    flops, reads = 0, {}
+    flops, reads, matmuls = 0, {}, set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is operator.getitem:
             continue
         counted = _flops(node)
         if counted is not None:
             flops += counted
+            matmuls.add(node)
         readers = sum(1 for u in node.users if _flops_formula(u) is not None) + (node in outputs)
         if readers:
             base = alias_base(node)  # a view costs its base's storage
             reads[base] = reads.get(base, 0) + readers
     moved = sum(nbytes(b) * (1 + n) for b, n in reads.items()  # written once, read by each reader
-                if b.op == "call_function" and _flops(b) is None)  # matmul outputs: in their FLOPs
+                if b.op == "call_function" and b not in matmuls)  # matmul outputs: in their FLOPs
     return StepCost(flops, moved, flops / flops_per_s + moved / bytes_per_s)
 
 
