@@ -21,22 +21,16 @@ import tempfile
 import time
 import traceback
 
+import sys
+
 import torch
-import torch.nn.functional as F
 
 import velora_fx
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import LMLoss  # noqa: E402  (next-token cross-entropy inside the compiled module)
+
 VARIANTS = ("eager", "inductor", "velora", "velora_eager")  # eager is the reference
-
-
-class LMLoss(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        logits = self.model(input_ids=ids[:, :-1]).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def save_base(path: str, args) -> None:
