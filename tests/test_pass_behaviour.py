@@ -367,7 +367,7 @@ class _Conv1D(nn.Module):
 @example(layer="conv1d", g=8, groups=4, d_out=24, lead=[3, 5])
 def test_weight_gradient_is_computed_from_the_coefficients(layer, g, groups, d_out, lead):
     """gradᵀ (C ⊗ v) = (gradᵀ C) ⊗ v: the weight-gradient matmul contracts the tokens against the
-    D/g coefficients, never against a rebuilt [N, D] activation (nn.Linear and GPT-2's Conv1D
+    D/g coefficients (the graph holds that [d_out, D/g] matmul; nn.Linear and GPT-2's Conv1D
     layout, any leading dims), and equals the reconstruction's gradient; the others stay exact.
     (One token is left out: inductor's decompositions turn a K=1 matmul into a broadcast multiply,
     so there is no weight-gradient matmul to rewrite.)"""
