@@ -144,6 +144,48 @@ def test_half_precision_against_reference(dtype, reduction, seed):
         assert (g.double() - e).norm() <= 2 * (rg.double() - e).norm() + u * e.norm()
 
 
+@pytest.mark.parametrize("n,chunk_size", [(8192, 1024), (4096, 128)])   # the backend's default chunk; 32 chunks
+def test_half_precision_error_does_not_grow_with_chunks(n, chunk_size):
+    # Normwise error against the exact fp64 gradients of the same bf16 inputs, in units of the
+    # unchunked bf16 reference's error.  That one rounds grad_logits and the full product once
+    # each; the chunked weight gradient also rounds each chunk's product to bf16 (like eager), and
+    # those roundings add up to about one more: <= sqrt(2) of the reference (measured 1.2-1.3x).
+    # Summing the chunks in bf16 rounds the running sum once per chunk: 1.8x at 8 chunks, 3.4x at 32.
+    d, v = 64, 512
+    h, w, b, t = make_inputs((n,), d, v, torch.bfloat16, True, 11)
+    loss, grads = loss_and_grads(linear_cross_entropy, h, w, b, t, chunk_size=chunk_size)
+    ref_loss, ref_grads = loss_and_grads(reference, h, w, b, t)
+    hd, wd, bd = (x.detach().double().requires_grad_() for x in (h, w, b))
+    exact_loss, exact = loss_and_grads(reference, hd, wd, bd, t)
+
+    def err(x, e):
+        return ((x.double() - e).norm() / e.norm()).item()
+    for name, g, rg, e in zip("hwb", grads, ref_grads, exact):
+        assert g.dtype == torch.bfloat16
+        assert err(g, e) <= 1.5 * err(rg, e), (name, err(g, e), err(rg, e))
+    # the loss is summed in fp32 across chunks: as close to exact as the reference's
+    assert loss.dtype == ref_loss.dtype == torch.float32
+    ref_err = abs(ref_loss.item() - exact_loss.item())
+    assert abs(loss.item() - exact_loss.item()) <= 2 * ref_err + 1e-6 * exact_loss.item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_dtype_fp32_for_fp64_inputs(reduction):
+    # fp64 logits ``.float()`` (what the graph rewrite passes for such a model): loss and softmax
+    # in fp32 as in the reference, the gradients back in fp64
+    h, w, b, t = make_inputs((3, 7), 10, 17, torch.float64, True, 12, p_ignore=0.3)
+    loss, grads = loss_and_grads(linear_cross_entropy, h, w, b, t, chunk_size=5, reduction=reduction,
+                                 loss_dtype=torch.float32)
+    ref_loss = F.cross_entropy(F.linear(h, w, b).reshape(-1, 17).float(), t.reshape(-1), reduction=reduction)
+    ref_grads = torch.autograd.grad(ref_loss, (h, w, b))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float64 for g in grads)
+    assert_rel_close(loss, ref_loss, 1e-6)
+    for g, rg in zip(grads, ref_grads):
+        assert_rel_close(g, rg, 1e-6)
+    with pytest.raises(ValueError, match="loss_dtype"):
+        linear_cross_entropy(h, w, t, b, loss_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_frozen_weight_only_hidden_grad(bias):
     h, w, b, t = make_inputs((4, 5), 8, 13, torch.float64, bias, 2, p_ignore=0.2)

@@ -13,19 +13,22 @@ import velora_fx
 class Head(nn.Module):
     """A tiny LM: embedding -> one MLP block -> lm_head -> next-token cross-entropy."""
 
-    def __init__(self, vocab=300, d=32, bias=False, smoothing=0.0, return_logits=False, reduction="mean"):
+    def __init__(self, vocab=300, d=32, bias=False, smoothing=0.0, return_logits=False, reduction="mean",
+                 upcast=True):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.lm_head = nn.Linear(d, vocab, bias=bias)
         self.smoothing, self.return_logits, self.reduction = smoothing, return_logits, reduction
+        self.upcast = upcast
 
     def forward(self, ids, targets):
         h = self.emb(ids)
         h = h + self.proj(F.gelu(self.fc(h)))
         logits = self.lm_head(h)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), label_smoothing=self.smoothing,
-                               reduction=self.reduction)
+        flat = logits.flatten(0, 1)
+        loss = F.cross_entropy(flat.float() if self.upcast else flat, targets.flatten(),
+                               label_smoothing=self.smoothing, reduction=self.reduction)
         return (loss, logits) if self.return_logits else loss
 
 
@@ -81,6 +84,27 @@ def test_autocast_matches(strict_pass):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
     for name in ref:  # bf16 matmuls: per-chunk rounding of the weight gradient
         torch.testing.assert_close(grads[name], ref[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("dtype,upcast", [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True),
+                                          (torch.float64, True), (torch.float64, False)])
+def test_loss_dtype_is_eagers(strict_pass, dtype, upcast):
+    """The rewritten loss has the dtype of the unrewritten one (``.float()``: fp32 for every model,
+    fp64 included; no upcast: the model's); its gradients keep the parameters' dtype."""
+    model = Head(upcast=upcast).to(dtype)
+    ids, targets = _batch()
+    eager = model(ids, targets)
+    with pytest.warns(UserWarning, match="matches no site"):
+        ref_loss, ref = _step(model, _plain(), ids, targets)
+    backend = velora_fx.backend(codecs=("chunked_loss",), loss_chunk_size=16, compiler="eager")
+    loss, grads = _step(model, backend, ids, targets)
+    assert backend.report().compressed
+    assert loss.dtype == ref_loss.dtype == eager.dtype == (torch.float32 if upcast else dtype)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)     # both reduce the same logits
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5}.get(dtype, 2e-2)   # 16-bit: per-chunk roundings
+    for name in ref:
+        assert grads[name].dtype == dtype, name
+        torch.testing.assert_close(grads[name], ref[name], rtol=tol, atol=tol / 10, msg=name)
 
 
 @pytest.mark.parametrize("kwargs,reason", [

@@ -15,11 +15,14 @@ Models" (Apple, 2024).  This is an independent plain-PyTorch implementation writ
 traceable by AOTAutograd / ``make_fx`` with fake tensors: static shapes, no ``.item()``, no
 data-dependent Python control flow (the chunk loop is unrolled at trace time from the static N).
 
-Numerics mirror ``F.cross_entropy(F.linear(h, W, b).float(), t, ...)``: the matmul runs in the
-input dtype, log-softmax in fp32, the fp32 logits gradient (already scaled by ``1/count`` for
-``mean``, as the reference does before its cast) is cast back to the input dtype before the two
-matmuls; ``grad_W`` / ``grad_b`` are accumulated across chunks in fp32 and cast once at the end.
-fp64 inputs are kept in fp64 throughout (the literal ``.float()`` would downcast them).
+Numerics mirror ``F.cross_entropy(F.linear(h, W, b).to(loss_dtype), t, ...)``: the matmuls run in
+the input dtype, log-softmax in ``loss_dtype`` (fp32 for ``.float()``), the logits gradient
+(already scaled by ``1/count`` for ``mean``, as the reference does before its cast) is cast back
+to the input dtype before the two matmuls.  Each chunk's ``grad_W`` product is summed into an
+accumulator of at least fp32 (``grad_b`` likewise) that is cast to the parameter's dtype once at
+the end: summing in bf16 would round the running sum once per chunk (relative error growing with
+the chunk count, 3x eager's at 32 chunks).  The loss defaults to ``promote_types(dtype, fp32)``
+(fp64 stays fp64); the graph rewrite passes the unrewritten loss's dtype.
 """
 from __future__ import annotations
 
@@ -44,17 +47,28 @@ def supported_call(reduction: str = "mean", label_smoothing: float = 0.0, weight
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp32 for bf16/fp16/fp32 (the reference's ``.float()``), fp64 stays fp64
+    # fp32 for bf16/fp16/fp32, fp64 stays fp64
     return torch.promote_types(dtype, torch.float32)
 
 
+@torch.library.custom_op("velora_fx::chunk_accumulate_", mutates_args=("acc",))
+def _accumulate_(acc: Tensor, part: Tensor) -> None:
+    """``acc += part`` as one opaque op.  Why not ``acc.add_(part)``: inductor inlines a chain of
+    pointwise adds into one kernel at the end, which keeps every chunk's ``[V, D]`` partial alive
+    (as much memory as the logits); an opaque op runs (in place) per chunk and frees the partial."""
+    acc.add_(part)
+
+
 def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_index: int,
-                     reduction: str, chunk_size: int, need_h: bool, need_w: bool, need_b: bool):
+                     reduction: str, chunk_size: int, need_h: bool, need_w: bool, need_b: bool,
+                     loss_dtype: torch.dtype):
     """h [N, D], w [V, D], b [V] | None, t [N].  Returns (loss, grad_h, grad_w, grad_b); the
-    gradients are those of ``loss`` itself (i.e. for ``mean`` already divided by count), or None."""
+    gradients are those of ``loss`` itself (i.e. for ``mean`` already divided by count), or None.
+    ``loss_dtype``: log-softmax, loss and its reduction (the reference's logits upcast)."""
     n, d = h.shape
     v = w.shape[0]
-    acc = _acc_dtype(h.dtype)
+    acc = loss_dtype                                 # log-softmax and the loss
+    grad_acc = _acc_dtype(w.dtype)                   # weight/bias gradient sums across chunks
     valid = t != ignore_index                        # [N] bool
     count = valid.sum().to(acc)                      # 0-dim; 0 -> mean is nan like PyTorch
     need_grad = need_h or need_w or need_b
@@ -65,12 +79,10 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_i
         grad_scale = None
 
     total = torch.zeros((), dtype=acc, device=h.device)
+    # grad_h needs no sum across chunks: each row's product runs once, over the whole vocabulary
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
-    # grad_W accumulates in the weight's dtype through addmm: one [V, D] buffer alive at a time.
-    # (An fp32 accumulator summed with ``add_`` lets inductor fuse the adds into one kernel at the
-    # end, keeping every chunk's [V, D] partial alive: as much memory as the logits.)
-    grad_w = None
-    grad_b = torch.zeros((v,), dtype=acc, device=w.device) if (need_b and b is not None) else None
+    grad_w = torch.zeros((v, d), dtype=grad_acc, device=w.device) if need_w else None
+    grad_b = torch.zeros((v,), dtype=grad_acc, device=w.device) if (need_b and b is not None) else None
 
     for start in range(0, n, chunk_size):            # static n: unrolled at trace time
         stop = min(start + chunk_size, n)
@@ -97,14 +109,14 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_i
         if need_h:
             grad_h[start:stop].copy_(g @ w)
         if need_w:
-            grad_w = g.t() @ hc if grad_w is None else torch.addmm(grad_w, g.t(), hc)
+            _accumulate_(grad_w, g.t() @ hc)         # the product in the input dtype, as eager's
         if grad_b is not None:
-            grad_b.add_(g.sum(0, dtype=acc))
+            _accumulate_(grad_b, g.sum(0, dtype=grad_acc))
         del g
 
     loss = total / count if reduction == "mean" else total
-    if need_w and grad_w is None:  # no rows
-        grad_w = torch.zeros((v, d), dtype=w.dtype, device=w.device)
+    if grad_w is not None:
+        grad_w = grad_w.to(w.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(b.dtype)
     return loss, grad_h, grad_w, grad_b
@@ -124,14 +136,14 @@ def _anchor(loss: Tensor, grads: list[Tensor]) -> Tensor:
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """``apply(h2d, weight, bias_or_None, target1d, ignore_index, reduction, chunk_size,
-    need_h, need_w, need_b)``; prefer :func:`linear_cross_entropy`.  The ``need_*`` flags are
-    decided by the caller (grad mode and ``requires_grad``) because ``forward`` runs under
-    no-grad and must know up front which gradients to compute."""
+    need_h, need_w, need_b, loss_dtype)``; prefer :func:`linear_cross_entropy`.  The ``need_*``
+    flags are decided by the caller (grad mode and ``requires_grad``) because ``forward`` runs
+    under no-grad and must know up front which gradients to compute."""
 
     @staticmethod
-    def forward(ctx, h, w, b, t, ignore_index, reduction, chunk_size, need_h, need_w, need_b):
+    def forward(ctx, h, w, b, t, ignore_index, reduction, chunk_size, need_h, need_w, need_b, loss_dtype):
         loss, grad_h, grad_w, grad_b = _chunked_forward(h, w, b, t, ignore_index, reduction, chunk_size,
-                                                        need_h, need_w, need_b)
+                                                        need_h, need_w, need_b, loss_dtype)
         loss = _anchor(loss, [g for g in (grad_h, grad_w, grad_b) if g is not None])
         ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.save_for_backward(*[g for g in (grad_h, grad_w, grad_b) if g is not None])
@@ -147,18 +159,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grads.append(g * grad_output)   # 0-dim: keeps g's dtype
             else:
                 grads.append(None)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
-                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 4096) -> Tensor:
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int = 4096,
+                         loss_dtype: torch.dtype | None = None) -> Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), target, ignore_index=...,
     reduction=...)`` without materialising the ``[N, V]`` logits (N = rows of ``hidden``).
 
     ``hidden`` is ``[..., D]``, ``target`` ``[...]`` (same leading shape), ``weight`` ``[V, D]``,
     ``bias`` ``[V]``.  ``reduction`` is ``"mean"`` (over non-ignored targets; nan if all are
     ignored) or ``"sum"``.  ``chunk_size`` rows are processed at a time; the lm_head matmul runs
-    once per chunk in forward and never in backward.  Returns a 0-dim loss in
+    once per chunk in forward and never in backward.  Returns a 0-dim loss in ``loss_dtype``
+    (float32 or float64: the dtype the logits are cast to before the loss), by default
     ``promote_types(hidden.dtype, float32)``.
     """
     reason = supported_call(reduction)
@@ -166,6 +180,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
         raise ValueError(reason)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if loss_dtype is None:
+        loss_dtype = _acc_dtype(hidden.dtype)
+    if loss_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"loss_dtype must be torch.float32 or torch.float64, got {loss_dtype!r}")
     if not hidden.is_floating_point():
         raise ValueError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -188,4 +206,4 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     need_w = grad_on and weight.requires_grad
     need_b = grad_on and bias is not None and bias.requires_grad
     return LinearCrossEntropyFunction.apply(h2, weight, bias, t1, ignore_index, reduction, chunk_size,
-                                            need_h, need_w, need_b)
+                                            need_h, need_w, need_b, loss_dtype)

@@ -141,9 +141,10 @@ def _rewrite(gm: fx.GraphModule, ce: fx.Node, chunk_size: int) -> LossHead | Non
             bias = gm.graph.call_method("to", (bias, compute)) if bias is not None else None
         rows = gm.graph.call_method("reshape", (hidden, -1, width))
         flat_target = gm.graph.call_method("reshape", (target, -1))
+        # the loss in the dtype the unrewritten graph computes it in (fp64 logits ``.float()``: fp32)
         loss = gm.graph.call_function(linear_cross_entropy, (rows, weight, flat_target),
                                       {"bias": bias, "ignore_index": ignore_index, "reduction": reduction,
-                                       "chunk_size": chunk_size})
+                                       "chunk_size": chunk_size, "loss_dtype": _example(logits).dtype})
     loss.meta.update({k: v for k, v in ce.meta.items() if k != "example_value"})
     if "example_value" in ce.meta:
         loss.meta["example_value"] = ce.meta["example_value"]
