@@ -17,16 +17,62 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _clip(text: str, width: int) -> str:
-    """Shorten to ``width`` characters, keeping both ends (module paths differ at the end)."""
-    if len(text) <= width:
-        return text
-    keep = width - 1
-    return text[: keep // 3] + "…" + text[-(keep - keep // 3):]
+_BREAKS = ".,/;:="  # a word too long for its line is broken after one of these
 
 
-def _clip_end(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _word_parts(word: str, width: int) -> list[str]:
+    """``word`` in pieces of at most ``width`` characters, broken after punctuation (never inside a
+    number such as ``0.469``); a piece with no such place is cut, the last resort."""
+    parts, start = [], 0
+    for i, ch in enumerate(word[:-1]):
+        if ch in _BREAKS and not (i > 0 and word[i - 1].isdigit() and word[i + 1].isdigit()):
+            parts.append(word[start:i + 1])
+            start = i + 1
+    parts.append(word[start:])
+    return [p[j:j + width] for p in parts for j in range(0, len(p), width)]
+
+
+def _wrap(text: str, width: int, first: int | None = None) -> list[str]:
+    """Every character of ``text`` (whitespace collapsed) in lines of at most ``width`` (the first
+    line: ``first``), broken at spaces where a word fits on a line and after punctuation where it
+    does not."""
+    width = max(width, 1)
+    first = width if first is None else max(first, 1)
+    pieces = [(" " if i == 0 else "", part) for word in text.split()
+              for i, part in enumerate([word] if len(word) <= width else _word_parts(word, width))]
+    lines, line = [], ""
+    for glue, part in pieces:
+        if line and len(line) + len(glue) + len(part) <= (width if lines else first):
+            line += glue + part
+        elif not line and not lines and len(part) > first:  # starts on the next line
+            lines.append("")
+            line = part
+        else:
+            if line:
+                lines.append(line)
+            line = part
+    return lines + [line] if line else lines or [""]
+
+
+def _block(prefix: str, text: str, hang: int) -> list[str]:
+    """``prefix`` + ``text`` wrapped to the table width, continuation lines indented ``hang``."""
+    lines = _wrap(text, _WIDTH - hang, _WIDTH - len(prefix))
+    return [(prefix + lines[0]).rstrip()] + [" " * hang + line for line in lines[1:]]
+
+
+def _fit_columns(names: list[str], reasons: list[str], room: int, reason_at: int) -> tuple[int, int]:
+    """Widths of the site and reason columns sharing ``room`` characters: the split that needs the
+    fewest extra lines (a name wider than its column takes a line of its own, a reason wider than
+    its column its lines from column ``reason_at`` below the row), wider site columns first among equals."""
+    low_site, low_reason = len("site"), len("reason")
+    candidates = sorted({low_site} | {len(n) for n in names if len(n) <= room - low_reason}, reverse=True)
+
+    def extra(site: int) -> int:
+        return (sum(len(n) > site for n in names)
+                + sum(len(_wrap(r, _WIDTH - reason_at)) for r in reasons if len(r) > room - site))
+
+    site = min(candidates, key=lambda w: (extra(w), -w))
+    return site, max([low_reason] + [len(r) for r in reasons if len(r) <= room - site])
 
 
 @dataclass
@@ -144,7 +190,10 @@ class Report:
                 "graphs": [g.to_dict() for g in self.graphs]}
 
     def table(self) -> str:
-        """At most 120 columns; every detail (shapes, forms, consumers) is in ``to_dict()``."""
+        """At most 120 columns, nothing cut: a site name too long for its column gets a line of its
+        own above the row's numbers, a reason too long for its column follows the row on lines of
+        its own, and graph messages wrap.  Every detail (shapes, forms, consumers) is in
+        ``to_dict()``."""
         header = ("graph", "site", "codec", "est.err", "before", "after", "pred.", "decision", "reason")
         rows = []
         for graph in self.graphs:
@@ -155,23 +204,36 @@ class Report:
                              f"{s.estimated_error:.2f}" if s.decision == "compressed" or s.estimated_error else "-",
                              _size(s.bytes_before), _size(s.bytes_after),
                              _size(s.predicted_bytes_after) if s.predicted_bytes_after is not None else "-",
-                             s.decision, reason])
+                             s.decision, " ".join(reason.split())])
         widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
-        widths[1] = min(widths[1], 36)
-        fixed = sum(widths[:-1]) + 2 * (len(header) - 1)
-        widths[-1] = max(10, min(widths[-1], _WIDTH - fixed))
-        lines = ["  ".join((_clip(c, w) if i < len(r) - 1 else _clip_end(c, w)).ljust(w) for i, (c, w)
-                           in enumerate(zip(r, widths))).rstrip() for r in [list(header)] + rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        site_at = widths[0] + 2
+        widths[1], widths[-1] = _fit_columns([r[1] for r in rows], [r[-1] for r in rows],
+                                             _WIDTH - sum(widths[:-1]) + widths[1] - 2 * (len(header) - 1),
+                                             site_at + len("reason: "))
+
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+        lines = [line(header), "  ".join("-" * w for w in widths)]
+        for r in rows:
+            name, reason = r[1], r[-1]
+            if len(name) > widths[1]:  # the full name on a line of its own, the numbers below it
+                lines += _block(r[0].ljust(site_at), name, site_at + 2)
+                r = ["", ""] + r[2:]
+            if len(reason) <= widths[-1]:
+                lines.append(line(r))
+            else:  # the full reason on lines of its own below the row
+                lines.append(line(r[:-1] + [""]))
+                lines += _block(" " * site_at + "reason: ", reason, site_at + len("reason: "))
         for g in self.graphs:
             if g.status not in ("rewritten", "unchanged") or g.message:
-                lines.append(_clip(f"graph {g.graph_id}: {g.status}{': ' + g.message if g.message else ''}", _WIDTH))
+                lines += _block(f"graph {g.graph_id}: ", f"{g.status}{': ' + g.message if g.message else ''}", 4)
             for p in g.budget_plans:  # memory_budget: every plan weighed, the chosen one marked
                 fit = (f"saved {_size(p['saved_bytes'])} at recompute budget {p['recompute_budget']:.3g}"
                        if p["fitted"] else "not fitted (cost before recompute above the winner's)")
-                lines.append(_clip(f"  {'*' if p['chosen'] else ' '} plan {p['plan']}: {fit}; est. time "
-                                   f"{p['estimated_time_ratio']:.3f}x + error_cost x error {p['error']:.3f} = {p['score']:.3f}",
-                                   _WIDTH))
+                lines += _block(f"  {'*' if p['chosen'] else ' '} ", f"plan {p['plan']}: {fit}; est. time "
+                                f"{p['estimated_time_ratio']:.3f}x + error_cost x error {p['error']:.3f} = "
+                                f"{p['score']:.3f}", 6)
         current = self.current
         n_sites = sum(len(g.sites) for g in current)
         n_compressed = sum(1 for g in current for s in g.sites if s.decision == "compressed")

@@ -139,7 +139,12 @@ def _frees_nothing(group: ActivationGroup, selected: list[Site], baseline: Saved
     """Why compressing the group cannot free saved bytes ("" if it can)."""
     unselected = sorted({s.module_path for s in group.sites} - {s.module_path for s in selected})
     if unselected:
-        return f"also read by unselected {', '.join(unselected)}: compressing the rest frees nothing"
+        chosen = [s.module_path for s in selected]
+        one, other = len(chosen) == 1, len(unselected) == 1
+        return (f"{', '.join(chosen)} {'shares its' if one else 'share their'} input with unselected "
+                f"{', '.join(unselected)}, whose weight gradient{' keeps' if other else 's keep'} that input "
+                f"saved: approximating the selected weight gradient{'' if one else 's'} alone would free "
+                f"nothing, so {'it stays' if one else 'they stay'} exact")
     if group.is_graph_input:
         return "graph input (the caller holds it)"
     if not baseline.which(group.forms):
