@@ -56,6 +56,7 @@ def summary(label: str, times: list[float], losses: list[float], module: torch.n
         "first_step_s": times[0],
         "step_s": statistics.median(steady),
         "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "cuda": cuda,  # print_runs shows times only for CUDA runs
         # read now: a backend keeps a model's state and reports only while the model is alive
         "report": backend.report(module) if isinstance(backend, velora_fx.VeloraBackend) else None,
     }
@@ -72,13 +73,24 @@ def run_regimes(args: argparse.Namespace, run: Callable[[Any, str], dict[str, An
     return runs
 
 
+CPU_TIMING_NOTE = ("step times and peak memory: not shown on CPU. Step times of these small models on a few\n"
+                   "shared CPU cores are host overhead and noise, not benchmark results (nor is their ratio\n"
+                   "between regimes). Run on CUDA (--size gpu) for timings.")
+
+
 def print_runs(runs: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
-    """One row per run: ``columns`` are (header, key, format) before the shared timing columns;
-    then the velora run's report table."""
+    """One row per run: ``columns`` are (header, key, format); on CUDA followed by the step-time and
+    peak-memory columns, on CPU by a note that CPU timings are not benchmark results; then the
+    velora run's report table."""
+    timed = all(r.get("cuda") for r in runs)
     head = " ".join(f"{h:>{max(len(h), 8)}}" for h, _, _ in columns)
-    print(f"\n{'regime':<10} {head} {'step (median)':>14} {'first step':>11} {'peak memory':>12}")
+    timing_head = f" {'step (median)':>14} {'first step':>11} {'peak memory':>12}" if timed else ""
+    print(f"\n{'regime':<10} {head}{timing_head}")
     for r in runs:
         cells = " ".join(f"{format(r[key], fmt):>{max(len(h), 8)}}" for h, key, fmt in columns)
-        print(f"{r['label']:<10} {cells} {r['step_s'] * 1e3:11.1f} ms {r['first_step_s']:9.1f} s "
-              f"{fmt_mem(r['peak_mem_bytes']):>12}")
+        timing = (f" {r['step_s'] * 1e3:11.1f} ms {r['first_step_s']:9.1f} s {fmt_mem(r['peak_mem_bytes']):>12}"
+                  if timed else "")
+        print(f"{r['label']:<10} {cells}{timing}")
+    if not timed:
+        print(CPU_TIMING_NOTE)
     print("\n" + runs[0]["report"].table())

@@ -61,6 +61,36 @@ def test_finetune_lora_eager_compare(capsys):
     _check_finetune(result, ["velora", "aot_eager"])
     out = capsys.readouterr().out
     assert "val loss" in out and "activations saved for backward" in out
+    # CPU step times (velora vs the baseline) are noise: no timing columns, a note saying so instead
+    assert "step (median)" not in out and " ms " not in out and "first step" not in out
+    assert "not benchmark results" in out
+
+
+def _harness():
+    return load_script(EXAMPLES / "_harness.py", "_example_harness")
+
+
+class _Report:
+    def table(self):
+        return "<report table>"
+
+
+def _fake_run(label, cuda):
+    return {"label": label, "val_loss": 1.25, "step_s": 0.0157 if label == "velora" else 0.0546,
+            "first_step_s": 3.0, "peak_mem_bytes": 2**20 if cuda else None, "cuda": cuda, "report": _Report()}
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_print_runs_times_only_on_gpu(capsys, cuda):
+    _harness().print_runs([_fake_run("velora", cuda), _fake_run("inductor", cuda)], [("val loss", "val_loss", ".4f")])
+    out = capsys.readouterr().out
+    assert "1.2500" in out and "<report table>" in out
+    if cuda:
+        assert "step (median)" in out and "15.7 ms" in out and "54.6 ms" in out and "1.0 MiB" in out
+        assert "not benchmark results" not in out
+    else:
+        assert "step (median)" not in out and "15.7" not in out and "54.6" not in out
+        assert "not benchmark results" in out
 
 
 def test_vit_classify_eager_compare(capsys):

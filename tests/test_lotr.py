@@ -198,6 +198,8 @@ def test_merge_and_unmerge():
 
         merge_lotr(model, keep_factors=True)
         assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+        with pytest.raises(ValueError, match="unmerge_lotr"):   # unmerge would drop new adapters
+            apply_lotr(model, ["k_proj"], rank=2)
         assert torch.allclose(model(ids).logits, adapted, atol=1e-5)
         unmerge_lotr(model)
         assert isinstance(model.model.layers[1].self_attn.q_proj, LoTRLinear)
@@ -242,6 +244,51 @@ def test_errors():
     assert set(model.lotr_factors.keys()) == {"proj", "down"}
     with pytest.raises(ValueError, match="rank"):
         apply_lotr(Stack(), ["proj"], rank=0)
+
+
+def test_second_call_keeps_first_adapter_trainable():
+    """Two calls (``proj``, then ``down``) are the same adapted model as one call with both patterns:
+    the same trainable parameters, and bitwise-equal weights and outputs after a few SGD steps.  The
+    second call's ``freeze_base`` freezes the model's own weights, never the first call's adapters."""
+    torch.manual_seed(0)
+    base = Stack()
+    x, y = torch.randn(8, 12), torch.randn(8, 5)
+
+    def trained(calls):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        for patterns in calls:
+            apply_lotr(model, patterns, rank=3)
+        randomize_cores(model, 0.3)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model
+
+    torch.manual_seed(2)
+    twice = trained([["proj"], ["down"]])
+    torch.manual_seed(2)
+    once = trained([["proj", "down"]])
+    trainable = {n for n, p in twice.named_parameters() if p.requires_grad}
+    assert trainable == adapter_params(twice) == {n for n, p in once.named_parameters() if p.requires_grad}
+    assert {"lotr_factors.proj.A", "blocks.0.proj.core"} <= trainable   # the first call's adapter
+    assert lotr_parameter_count(twice) == lotr_parameter_count(once) == lotr_report(twice)["trainable_params"]
+    for (na, a), (nb, b) in zip(twice.named_parameters(), once.named_parameters()):
+        assert na == nb and torch.equal(a, b), na
+    assert torch.equal(twice(x), once(x))
+
+
+def test_second_call_on_adapted_modules_refused_untouched():
+    model = apply_lotr(Stack(), ["proj"], rank=2)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"blocks\.0\.proj.*blocks\.1\.proj.*blocks\.2\.proj.*already LoTR-adapted"):
+        apply_lotr(model, ["down", "proj"], rank=2)
+    assert set(model.lotr_factors.keys()) == {"proj"} and not isinstance(model.blocks[0].down, LoTRLinear)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n], t) and after[n].requires_grad == rg for n, (t, rg) in before.items())
 
 
 # --- under velora_fx.backend ------------------------------------------------------------------------

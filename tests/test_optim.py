@@ -173,16 +173,33 @@ def test_osd_fallbacks_to_adamw():
 
 
 def test_osd_fallback_matches_torch_adamw():
-    p1 = nn.Parameter(torch.randn(5, 4))
-    p2 = nn.Parameter(p1.detach().clone())
-    a = OnlineSubspaceDescent([p1], lr=1e-2, rank=8, weight_decay=0.1)
-    b = torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.1)
-    for _ in range(4):
-        g = torch.randn(5, 4)
-        p1.grad, p2.grad = g.clone(), g.clone()
+    """Parameters OSD leaves to AdamW (biases, small matrices, ``subspace=False`` groups) are stepped
+    by torch's own AdamW code: bitwise equal to ``torch.optim.AdamW`` over several steps, moments
+    included, also when a subspace weight shares their group."""
+    torch.manual_seed(0)
+    shapes = [(5, 4), (7,), (3, 8, 2), (8, 30)]       # (8, 30): min dim 8 <= rank 8 -> AdamW
+    big = nn.Parameter(torch.randn(24, 40))            # a subspace weight in the first group
+    mine = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in mine]
+    other = nn.Parameter(torch.randn(6, 20))            # a subspace=False group
+    other_ref = nn.Parameter(other.detach().clone())
+    a = OnlineSubspaceDescent([{"params": mine[:2] + [big] + mine[2:]},
+                               {"params": [other], "subspace": False, "lr": 3e-3, "weight_decay": 0.0}],
+                              lr=1e-2, rank=8, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6)
+    b = torch.optim.AdamW([{"params": ref}, {"params": [other_ref], "lr": 3e-3, "weight_decay": 0.0}],
+                          lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6)
+    for _ in range(6):
+        for p, q in zip(mine + [other], ref + [other_ref]):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        big.grad = torch.randn_like(big)
         a.step()
         b.step()
-    torch.testing.assert_close(p1, p2)
+        for p, q in zip(mine + [other], ref + [other_ref]):
+            assert torch.equal(p, q)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(a.state[p][key], b.state[q][key]), key
+    assert "proj" in a.state[big] and not any("proj" in a.state[p] for p in mine + [other])
 
 
 def test_osd_target_callable_with_names():

@@ -165,7 +165,17 @@ def apply_lotr(model: nn.Module, target_modules: Sequence[str] | str, rank: int,
     matched by several patterns goes to the first); ``share="all"``: every matched module forms one
     group.  All modules of a group must have one (in, out) shape.  ``alpha``: the update is scaled by
     ``alpha / rank`` (``None``: 1).  ``freeze_base``: set ``requires_grad=False`` on every
-    parameter the model had (like PEFT), so only A, B and the cores train.
+    parameter of the model that is not a LoTR adapter parameter (like PEFT), so only A, B and the
+    cores train.
+
+    Calling it again on an adapted model adds adapters to *other* modules: the new groups join
+    ``model.lotr_factors`` next to the earlier ones, and the earlier adapters (their A, B and cores)
+    keep their ``requires_grad`` -- they stay trainable; ``freeze_base`` freezes the model's own
+    weights only.  Two calls equal one call with both pattern lists (given the same RNG state).
+    Adapters do not stack: if a pattern matches a module that is already a :class:`LoTRLinear`, the
+    call raises ``ValueError`` naming every such module and leaves the model untouched.  A model
+    merged with ``merge_lotr(model, keep_factors=True)`` is refused too (``unmerge_lotr`` would
+    put the old adapters back over the new ones); unmerge it first.
     """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
@@ -177,10 +187,14 @@ def apply_lotr(model: nn.Module, target_modules: Sequence[str] | str, rank: int,
     if share not in ("by_name", "all"):
         raise ValueError(f"apply_lotr: share must be 'by_name' or 'all', got {share!r}")
     scale = 1.0 if alpha is None else float(alpha) / rank
+    if model.__dict__.get(_MERGED_ATTR):
+        raise ValueError("apply_lotr: the model was merged with merge_lotr(model, keep_factors=True); "
+                         "call unmerge_lotr(model) (or merge_lotr(model)) before adding adapters")
 
     # match, skipping what LoTR itself added; a module reachable by several paths is adapted once
     groups: dict[str, list[tuple[str, nn.Module]]] = {}
     paths_of: dict[int, list[str]] = {}
+    adapted: list[str] = []   # matched modules that already are LoTRLinear (refused below)
     for path, module in model.named_modules(remove_duplicate=False):
         if not path or path == FACTORS_ATTR or path.startswith(FACTORS_ATTR + "."):
             continue
@@ -188,7 +202,8 @@ def apply_lotr(model: nn.Module, target_modules: Sequence[str] | str, rank: int,
         if pattern is None:
             continue
         if isinstance(module, LoTRLinear):
-            raise ValueError(f"apply_lotr: module {path!r} is already LoTR-adapted")
+            adapted.append(path)
+            continue
         if any(isinstance(m, LoTRLinear) for m in _ancestors(model, path)):
             continue  # the base layer inside an adapter
         if id(module) in paths_of:
@@ -199,6 +214,12 @@ def apply_lotr(model: nn.Module, target_modules: Sequence[str] | str, rank: int,
                             "LoTR supports nn.Linear and transformers' Conv1D")
         paths_of[id(module)] = [path]
         groups.setdefault(pattern if share == "by_name" else "all", []).append((path, module))
+    if adapted:
+        shown = ", ".join(repr(p) for p in adapted)
+        raise ValueError(f"apply_lotr: module{'s' if len(adapted) > 1 else ''} {shown} "
+                         f"{'are' if len(adapted) > 1 else 'is'} already LoTR-adapted (matched by "
+                         f"{patterns!r}); LoTR adapters do not stack -- target other modules, or "
+                         "merge_lotr(model) first")
     if not groups:
         raise ValueError(f"apply_lotr: target_modules {patterns!r} matched no module of {type(model).__name__}")
 
@@ -212,15 +233,19 @@ def apply_lotr(model: nn.Module, target_modules: Sequence[str] | str, rank: int,
                 raise ValueError(f"apply_lotr: module {path!r} is ({d_in}->{d_out}) but group {name!r} shares "
                                  f"factors of ({shape[0]}->{shape[1]}) (from {first_path!r}); use separate patterns")
 
-    if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
     container = getattr(model, FACTORS_ATTR, None)
+    if container is not None and not isinstance(container, nn.ModuleDict):
+        raise ValueError(f"apply_lotr: model.{FACTORS_ATTR} exists and is not an nn.ModuleDict")
+    if freeze_base:
+        # the model's own weights; adapters of an earlier call keep their requires_grad
+        earlier = {id(p) for p in (container.parameters() if container is not None else ())}
+        earlier |= {id(m.core) for _, m in lotr_modules(model)}
+        for p in model.parameters():
+            if id(p) not in earlier:
+                p.requires_grad_(False)
     if container is None:
         container = LoTRFactorDict()
         setattr(model, FACTORS_ATTR, container)
-    elif not isinstance(container, nn.ModuleDict):
-        raise ValueError(f"apply_lotr: model.{FACTORS_ATTR} exists and is not an nn.ModuleDict")
     for name, members in groups.items():
         key = _group_key(name, container.keys())
         first = members[0][1]

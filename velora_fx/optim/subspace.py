@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _torch_adamw
 
 __all__ = ["OnlineSubspaceDescent", "online_pca_loss", "online_pca_grad"]
 
@@ -56,7 +57,11 @@ class OnlineSubspaceDescent(Optimizer):
       gradient in closed form (:func:`online_pca_grad`).  No periodic SVD.
 
     Everything else (biases, norms, small matrices, groups with ``subspace=False`` or params for which
-    ``target`` says False) gets plain AdamW.  ``target(name_or_param) -> bool`` is called with the
+    ``target`` says False) gets plain AdamW, stepped by torch's own functional
+    ``torch.optim.adamw.adamw`` with ``torch.optim.AdamW``'s default flags (torch picks foreach or
+    single-tensor the same way; ``step`` is a CPU scalar tensor as torch keeps it): bitwise equal to
+    ``torch.optim.AdamW`` with the same lr, betas, eps and weight_decay (note OSD's default
+    weight_decay is 0, AdamW's 1e-2).  ``target(name_or_param) -> bool`` is called with the
     parameter name when the optimizer was given ``named_parameters()``, else with the tensor.
 
     P's step is ``proj_lr · lr_t / lr_0`` (lr_0: the group's lr when the optimizer was built), so it
@@ -123,6 +128,7 @@ class OnlineSubspaceDescent(Optimizer):
         buckets: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
         for group in self.param_groups:
             names = group.get("param_names")
+            plain: list[torch.Tensor] = []   # this group's AdamW parameters, stepped together below
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -133,15 +139,17 @@ class OnlineSubspaceDescent(Optimizer):
                     name = names[i] if names is not None else None
                     if self._uses_subspace(group, p, name):
                         self._init_subspace(state, group, p)
-                    else:
-                        state["step"] = 0
+                    else:   # as torch.optim.AdamW's lazy init (capturable=False, fused=False)
+                        state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if "proj" in state:
                     key = (id(group), tuple(p.shape), p.dtype, p.device, state["step"])
                     buckets.setdefault(key, []).append((p, state))
                 else:
-                    self._adamw_step(state, group, p)
+                    plain.append(p)
+            if plain:
+                self._adamw_step(plain, group)
         groups = {id(g): g for g in self.param_groups}
         for key, items in buckets.items():
             self._subspace_step(items, groups[key[0]])
@@ -175,13 +183,21 @@ class OnlineSubspaceDescent(Optimizer):
         bc2 = 1 - b2 ** step
         return (m / bc1) / ((v / bc2).sqrt_().add_(eps))
 
-    def _adamw_step(self, state: dict, group: dict, p: torch.Tensor) -> None:
-        state["step"] += 1
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        d = self._adam_direction(state["exp_avg"], state["exp_avg_sq"], p.grad, group["betas"], group["eps"],
-                                 state["step"])
-        p.add_(d, alpha=-group["lr"])
+    def _adamw_step(self, params: list[torch.Tensor], group: dict) -> None:
+        """Plain AdamW for ``params`` (one group) through torch's functional AdamW: the same kernels,
+        op order and foreach/fused choice as ``torch.optim.AdamW`` with default flags, hence
+        bitwise-equal results."""
+        states = [self.state[p] for p in params]
+        for st in states:
+            if not torch.is_tensor(st["step"]):  # a state saved when the step was a Python int
+                st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+        b1, b2 = group["betas"]
+        _torch_adamw(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                     [st["exp_avg_sq"] for st in states], [], [st["step"] for st in states],
+                     foreach=None, capturable=False, differentiable=False, fused=None,
+                     has_complex=any(torch.is_complex(p) for p in params),
+                     amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
+                     eps=group["eps"], maximize=False)
 
     def _subspace_step(self, items: list[tuple[torch.Tensor, dict]], group: dict) -> None:
         """One step for every subspace weight of one group with one shape, stacked: a transformer's
@@ -222,6 +238,11 @@ class OnlineSubspaceDescent(Optimizer):
         written.append(("proj", P))
         for key, value in written:
             torch._foreach_copy_([st[key] for st in states], list(value.unbind(0)))
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives its ``step`` tensors (``torch.optim.optimizer._get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _expected_state_numel(shape: tuple[int, int], rank: int, proj_optimizer: str = "adam") -> int:
