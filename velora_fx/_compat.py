@@ -108,9 +108,60 @@ def is_fake(x: Any) -> bool:
 
 @contextlib.contextmanager
 def autograd_cache_disabled():
-    """AOTAutograd's cache, if it hit, would skip the partition step and with it our pass."""
+    """AOTAutograd's cache, if it hit, would skip the partition step (for measuring-only traces)."""
     with torch._functorch.config.patch(enable_autograd_cache=False):
         yield
+
+
+def _bypass_classes() -> tuple[type, ...]:
+    found: list[type] = []
+    try:
+        from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache
+        found.append(BypassAOTAutogradCache)
+    except ImportError:  # pragma: no cover - moved: AOTAutograd treats any error in its key as a bypass
+        pass
+    try:
+        from torch._inductor.codecache import BypassFxGraphCache
+        found.append(BypassFxGraphCache)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found) or (Exception,)
+
+
+class NotCacheable(*_bypass_classes()):  # type: ignore[misc]
+    """Raised while a cache key is computed: both AOTAutograd's and inductor's FX graph cache take
+    it as "bypass the cache for this graph" (their own exceptions), never as a failure."""
+
+
+@contextlib.contextmanager
+def count_autograd_cache_hits():
+    """Yields a function returning how many AOTAutograd cache hits happened inside the block."""
+    from torch._dynamo.utils import counters
+    start = counters["aot_autograd"]["autograd_cache_hit"]
+    yield lambda: counters["aot_autograd"]["autograd_cache_hit"] - start
+
+
+@contextlib.contextmanager
+def caches_disabled():
+    """Every compile cache off (``torch.compiler.config.force_disable_caches``)."""
+    with torch.compiler.config.patch(force_disable_caches=True):
+        yield
+
+
+def is_inductor_option(name: str) -> bool:
+    """Whether ``name`` is one of inductor's config options (what ``torch.compile(options=)`` sets)."""
+    return name in inductor_config.get_config_copy()
+
+
+def dynamo_real_value(placeholder: torch.fx.Node) -> Any:
+    """The real value dynamo saw for a graph input (it keeps a weak reference), or None."""
+    arg = placeholder.meta.get("grapharg")
+    if arg is None:
+        return None
+    try:
+        return arg.example
+    except Exception:  # noqa: BLE001 - the value died, or no example: unknown
+        return None
 
 
 def list_mode_options(mode: str) -> dict[str, Any]:
@@ -167,11 +218,6 @@ def real_tensors():
     state tensors and real inputs."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     return unset_fake_temporarily()
-
-
-def unwrap_compiled(model: Any) -> Any:
-    """The module a ``torch.compile``-d module wraps (itself otherwise)."""
-    return model._orig_mod if isinstance(model, OptimizedModule) else model
 
 
 # what dynamo records for nn.Linear / F.linear

@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 
 from . import _compat
-from .backend import VeloraBackend, make_binding
+from .backend import VeloraBackend
+from .binding import make_binding
 from .config import VeloraConfig
 from .naming import ParamNames
 from .passes.pipeline import JointContext, run_pipeline

@@ -6,38 +6,42 @@ rewritten graph, so decompositions, joint passes, partitioner and codegen all st
 
 State: before AOTAutograd traces, the dynamo graph gets one extra input per weight matrix, its
 state tensor (``state.py``), marked static like a module buffer.  The rewrite reads and updates
-it with aten ops; a thin wrapper appends the tensors to every call.  So nothing runs in Python
-per site per step, CUDA graphs work, and the generated code never depends on the state's values.
+it with aten ops; ``binding.py`` appends the tensors of the weights each call passes.  So nothing
+runs in Python per site per step, CUDA graphs work, and the generated code never depends on the
+state's values.
+
+Caches: AOTAutograd's cache, on a hit, returns compiled graphs without running the partition step,
+so without our bookkeeping (slots, v, report).  The partitioner tells the cache that a training
+graph is not cacheable before it has partitioned it (``_compat.NotCacheable``): the supported
+bypass, which holds also when ``TORCHINDUCTOR_AUTOGRAD_CACHE=1`` forces the cache on.  Inductor's
+FX graph cache keys on the partitioned graphs and still serves their generated code.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import hashlib
 import itertools
 import json
-import operator
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from . import _compat, distributed
+from .binding import Lifted, StateBinder, lift_state, make_binding, primal_labels, trains
 from .config import ConfigError, VeloraConfig
-from .codecs.velora import random_vector
-from .naming import ParamNames, find_compiled_root, module_path_from_source
+from .naming import ParamNames, find_compiled_root, unwrap_model
 from .passes.budget import target_bytes
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes.partition_probe import probe_partition
-from .passes.pipeline import GraphBinding, JointContext, run_pipeline
-from .passes.sites import Site
+from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
 from .report import GraphReport, Report, SiteReport
-from .state import ModelState, natural_orientation, random_seed, slot_name
+from .state import ModelState, StateError
 
 __all__ = ["VeloraBackend", "backend", "default_backend"]
 
@@ -63,7 +67,8 @@ class VeloraBackend:
     compiled free functions share one entry, "functions".  ``compiler="inductor"`` (default)
     generates code with inductor; ``compiler="eager"`` runs the same decompositions, joint passes,
     rewrite and partitioner but executes the graphs eagerly (fast to compile: tests, ``explain``).
-    ``torch.compile``'s ``mode=`` / ``options=`` reach inductor (``mode="reduce-overhead"``: CUDA graphs).
+    ``torch.compile``'s ``mode=`` / ``options=`` reach inductor (``mode="reduce-overhead"``: CUDA graphs);
+    velora_fx's own options are this object's (``backend="velora"`` takes them in ``options=`` too).
     """
 
     def __init__(self, config: VeloraConfig | None = None, *, compiler: str = "inductor") -> None:
@@ -82,9 +87,10 @@ class VeloraBackend:
     # -- dynamo entry point ------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
                  options: dict[str, Any] | None = None) -> Callable:
+        inductor_options = _inductor_options(options)
         root = find_compiled_root()
         model = self.model_state(root)
-        training = _trains(example_inputs)
+        training = trains(example_inputs)
         heads, original_bytes = [], None
         if training and self.config.uses("chunked_loss"):
             rewritten = _compat.copy_dynamo_graph(gm)
@@ -92,26 +98,45 @@ class VeloraBackend:
             if any(h.rewritten for h in heads):
                 original_bytes = self._baseline_bytes(gm, list(example_inputs))
                 gm = rewritten
-        lifted = _lift_state(gm, list(example_inputs), model, root) if training else None
-        partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm)
+        lifted = lift_state(gm, list(example_inputs), model) if training else None
+        partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm, training)
         partitioner.loss_heads, partitioner.original_bytes = heads, original_bytes
         graph = lifted.gm if lifted else gm
         inputs = lifted.example_inputs if lifted else list(example_inputs)
+        try:
+            compiled = self._compile(graph, inputs, partitioner, mode, inductor_options)
+            outcome = partitioner.result
+        finally:
+            partitioner.release()
+        if lifted is None:
+            return compiled
+        binder = StateBinder(compiled, self, lifted, outcome.state_sites if outcome else [],
+                             outcome.calibration if outcome else None, outcome.report if outcome else None,
+                             model.label)
+        lifted.release()
+        return binder
+
+    def _compile(self, graph: fx.GraphModule, inputs: list[Any], partitioner: "_Partitioner", mode: str | None,
+                 options: dict[str, Any]) -> Callable:
         if self.compiler == "inductor":
-            patches = {**_mode_options(mode), **(options or {}), "custom_partitioner_fn": partitioner}
-            # AOTAutograd's cache would skip the partition step (and this pass) on a hit; inductor's
-            # FX graph cache, which keys on the partitioned graphs, still serves the generated code
-            with _compat.autograd_cache_disabled():
+            patches = {**_mode_options(mode), **options, "custom_partitioner_fn": partitioner}
+            with _compat.count_autograd_cache_hits() as hits:
                 compiled = _compat.compile_fx(graph, inputs, config_patches=patches)
-        else:
-            if mode or options:
-                self.warn_once("velora_fx: compiler='eager' ignores torch.compile's mode= and options=")
-            eager = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
-                                         partition_fn=_compat.eager_partition_fn,
-                                         decompositions=_compat.select_decomp_table())
-            with _compat.custom_partitioner(partitioner), _compat.autograd_cache_disabled():
-                compiled = eager(graph, inputs)
-        return _StateCall(compiled, self, model, lifted) if lifted else compiled
+            if hits() and partitioner.training:
+                # a cache served the graph without our partition step despite the bypass (a torch
+                # that no longer asks the partitioner): never run a graph without its state
+                self.warn_once("velora_fx: AOTAutograd's cache served a graph without the rewrite's bookkeeping; "
+                               "compiling it again with caches disabled")
+                with _compat.caches_disabled():
+                    compiled = _compat.compile_fx(graph, inputs, config_patches=patches)
+            return compiled
+        if mode or options:
+            self.warn_once("velora_fx: compiler='eager' ignores torch.compile's mode= and options=")
+        eager = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
+                                     partition_fn=_compat.eager_partition_fn,
+                                     decompositions=_compat.select_decomp_table())
+        with _compat.custom_partitioner(partitioner):
+            return eager(graph, inputs)
 
     def _baseline_bytes(self, gm: fx.GraphModule, example_inputs: list[Any]) -> int | None:
         """Activation bytes inductor's partition of dynamo's original graph saves (what a rewrite
@@ -139,7 +164,7 @@ class VeloraBackend:
         """The state entry of a compiled model (created on first use); None: compiled functions."""
         if model is None:
             return self._functions
-        model = _compat.unwrap_compiled(model)
+        model = unwrap_model(model)
         state = self._models.get(model)
         if state is None:
             state = ModelState(f"{type(model).__name__}#{next(self._model_ids)}")
@@ -167,13 +192,16 @@ class VeloraBackend:
         return {"config": self.config.to_dict(), "sites": sites}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
-        """Load vectors saved by ``state_dict``; every unknown site or wrong size is named at once.
-        Before the first compile, pass ``model=`` so keys can be checked against it."""
-        if "config" in state and state["config"].get("init") != self.config.init:
-            warnings.warn(f"velora_fx: loading state saved with init={state['config'].get('init')!r} "
+        """Load vectors saved by ``state_dict``, all or nothing: every unknown site, wrong size,
+        other model width or bad vector (not finite, not a unit vector) is named at once and
+        nothing is applied.  Before the first compile, pass ``model=`` so keys can be checked."""
+        sites = _state_sites(state)
+        config = state.get("config")
+        if config is not None and config.get("init") != self.config.init:
+            warnings.warn(f"velora_fx: loading state saved with init={config.get('init')!r} "
                           f"into a backend with init={self.config.init!r}", stacklevel=2)
         target = self._only(model, "load_state_dict")
-        names = ParamNames(_compat.unwrap_compiled(model))
+        names = ParamNames(unwrap_model(model))
 
         def resolve(name: str):
             found = names.resolve(name)
@@ -182,19 +210,19 @@ class VeloraBackend:
             param, orientation = found
             return param, orientation, int(param.shape[-1] if orientation == 0 else param.shape[-2])
 
-        sites = dict(state.get("sites", {}))
         live = {s.name for s in target.live_slots()}
         # FSDP2: between steps a module holds its sharded DTensor parameter, while compiled graphs
         # see the all-gathered one, a different object: such entries wait, by name, until a
-        # compiled graph binds that weight (checked now on a scratch state)
+        # compiled graph binds that weight (checked now, applied then)
         deferred = {n: e for n, e in sites.items()
                     if n not in live and distributed.is_sharded((resolve(n) or (None,))[0])}
-        ModelState("scratch").load_state_dict(deferred, resolve)
-        target.load_state_dict({n: e for n, e in sites.items() if n not in deferred}, resolve)
+        checked = target.check_entries({n: e for n, e in sites.items() if n not in deferred}, resolve)
+        ModelState("scratch").check_entries(deferred, resolve)
+        target.apply_entries(checked)
         if deferred:
             self._pending.setdefault(target.label, {}).update(deferred)
 
-    def _take_pending(self, model: ModelState, slot) -> None:
+    def take_pending(self, model: ModelState, slot) -> None:
         """Load an entry ``load_state_dict`` deferred, once a compiled graph binds its weight."""
         entry = self._pending.get(model.label, {}).pop(slot.name, None)
         if entry is not None:
@@ -242,7 +270,9 @@ class VeloraBackend:
         graph_key = f"{self.serial}/{graph_id}"  # the same on every rank: backends and graphs come in order
         distributed.adopt_rank0_plan(model, graph_key)  # under torch.distributed: rank 0 plans, see distributed.py
         try:
-            result = run_pipeline(ctx, self.config, binding, graph_id, _budget_target(self.config, partitioner.original_bytes))
+            held = _held_by_other_graphs(model, frame, partitioner.module_paths())
+            result = run_pipeline(ctx, self.config, binding, graph_id,
+                                  _budget_target(self.config, partitioner.original_bytes, held))
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -256,20 +286,55 @@ class VeloraBackend:
             distributed.share_plan(model, graph_key)
         _add_loss_heads(result, partitioner.loss_heads, partitioner.original_bytes, head_grads)
         result.report.model, result.report.frame = model.label, frame
+        if isinstance(self.config.memory_budget, int):
+            result.report.message = "; ".join(m for m in (
+                f"memory_budget: {self.config.memory_budget} bytes for the model, of which its other graphs save "
+                f"{held}", result.report.message) if m)
         if not result.report.sites:
             self.warn_once(f"velora_fx: {model.label} has no site any codec of {list(self.config.codecs)} "
                            "can compress")
         model.reports.append(result.report)
         _warn_unmatched(self, model)
+        partitioner.result = result
         return result.saved.fwd, result.saved.bwd
 
 
-def _budget_target(config: VeloraConfig, original_bytes: int | None):
-    """``memory_budget`` in bytes, as a function of the baseline partition's saved bytes (a
-    fraction counts from the graph before the loss-head rewrite, when there was one)."""
+def _state_sites(state: Any) -> dict[str, Any]:
+    """The ``sites`` of a state from ``state_dict()``, or a ``StateError`` saying what is wrong with it."""
+    expected = "the dict backend.state_dict() returns ({'config': ..., 'sites': {site: entry}})"
+    if not isinstance(state, dict):
+        raise StateError(f"velora_fx: load_state_dict takes {expected}, got {type(state).__name__}")
+    unknown = sorted(map(str, set(state) - {"config", "sites"}))
+    if unknown or "sites" not in state:
+        what = f"unknown key(s) {unknown}" if unknown else "no 'sites'"
+        raise StateError(f"velora_fx: load_state_dict takes {expected}; this one has {what}")
+    if state.get("config") is not None and not isinstance(state["config"], dict):
+        raise StateError(f"velora_fx: the state's 'config' must be a dict, got {type(state['config']).__name__}")
+    if not isinstance(state["sites"], dict):
+        raise StateError(f"velora_fx: the state's 'sites' must be a dict of site -> entry, got "
+                         f"{type(state['sites']).__name__}")
+    return state["sites"]
+
+
+def _budget_target(config: VeloraConfig, original_bytes: int | None, held_elsewhere: int = 0):
+    """``memory_budget`` in bytes for one graph, as a function of its baseline partition's saved
+    bytes: a fraction counts from the graph before the loss-head rewrite, when there was one; bytes
+    are one total for the model, less ``held_elsewhere`` (what its other graphs save)."""
     if config.memory_budget is None:
         return None
-    return lambda baseline: target_bytes(config.memory_budget, original_bytes if original_bytes is not None else baseline)
+    return lambda baseline: target_bytes(config.memory_budget, original_bytes if original_bytes is not None else baseline,
+                                         held_elsewhere)
+
+
+def _held_by_other_graphs(model: ModelState, frame: str, modules: set[str]) -> int:
+    """Saved bytes of the model's other counted graphs (``Report.current``): a recompile of this
+    graph (same frame, sites in its modules) is replaced by it, not added to it."""
+    total = 0
+    for g in Report(model.reports).current:
+        consumers = {c for s in g.sites for c in s.consumers}
+        if not (frame and g.frame == frame and consumers & modules):
+            total += g.saved_bytes_after
+    return total
 
 
 def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads: list[str]) -> None:
@@ -325,147 +390,6 @@ def _warn_unmatched(backend: VeloraBackend, model: ModelState) -> None:
                                   f"(site names are named_modules() paths, e.g. {paths[0]!r})")
 
 
-@dataclass
-class _Lifted:
-    """The dynamo graph with one state input per weight, and what to pass for them."""
-
-    gm: fx.GraphModule
-    example_inputs: list[Any]
-    state_tensors: list[Tensor]
-    state_index: dict[int, int]          # input index of a weight -> input index of its state
-    real_inputs: list[Any] | None        # real values of every input (None: some are fake, no calibration)
-    inputs: list[Any]                    # the inputs with the real weights (for binding and names)
-
-
-def _trains(example_inputs: Sequence[Any]) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in example_inputs)
-
-
-def _has_state(x: Any) -> bool:
-    return (isinstance(x, nn.Parameter) and x.requires_grad and x.dim() >= 2 and x.is_floating_point()
-            and not _compat.is_fake(x))
-
-
-def _lift_state(gm: fx.GraphModule, example_inputs: list[Any], model: ModelState,
-                root: nn.Module | None = None) -> _Lifted | None:
-    real = _real_weights(gm, example_inputs, root)
-    weights = [i for i, x in enumerate(real) if _has_state(x)]
-    if not weights:
-        return None
-    tensors = [model.tensor_for(real[i]) for i in weights]
-    new_gm = _compat.copy_dynamo_graph(gm)
-    fake_mode = _compat.fake_mode_of(list(example_inputs))
-    fakes = [_compat.static_fake(fake_mode, t) for t in tensors]
-    _compat.append_static_inputs(new_gm, [f"velora_state_{i}" for i in weights], fakes)
-    n = len(example_inputs)
-    calibration = None if any(_compat.is_fake(x) for x in real) else real + tensors
-    return _Lifted(new_gm, example_inputs + fakes, tensors, {w: n + k for k, w in enumerate(weights)},
-                   calibration, real + tensors)
-
-
-def _real_weights(gm: fx.GraphModule, example_inputs: list[Any], root: nn.Module | None) -> list[Any]:
-    """The inputs, with each fake one that is a parameter of ``root`` (by its dynamo source)
-    replaced by that parameter.  DDPOptimizer compiles its bucket subgraphs on fake copies of
-    everything, the weights included; state belongs to the real weight."""
-    if root is None or not any(_compat.is_fake(x) for x in example_inputs):
-        return list(example_inputs)
-    params = dict(root.named_parameters(remove_duplicate=False))
-    out = list(example_inputs)
-    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        source = _compat.dynamo_source_name(node) if i < len(out) and _compat.is_fake(out[i]) else None
-        param = params.get(module_path_from_source(source)) if source else None
-        if param is not None and param.shape == out[i].shape and param.dtype == out[i].dtype:
-            out[i] = param
-    return out
-
-
-class _StateCall:
-    """The compiled graph, called with the state tensors of the weights each call passes.
-
-    Dynamo reuses a compiled graph for every module whose code and guards match: the frames of a
-    stack's identical layers after a graph break (FSDP2 breaks at every ``fully_shard`` module; a
-    graph break in a loop; per-layer ``compile``), so a call's weights need not be those it was
-    compiled with.  State belongs to the weight: other weights get their own state tensors and
-    slots, copied from the compiled weights' slots (same sub-token size; v: ``first_batch`` starts
-    from the compiled module's v, ``random`` from its own seed, ``batch`` / ``ema`` from its own
-    batch in graph).  Under torch.distributed, the first call with a set of weights takes rank 0's
-    state before and after it runs (eager broadcasts, outside any compile: a v set at compile time
-    from each rank's own batch, and one the graph sets from it, become rank 0's).  Per call: one
-    dict lookup by the weights' ids (an entry leaves when a weight dies)."""
-
-    def __init__(self, compiled: Callable, backend: VeloraBackend, model: ModelState, lifted: _Lifted) -> None:
-        self.compiled, self.backend, self.model = compiled, backend, model
-        self.positions = sorted(lifted.state_index)
-        self.weights = operator.itemgetter(*self.positions) if len(self.positions) > 1 else \
-            (lambda args, i=self.positions[0]: (args[i],))
-        weights = self.weights(lifted.inputs)
-        self.origin = [weakref.ref(w) for w in weights]
-        self.compiled_state = lifted.state_tensors
-        self.bound: dict[tuple[int, ...], list[Tensor]] = {}
-        self.unsynced: set[tuple[int, ...]] = set()
-        self._refs: list[weakref.ref] = []
-        self._remember(weights, lifted.state_tensors)
-
-    def __call__(self, *args):
-        key = tuple(map(id, self.weights(args)))
-        state = self.bound.get(key)
-        if state is None:
-            if any(_compat.is_fake(w) for w in self.weights(args)):  # DDPOptimizer's fake first call
-                return self.compiled(*args, *self.compiled_state)
-            state = self._bind(args)
-        if key not in self.unsynced:
-            return self.compiled(*args, *state)
-        # the first call with these weights under torch.distributed: rank 0's v before the call
-        # uses it (set at compile time or loaded), and after it (v the graph set from this batch)
-        self.unsynced.discard(key)
-        distributed.share_tensors(state)
-        out = self.compiled(*args, *state)
-        distributed.share_tensors(state)
-        return out
-
-    def _remember(self, weights: Sequence[Tensor], state: list[Tensor]) -> None:
-        key = tuple(map(id, weights))
-        forget = lambda _ref, bound=self.bound: bound.pop(key, None)  # noqa: E731 - ids are reused
-        self.bound[key] = state
-        self._refs += [weakref.ref(w, forget) for w in weights]
-        if distributed.active():
-            self.unsynced.add(key)
-
-    def _bind(self, args: Sequence[Any]) -> list[Tensor]:
-        root = find_compiled_root()  # the model this call runs under
-        model, names = self.backend.model_state(root), ParamNames(root)
-        init = self.backend.config.init
-        tensors = []
-        for weight, origin in zip(self.weights(args), (r() for r in self.origin)):
-            state = model.tensor_for(weight)
-            tensors.append(state)
-            if origin is None or origin is weight:
-                continue
-            path, leaf, module = names.module_of(weight, None)
-            for src in [s for s in list(self.model.slots.values()) if s.param_ref() is origin]:
-                name = slot_name(path, leaf or "weight", src.orientation, natural_orientation(module)) \
-                    if path or leaf else src.name
-                slot = model.register_slot(weight, src.orientation, name, src.features)
-                self.backend._take_pending(model, slot)
-                g, o = src.sub_token_size, src.orientation
-                if g is None:
-                    continue
-                if slot.sub_token_size not in (None, g):
-                    raise ValueError(f"velora_fx: {slot.name!r} holds a v of size {slot.sub_token_size}, but the "
-                                     f"graph dynamo reuses for it was compiled for {src.name!r} with size {g}")
-                slot.sub_token_size = g
-                with torch.no_grad():
-                    if state[o, 0] > 0:
-                        continue  # loaded
-                    if init == "random":
-                        state[o, 1:1 + g].copy_(random_vector(g, random_seed(slot.name)).to(state.device))
-                        state[o, 0] = 1.0
-                    elif init == "first_batch":
-                        state[o].copy_(src.tensor[o])
-        self._remember(self.weights(args), tensors)
-        return tensors
-
-
 def _mode_options(mode: str | None) -> dict[str, Any]:
     if mode is None or mode == "default":
         return {}
@@ -474,96 +398,73 @@ def _mode_options(mode: str | None) -> dict[str, Any]:
 
 class _Partitioner(_compat.CustomPartitionerFn):
     """Binds one dynamo graph (its weights, state inputs and names) to the backend's partition
-    step.  Pickles to its uuid only: inductor puts it into its cache key."""
+    step, for one compile.  Inductor keeps this object (in its config patch and cache keys) long
+    after: it holds weights only weakly and drops everything but its uuid once the compile is done;
+    it pickles to its uuid only.  Before it has partitioned a training graph it tells inductor's
+    caches that the graph is not cacheable (see the module docstring)."""
 
-    def __init__(self, backend: VeloraBackend, model: ModelState, names: ParamNames, lifted: _Lifted | None,
-                 gm: fx.GraphModule) -> None:
+    def __init__(self, backend: VeloraBackend, model: ModelState, names: ParamNames, lifted: Lifted | None,
+                 gm: fx.GraphModule, training: bool) -> None:
         self.backend, self.model, self.names, self.lifted = backend, model, names, lifted
-        inputs = lifted.inputs if lifted else []
-        self.params = [x if isinstance(x, nn.Parameter) else None for x in inputs]
-        labels = _primal_labels(gm)
-        self.labels = labels + [None] * (len(inputs) - len(labels))
+        self.training = training
+        self.loss_heads: list = []
+        self.original_bytes: int | None = None
+        self.result: PipelineResult | None = None
+        self._params = list(lifted.params) if lifted else []
+        labels = primal_labels(gm)
+        self.labels = labels + [None] * (len(self._params) - len(labels))
         self.frame = _compat.frame_id(gm)
         self._uuid = backend.uuid(model)
+        self.partitioned = False
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any):
-        try:
-            return self.backend.partition(self, gm, joint_inputs, **kwargs)
-        finally:
-            self.release_inputs()
+        self.partitioned = True
+        return self.backend.partition(self, gm, joint_inputs, **kwargs)
+
+    @property
+    def params(self) -> list[Tensor | None]:
+        """The real weight of each input (None: not a parameter)."""
+        return [ref() if ref is not None else None for ref in self._params]
 
     @property
     def param_indices(self) -> list[int]:
-        return [i for i, p in enumerate(self.params) if p is not None]
+        return [i for i, p in enumerate(self._params) if p is not None]
+
+    def module_paths(self) -> set[str]:
+        """The module paths of this graph's weights (in the compiled model)."""
+        return {self.names.module_of(p, None)[0] for p in self.params if p is not None}
 
     def binding(self, joint_inputs: Sequence[Any]) -> GraphBinding | None:
         """None when the joint graph's primals are not the lifted inputs one to one (AOTAutograd
         deduplicated or flattened them) or there is no state to bind."""
         primals = joint_inputs[0] if joint_inputs and isinstance(joint_inputs[0], (list, tuple)) else None
-        if self.lifted is None or primals is None or len(primals) != len(self.params):
+        if self.lifted is None or primals is None or len(primals) != len(self._params):
             return None
         return make_binding(self.model, self.names, self.params, self.lifted.state_index, self.lifted.real_inputs,
-                            self.labels, on_slot=lambda slot: self.backend._take_pending(self.model, slot))
+                            self.labels, on_slot=lambda slot: self.backend.take_pending(self.model, slot),
+                            sets_v_at_call=True)
 
-    def release_inputs(self) -> None:
-        """Drop the references to the calibration batch (inductor may keep this object alive)."""
-        if self.lifted is not None:
-            self.lifted.real_inputs = self.lifted.example_inputs = None
-            self.lifted.inputs = [x if isinstance(x, nn.Parameter) else None for x in self.lifted.inputs]
+    def release(self) -> None:
+        """After the compile: keep only the uuid (inductor may keep this object for good)."""
+        self.backend = self.model = self.names = self.lifted = self.result = None
+        self.loss_heads, self._params, self.labels = [], [], []
 
     def uuid(self) -> str:
+        if self.training and not self.partitioned:
+            raise _compat.NotCacheable("velora_fx: a training graph is cacheable only after its partition step "
+                                       "(the rewrite's state and report are set there)")
         return self._uuid
 
     def __reduce__(self):
-        return (_cache_key_only, (self._uuid,))
+        return (_cache_key_only, (self.uuid(),))
 
     def __deepcopy__(self, memo):
         return self
 
 
-def make_binding(model: ModelState, names: ParamNames, params: list[Tensor | None], state_index: dict[int, int],
-                 real_inputs: list[Any] | None, labels: Sequence[str | None] = (),
-                 on_slot: Callable[[Any], None] | None = None) -> GraphBinding:
-    """How a joint graph with lifted state inputs reaches ``model``: names, slots, plan, real inputs.
-    ``labels`` are the source-derived paths of the inputs (for weights outside a root module);
-    ``on_slot`` sees every slot the pass binds (before it plans)."""
-
-    def module_of(site: Site):
-        label = labels[site.param_index] if site.param_index < len(labels) else None
-        return names.module_of(params[site.param_index], site.source_path or None, label)
-
-    def module_path(site: Site) -> str:
-        path, leaf, _ = module_of(site)
-        return path or leaf or site.module_path  # a weight of the root itself: its own name
-
-    def slot(site: Site, features: int):
-        if site.param_index not in state_index:
-            return None
-        path, leaf, module = module_of(site)
-        if not (path or leaf):
-            path, leaf = site.module_path, "weight"
-        name = slot_name(path, leaf or "weight", site.orientation, natural_orientation(module))
-        with _compat.real_tensors():
-            found = model.register_slot(params[site.param_index], site.orientation, name, features)
-            if on_slot is not None:
-                on_slot(found)
-            return found
-
-    return GraphBinding(module_path=module_path, slot=slot, state_primal=state_index.get, plan=model.plan,
-                        real_primals=real_inputs)
-
-
 def _cache_key_only(uuid: str) -> str:
     """What a pickled partitioner turns back into: its key (it is pickled for cache keys only)."""
     return uuid
-
-
-def _primal_labels(gm: fx.GraphModule) -> list[str | None]:
-    labels = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        source = _compat.dynamo_source_name(node)
-        labels.append(module_path_from_source(source) if source else None)
-    return labels
 
 
 def backend(config: VeloraConfig | None = None, /, **options: Any) -> VeloraBackend:
@@ -574,18 +475,43 @@ def backend(config: VeloraConfig | None = None, /, **options: Any) -> VeloraBack
     return VeloraBackend(config or VeloraConfig.from_options(**options), compiler=compiler)
 
 
-_DEFAULT: VeloraBackend | None = None
+_SHARED: dict[str, VeloraBackend] = {}
+_BACKEND_OPTIONS = {f.name for f in dataclasses.fields(VeloraConfig)} | {"compiler"}
 
 
-def default_backend() -> VeloraBackend:
-    """The shared backend behind ``backend="velora"``: ``velora_fx.default_backend().report()``
-    shows what it did (each model compiled through it has its own state and reports)."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = VeloraBackend()
-    return _DEFAULT
+def default_backend(**options: Any) -> VeloraBackend:
+    """The shared backend behind ``backend="velora"`` (one per set of options given through
+    ``torch.compile(..., options={...})``): ``velora_fx.default_backend().report()`` shows what it
+    did, ``default_backend(mode="max_memory")`` what the one with those options did.  Each model
+    compiled through it has its own state and reports."""
+    compiler = options.pop("compiler", "inductor")
+    config = VeloraConfig.from_options(**options)
+    key = json.dumps([config.to_dict(), compiler], sort_keys=True, default=str)
+    if key not in _SHARED:
+        _SHARED[key] = VeloraBackend(config, compiler=compiler)
+    return _SHARED[key]
 
 
-def velora_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-    """Named-backend entry point (``torch.compile(model, backend="velora", mode=...)``)."""
-    return default_backend()(gm, example_inputs, **kwargs)
+def velora_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                   options: dict[str, Any] | None = None) -> Callable:
+    """Named-backend entry point: ``torch.compile(model, backend="velora", mode=..., options={...})``;
+    ``options`` may mix velora_fx's options (``mode`` is spelt ``"mode"`` there too, it picks the
+    velora mode) with inductor's config options."""
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in list(options) if k in _BACKEND_OPTIONS}
+    return default_backend(**ours)(gm, example_inputs, mode=mode, options=options)
+
+
+def _inductor_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``torch.compile(options=...)`` for a backend object: inductor's config options only."""
+    options = dict(options or {})
+    ours = sorted(k for k in options if k in _BACKEND_OPTIONS)
+    if ours:
+        raise ConfigError(f"torch.compile(options=...) got velora_fx option(s) {ours} for a backend object that "
+                          f"already has its options: pass them to velora_fx.backend({', '.join(ours)}=...), or use "
+                          "backend=\"velora\" with options={...}")
+    unknown = sorted(k for k in options if not _compat.is_inductor_option(k))
+    if unknown:
+        raise ConfigError(f"torch.compile(options=...) got {unknown}: neither inductor config options nor "
+                          f"velora_fx options ({sorted(_BACKEND_OPTIONS)})")
+    return options

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -109,8 +110,8 @@ class VeloraConfig:
             raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
         for name in ("scale", "max_error", "min_efficiency", "error_cost"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             set_(self, name, float(value))
         if self.scale <= 0:
             raise ConfigError(f"scale must be > 0 (it multiplies the weight gradient), got {self.scale!r}")

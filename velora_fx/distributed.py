@@ -6,14 +6,15 @@ decides. Plan: ranks > 0 wait for rank 0's plan of each graph and adopt it as th
 before running the pass; it travels through the process group's key-value store, keyed by
 backend and graph, not by a collective, because the partition step runs in the middle of the
 model's own collectives (broadcasts there hung 2-process gloo runs now and then). State: the
-first call of a compiled graph with a set of weights takes rank 0's state tensors, eagerly,
-before it runs (v set at compile time from each rank's own batch, or loaded) and after (v the
-graph set in its first call: DDPOptimizer compiles its bucket subgraphs on fake inputs, so there
-v is set in graph). Rank 0's first batch is one sample of the distribution every rank draws
-from, and broadcasting (rather than averaging) keeps the rule "the paper's first batch" literal.
-So ``state_dict()`` is the same on every rank, and rank 0's report is the one that explains the
-plan (the others list its decisions as kept from the model's first plan, with estimated errors
-from their own batch).
+first call of a compiled graph with a set of weights (``binding.StateBinder``) sets the v those
+weights lack from this rank's batch, then takes rank 0's state tensors, eagerly, before it runs: a
+v set at compile time from each rank's own batch, at the first call (DDPOptimizer compiles its
+bucket subgraphs on fake inputs; dynamo reuses one block's graph for the others under
+``torch.compile(DDP(model))``), or loaded, becomes rank 0's before any gradient uses it.  Rank 0's
+first batch is one sample of the distribution every rank draws from, and broadcasting (rather than
+averaging) keeps the rule "the paper's first batch" literal.  So ``state_dict()`` is the same on
+every rank from the first step, and rank 0's report is the one that explains the plan (the others
+list its decisions as kept from the model's first plan, with estimated errors from their own batch).
 
 The in-graph rules ``batch`` and ``ema:<d>`` update v from the batch every step; their statistic
 (the mean sub-token) is averaged over ranks in graph (``emit_rank_mean``: one functional

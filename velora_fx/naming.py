@@ -14,7 +14,7 @@ import sys
 import weakref
 from torch import Tensor, nn
 
-__all__ = ["find_compiled_root", "ParamNames", "module_path_from_source"]
+__all__ = ["find_compiled_root", "ParamNames", "module_path_from_source", "unwrap_model"]
 
 _ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])*")
 _SOURCE_ITEM = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]|\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
@@ -35,21 +35,46 @@ def module_path_from_source(source: str) -> str:
     return ".".join(parts)
 
 
-def find_compiled_root() -> nn.Module | None:
-    """The module ``torch.compile`` was applied to, from the call stack of the running compile:
-    the outermost ``OptimizedModule`` (its ``_orig_mod``) or module compiled with
-    ``Module.compile()``.  None for compiled functions."""
+def unwrap_model(model: nn.Module | None) -> nn.Module | None:
+    """The user's model inside ``torch.compile`` and ``DistributedDataParallel`` wrappers (in either
+    order), so state and names are the same however the model was wrapped."""
     from ._compat import OptimizedModule
 
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def find_compiled_root() -> nn.Module | None:
+    """The model ``torch.compile`` was applied to, from the call stack of the running compile or
+    call: the outermost ``OptimizedModule`` or module compiled with ``Module.compile()``, unwrapped
+    (``unwrap_model``).  None for compiled functions.  Only torch's own module-call frames are
+    read: reading a frame's locals snapshots them, and a snapshot of a user's frame would keep its
+    locals (a model the user deletes) alive until that frame ends."""
     frame, found = sys._getframe(1), None
+    codes = _module_call_codes()
     while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, OptimizedModule):
-            found = owner._orig_mod
-        elif isinstance(owner, nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
-            found = owner
+        if frame.f_code in codes:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, codes[frame.f_code]):
+                if hasattr(owner, "_orig_mod"):
+                    found = owner._orig_mod
+                elif getattr(owner, "_compiled_call_impl", None) is not None:
+                    found = owner
         frame = frame.f_back
-    return found
+    return unwrap_model(found)
+
+
+def _module_call_codes() -> dict:
+    """Code objects of the frames that call a module (``self`` is the module called)."""
+    from ._compat import OptimizedModule
+
+    return {OptimizedModule.__call__.__code__: OptimizedModule,
+            nn.Module._wrapped_call_impl.__code__: nn.Module, nn.Module._call_impl.__code__: nn.Module}
 
 
 class ParamNames:

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from ..distributed import emit_rank_mean
+from ..state import initial_vector, random_vector, subtokens
 from ..passes.graph_utils import SWAP_LIKE, create_node, emit as _emit, swaps_last_two
 from .base import register_codec
 
@@ -30,17 +31,11 @@ _EPS = 1e-12
 _FP16_MAX = 65504.0
 
 
-def _subtokens(x: Tensor, g: int) -> Tensor:
-    if x.shape[-1] % g:
-        raise ValueError(f"sub-token size {g} does not divide the feature size {x.shape[-1]}")
-    return x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
-
-
 def project(x: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Coefficients ``c[..., j] = <x[..., j*g:(j+1)*g], v>``: shape ``[..., D/g]``, accumulated
     in fp32 (and clamped to fp16's range when stored as fp16, so they never overflow to inf)."""
     g = v.numel()
-    c = (_subtokens(x, g).float() * v.float().to(x.device)).sum(-1)
+    c = (subtokens(x, g).float() * v.float().to(x.device)).sum(-1)
     dtype = dtype or x.dtype
     if dtype == torch.float16:
         c = c.clamp(-_FP16_MAX, _FP16_MAX)
@@ -54,32 +49,16 @@ def reconstruct(c: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tenso
     return x_hat.flatten(-2)
 
 
-def initial_vector(x: Tensor, g: int) -> Tensor:
-    """The paper's v: normalised mean of all sub-tokens of ``x`` (fp32).  Falls back to the
-    uniform unit vector when the mean vanishes, so v is always a unit vector."""
-    mean = _subtokens(x.detach(), g).reshape(-1, g).float().mean(0)
-    return _normalised(mean)
-
-
-def random_vector(g: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return _normalised(torch.randn(g, generator=gen)).to(device)
-
-
-def _normalised(u: Tensor) -> Tensor:
-    norm = u.norm()
-    ok = (norm > _EPS) & (norm < float("inf"))
-    return torch.where(ok, u / norm.clamp_min(_EPS), torch.full_like(u, u.numel() ** -0.5))
-
-
-def reconstruction_error(x: Tensor, v: Tensor) -> float:
+def reconstruction_error(x: Tensor, v: Tensor) -> float | None:
     """Relative energy VeLoRA drops from ``x``: ``1 - |c ⊗ v|² / |x|²`` (0 when exact).  For a
     gradient that is not aligned with the dropped part, it is also the expected relative error
-    (squared) of the weight gradient — the ``estimated_error`` the planner bounds."""
-    s = _subtokens(x.detach(), v.numel()).reshape(-1, v.numel()).float()
+    (squared) of the weight gradient — the ``estimated_error`` the planner bounds.  None when ``x``
+    says nothing (no energy, or not finite: a zero-initialised branch), so the caller can fall
+    back to the structural bound instead of reading "exact" from an all-zero batch."""
+    s = subtokens(x.detach(), v.numel()).reshape(-1, v.numel()).float()
     energy = float((s * s).sum())
-    if energy <= 0.0 or energy != energy or energy == float("inf"):
-        return 0.0 if energy == 0.0 else 1.0
+    if not (0.0 < energy < float("inf")):
+        return None
     kept = float(((s @ v.float().to(s.device)) ** 2).sum())
     return min(1.0, max(0.0, 1.0 - kept / energy))
 

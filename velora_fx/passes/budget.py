@@ -50,9 +50,10 @@ class BudgetFit:
         return f"memory_budget: {self.target} bytes is not reachable; best reachable {got} bytes with {how}"
 
 
-def target_bytes(budget: float | int, baseline_bytes: int) -> int:
-    """A fraction of the baseline partition's saved bytes, or bytes."""
-    return int(budget * baseline_bytes) if isinstance(budget, float) else int(budget)
+def target_bytes(budget: float | int, baseline_bytes: int, held_elsewhere: int = 0) -> int:
+    """A fraction of this graph's baseline saved bytes, or what is left of a budget in bytes (one
+    total for the model) after ``held_elsewhere``, the bytes its other graphs save."""
+    return int(budget * baseline_bytes) if isinstance(budget, float) else max(0, int(budget) - held_elsewhere)
 
 
 def fit_recompute_budget(probe: Callable[[], SavedSet], current: SavedSet, target: int) -> BudgetFit:

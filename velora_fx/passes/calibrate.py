@@ -18,7 +18,7 @@ from torch import Tensor
 from .._compat import is_joint_primal
 from .graph_utils import ancestors
 
-__all__ = ["activation_values"]
+__all__ = ["activation_values", "calibration_graph"]
 
 
 def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Sequence[str]) -> dict[str, Tensor]:
@@ -48,6 +48,22 @@ def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Se
                 if dead not in keep:
                     env.pop(dead, None)
     return {t.name: env[t] for t in targets}
+
+
+def calibration_graph(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """A small copy of ``gm`` that computes only the nodes ``names`` from the primals (every primal
+    kept, so real inputs line up; no metadata, so no fake tensors are kept alive).  A compiled graph
+    that dynamo reuses for other weights (another instance of the module class, another layer) keeps
+    one, to set their v from their own first batch when they first run (``binding.py``)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed = ancestors([nodes[n] for n in names])
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if is_joint_primal(node) or (node in needed and node.op in ("call_function", "get_attr")):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node].meta = {}
+    graph.output(tuple(env[nodes[n]] for n in names))
+    return fx.GraphModule(gm, graph)
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:

@@ -15,12 +15,12 @@ import torch.fx as fx
 from ..codecs.base import get_codec
 from ..codecs.rmm import sketch_rows
 from ..codecs.rmm import structural_error as rmm_structural_error
-from ..codecs.velora import StateRow, initial_vector, random_vector, reconstruction_error
+from ..codecs.velora import StateRow, reconstruction_error
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
-from ..state import random_seed
+from ..state import initial_vector, random_seed, random_vector
 from .._compat import int_hint, is_joint_primal, real_tensors
-from .calibrate import activation_values
+from .calibrate import activation_values, calibration_graph
 from .budget import plan_under_budget
 from .graph_utils import clone_graph_module, near_inputs, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, SavedSet, probe_partition
@@ -32,7 +32,7 @@ from .stored_sites import find_stored_sites
 from .rewrite import rewrite_group, store_states
 from .sites import ActivationGroup, Site, find_groups
 
-__all__ = ["JointContext", "GraphBinding", "run_pipeline", "StateReadAfterUpdate"]
+__all__ = ["JointContext", "GraphBinding", "StateSite", "run_pipeline", "StateReadAfterUpdate"]
 
 _MAX_ROUNDS = 4
 
@@ -54,6 +54,8 @@ class GraphBinding:
     state_primal: Callable[[int], int | None]
     plan: dict[str, int] = field(default_factory=dict)
     real_primals: Sequence[Any] | None = None
+    sets_v_at_call: bool = False  # the backend's binder sets a fixed v missing at compile time before the
+                                  # first call (``binding.py``); else the graph sets it from its first batch
 
 
 @dataclass
@@ -72,11 +74,26 @@ class JointContext:
         return probe_partition(gm, self.joint_inputs, self.partition, self.num_fwd_outputs, **self.partition_kwargs)
 
 
+@dataclass(frozen=True)
+class StateSite:
+    """A compressed VeLoRA site as the call-time binder needs it: which primal (weight) and
+    orientation its v belongs to, its sizes, and the joint-graph node of its activation."""
+
+    param_index: int
+    orientation: int
+    features: int
+    sub_token_size: int
+    activation: str
+    name: str           # its slot's name (what a weight outside any model is called)
+
+
 @dataclass
 class PipelineResult:
     gm: fx.GraphModule        # rewritten joint graph (the input itself when nothing changed)
     saved: SavedSet           # its partition (fwd, bwd and the saved set)
     report: GraphReport
+    state_sites: list[StateSite] = field(default_factory=list)
+    calibration: fx.GraphModule | None = None  # computes the state sites' activations from the primals
 
 
 @dataclass
@@ -124,7 +141,8 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                                 lambda g: _rmm_error(nodes[g.encode_at], config) if config.uses("rmm") else None,
                                 weight_share)
         _share_sizes(decisions, slots, estimate)
-        rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group)) for d in decisions}
+        rules = {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group), binding.sets_v_at_call)
+                 for d in decisions}
         apply = lambda: _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)  # noqa: E731
         result_gm, after, done = apply()
         for _ in range(_MAX_ROUNDS - 1):
@@ -175,7 +193,23 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                                  slots[id(d.group)], config) for d in decisions]
     report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
-    return PipelineResult(result_gm, after, report)
+    state_sites = _state_sites(decisions, slots, done)
+    calibration = calibration_graph(ctx.gm, sorted({s.activation for s in state_sites})) \
+        if state_sites and config.init == "first_batch" else None
+    return PipelineResult(result_gm, after, report, state_sites, calibration)
+
+
+def _state_sites(decisions: list[Decision], slots: dict, done: "_Rewritten") -> list[StateSite]:
+    """The rewritten VeLoRA sites whose v lives in a weight's state (one per weight and orientation)."""
+    out: dict[tuple[int, int], StateSite] = {}
+    for d in decisions:
+        slot = slots[id(d.group)]
+        if d.codec != "velora" or slot is None or id(d) not in done.saved_nodes:
+            continue
+        index = d.group.sites[0].param_index
+        out.setdefault((index, slot.orientation), StateSite(index, slot.orientation, slot.features,
+                                                            d.sub_token_size, d.group.encode_at, slot.name))
+    return list(out.values())
 
 
 def _weight_shares(ctx: JointContext) -> Callable[[list[Site]], float]:
@@ -261,20 +295,20 @@ def _share_sizes(decisions: list[Decision], slots: dict, estimate) -> None:
             d.sub_token_size, d.estimated_error = g, estimate(d.group, g)
 
 
-def _update_rule(config: VeloraConfig, slot, has_data: bool) -> str:
-    """In-graph update of v: none when v is fixed and already known (set now at compile time from
-    the calibration batch, loaded, or set by an earlier graph), else the init rule."""
+def _update_rule(config: VeloraConfig, slot, has_data: bool, set_at_call: bool) -> str:
+    """In-graph update of v: none when v is fixed and known before the graph runs (set now at
+    compile time from the calibration batch, loaded, set by an earlier graph, or set by the
+    backend's binder before the first call), else the init rule."""
     if config.init == "batch" or config.init.startswith("ema:"):
         return config.init
-    if slot is not None and (config.init == "random" or has_data or _initialised(slot)):
+    if slot is not None and (config.init == "random" or has_data or set_at_call or _initialised(slot)):
         return "none"
     return "first_batch"
 
 
 def _initialised(slot) -> bool:
-    tensor = slot.tensor
     with real_tensors():
-        return tensor is not None and bool(tensor[slot.orientation, 0] > 0)
+        return slot.initialised
 
 
 def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], fewbit: list[PointwiseDecision],
@@ -358,7 +392,8 @@ def _revert_unpaid(nodes: dict[str, fx.Node], chosen: list[Decision], baseline: 
 
 
 def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Estimator", binding: GraphBinding) -> None:
-    """Record the plan (sticky for later graphs of the model) and set v now where it is known."""
+    """Record the plan (sticky for later graphs of the model) and set v now where it is known
+    (else the binder sets it before the first call, or the graph's rule in its first call)."""
     for d in decisions:
         if d.reason.startswith("excluded"):
             continue
@@ -367,12 +402,10 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Est
         if not d.compress or slot is None or d.codec == "rmm":
             continue
         slot.sub_token_size = d.sub_token_size
-        if rules[id(d)] == "none" and not _initialised(slot):
-            tensor = slot.tensor
-            v = estimate.initial(d.group, d.sub_token_size)
-            with torch.no_grad(), real_tensors():
-                tensor[slot.orientation, 1:1 + d.sub_token_size].copy_(v.to(tensor.device))
-                tensor[slot.orientation, 0] = 1.0
+        known = estimate.config.init == "random" or estimate.has_data(d.group)
+        if rules[id(d)] == "none" and known and not _initialised(slot):
+            with real_tensors():
+                slot.set_vector(estimate.initial(d.group, d.sub_token_size))
 
 
 class _Estimator:
@@ -414,7 +447,9 @@ class _Estimator:
             else:
                 v = self.initial(group, g)
                 with real_tensors():
-                    self._cache[key] = reconstruction_error(x, v)
+                    measured = reconstruction_error(x, v)
+                # an all-zero (or non-finite) batch says nothing about later ones: the structural bound
+                self._cache[key] = structural_error(g) if measured is None else measured
         return self._cache[key]
 
 
