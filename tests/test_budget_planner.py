@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-from torch import nn
 
 import velora_fx
 from pass_helpers import square_loss_step

@@ -2,7 +2,6 @@
 real partition after the rewrite, for every codec with a prediction; the table shows both."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
