@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from models import REFERENCE_INCLUDE, LMLoss, build, linear_weights  # noqa: E402
+from models import REFERENCE_INCLUDE, TRANSFORMERS_DEFAULTS, LMLoss, build, linear_weights  # noqa: E402
 
 import velora_fx  # noqa: E402
 from velora_fx.reference import apply_velora  # noqa: E402
@@ -187,6 +187,10 @@ def budget_patch(regime: Regime):
 
 
 # -- measurement helpers ---------------------------------------------------------------------
+def plain_call(args) -> bool:
+    return getattr(args, "call", "loss") == "plain"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -331,8 +335,10 @@ class Runner:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, **fused)
 
     def build_model(self, base: torch.nn.Module) -> torch.nn.Module:
-        """This regime's own copy of the initial weights, as a module ``forward(ids) -> loss``."""
-        return LMLoss(copy.deepcopy(base)).to(self.device)
+        """This regime's own copy of the initial weights: a module ``forward(ids) -> loss``, or with
+        ``--call plain`` the transformers model itself."""
+        model = copy.deepcopy(base)
+        return (model if plain_call(self.args) else LMLoss(model)).to(self.device)
 
     def compile(self, model_name: str):
         """``(callable, velora backend or None, notes)`` for ``self.model``."""
@@ -346,7 +352,10 @@ class Runner:
         """One training step; ``check`` runs between backward and the optimizer (fresh grads)."""
         if self.regime.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        loss = self.fn(self.ids)
+        if plain_call(self.args):  # as users and the HF Trainer call it: transformers shifts the labels
+            loss = self.fn(input_ids=self.ids[:, :-1], labels=self.ids[:, :-1]).loss
+        else:
+            loss = self.fn(self.ids)
         loss.backward()
         if check is not None:
             check()
@@ -668,7 +677,9 @@ def run_model(model_name: str, regimes: list[Regime], args, info: dict, records:
     group.  One group of all regimes (interleaved), or one group per regime with ``--sequential``."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    base = build(model_name, args.hidden, args.layers, vocab=args.vocab, max_positions=max(2048, args.seq)).to(dtype)
+    defaults = TRANSFORMERS_DEFAULTS[model_name] if args.transformers_defaults else {}
+    base = build(model_name, args.hidden, args.layers, vocab=args.vocab, max_positions=max(2048, args.seq),
+                 **defaults).to(dtype)
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator).to(device)
     reference = None
@@ -765,6 +776,11 @@ def parse_args(argv=None):
                     help="pin num_groups for every velora regime and eager_reference (default: the backend's choice)")
     ap.add_argument("--compiler", default="inductor", choices=["inductor", "eager"],
                     help="velora_fx backend's compiler (eager: same rewrite, no codegen)")
+    ap.add_argument("--call", default="loss", choices=["loss", "plain"],
+                    help="loss: a wrapper returning the loss (models.LMLoss); plain: the compiled transformers model "
+                         "itself, model(input_ids=..., labels=...).loss, as users and the HF Trainer call it")
+    ap.add_argument("--transformers-defaults", action="store_true",
+                    help="transformers' own config defaults where the builders differ (GPT-2: dropout 0.1, gelu_new)")
     ap.add_argument("--keep-grads", action="store_true",
                     help="zero_grad(set_to_none=False): grads then count in the pre-step state, not the peak")
     ap.add_argument("--seed", type=int, default=0)

@@ -80,6 +80,37 @@ def check_against_reference(name, model, ids, mode):
             "max_rel_err": max(v[1] for v in worst.values()), "compressed": len(report.compressed)}
 
 
+def check_second_instance(name, model, ids, mode=None):
+    """Two instances of one class on one backend (dynamo runs the first's graph for the second,
+    CUDA graphs with ``mode="reduce-overhead"``): the second trains on its own v, which the eager
+    reference sets from the second's own first batch, and on the reference's gradients."""
+    torch._dynamo.reset()
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    b = velora_fx.backend(num_groups=8, mode="all", max_error=1.0)
+    kwargs = {"mode": mode} if mode else {}
+    other = ids.roll(1, 0).flip(1)
+    for m, batch in ((first, ids), (second, other), (first, other), (second, ids)):
+        if mode:
+            torch.compiler.cudagraph_mark_step_begin()
+        m.zero_grad(set_to_none=True)
+        _loss(torch.compile(m, backend=b, **kwargs), batch).backward()
+    compressed = {c: s.state for s in b.report(model=second).compressed for c in s.approximated}
+    reference = copy.deepcopy(model)
+    apply_velora(reference, num_groups=8, include=sorted(compressed) or ["<none>"], init="first_batch")
+    _loss(reference, other)  # the reference's first batch sets its v, as the second model's did
+    reference.zero_grad(set_to_none=True)
+    _loss(reference, ids).backward()  # the second model's second step
+    ours = b.state_dict(model=second)["sites"]
+    v_err = max((ours[state]["vector"].to(ids.device) - reference.get_submodule(path).v).abs().max().item()
+                for path, state in compressed.items())
+    rel = max(((p.grad.float() - q.grad.float()).norm() / q.grad.float().norm().clamp_min(1e-12)).item()
+              for (_, p), (_, q) in zip(second.named_parameters(), reference.named_parameters()) if q.grad is not None)
+    v_first = b.state_dict(model=first)["sites"]
+    differs = any(not torch.equal(v_first[k]["vector"], ours[k]["vector"]) for k in ours)
+    return {"model": name, "mode": mode, "compressed": len(compressed), "max_v_err_vs_own_first_batch": v_err,
+            "max_grad_rel_err_vs_reference": rel, "v_differs_from_first_instance": differs}
+
+
 def check_cudagraphs(name, model, ids, init="ema:0.9", steps=3):
     """The same training steps with and without CUDA graphs: same v after every step, same grads."""
     runs = {}
@@ -131,9 +162,10 @@ def main():
             results["checks"].append(check_against_reference(name, Logits(model.to(dev)), ids, mode))
             results["checks"][-1]["seconds"] = time.time() - t
             print(results["checks"][-1], flush=True)
-        if dev == "cuda":
+        for check in ([check_cudagraphs, lambda *a: check_second_instance(*a, mode="reduce-overhead")]
+                      if dev == "cuda" else []) + [check_second_instance]:
             t = time.time()
-            results["checks"].append(check_cudagraphs(name, Logits(model.to(dev)), ids))
+            results["checks"].append(check(name, Logits(model.to(dev)), ids))
             results["checks"][-1]["seconds"] = time.time() - t
             print(results["checks"][-1], flush=True)
     with open(os.path.join(args.out, "smoke.json"), "w") as fh:

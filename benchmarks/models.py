@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["llama_like", "gpt2_like", "build", "LMLoss", "linear_weights", "REFERENCE_INCLUDE"]
+__all__ = ["llama_like", "gpt2_like", "build", "LMLoss", "linear_weights", "REFERENCE_INCLUDE",
+           "TRANSFORMERS_DEFAULTS"]
+
+# transformers' own config defaults where the builders' differ (GPT-2: dropout 0.1, gelu_new)
+TRANSFORMERS_DEFAULTS = {"llama": {}, "gpt2": {"activation": "gelu_new", "dropout": 0.1}}
 
 # What the eager paper baseline (velora_fx.reference.apply_velora) wraps, per family.
 # Llama: the paper's LLaMA configuration (v_proj and down_proj inputs).  GPT-2 has no separate
@@ -43,17 +47,18 @@ def llama_like(hidden: int, layers: int, *, vocab: int = 256, heads: int | None 
 
 
 def gpt2_like(hidden: int, layers: int, *, vocab: int = 256, heads: int | None = None,
-              max_positions: int = 2048, activation: str = "gelu_pytorch_tanh") -> nn.Module:
+              max_positions: int = 2048, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0) -> nn.Module:
     """A ``GPT2LMHeadModel`` (Conv1D projections, GELU MLP of 4 x hidden), SDPA, dropout 0.
 
-    Dropout is off so that every regime computes the same function on the same batch (gradient
-    comparisons are meaningful and timing has no RNG work).  The activation is GPT-2's tanh GELU
-    as one op (``gelu_pytorch_tanh``); transformers' default ``gelu_new`` computes the same function
-    from primitive ops, which the few-bit codec does not recognise as a GELU.
+    Dropout is off by default so that every regime computes the same function on the same batch
+    (gradient comparisons are meaningful and timing has no RNG work).  The activation is GPT-2's
+    tanh GELU as one op (``gelu_pytorch_tanh``); transformers' default ``gelu_new`` computes the same
+    function from primitive ops, which the few-bit codec does not recognise as a GELU.
+    ``activation="gelu_new", dropout=0.1``: transformers' defaults (``TRANSFORMERS_DEFAULTS``).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads or max(1, hidden // 64),
-                        n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        n_positions=max_positions, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="sdpa",
                         activation_function=activation)
     return GPT2LMHeadModel(config)

@@ -134,3 +134,21 @@ def test_a_lost_cuda_context_stops_the_run(monkeypatch):
     with pytest.raises(runner.ContextLost, match="liger_compiled"):
         runner.check_context(torch.device("cuda"), record)
     runner.check_context(torch.device("cuda"), {**record, "status": "ok"})  # only after a failure
+
+
+def test_bench_memory_trains_the_plain_transformers_call(tmp_path):
+    """``--call plain --transformers-defaults``: the compiled GPT-2 itself, dropout 0.1 and gelu_new,
+    trained on ``model(input_ids=..., labels=...).loss``; velora plans it like the wrapped model."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["--device", "cpu", "--models", "gpt2", "--layers", "1", "--hidden", "64", "--vocab", "512", "--batch", "2",
+            "--seq", "32", "--steps", "2", "--rounds", "1", "--compiler", "eager", "--no-grad-cos", "--call", "plain",
+            "--transformers-defaults", "--regimes", "eager", "velora_auto", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_memory.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = {r["regime"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert records["eager"]["status"] == records["velora_auto"]["status"] == "ok", records
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["call"] == "plain"
+    velora = json.loads((tmp_path / "gpt2_velora_auto.json").read_text())
+    eager = json.loads((tmp_path / "gpt2_eager.json").read_text())
+    assert velora["compressed_sites"] > 0 and abs(velora["first_loss"] - eager["first_loss"]) < 0.5
