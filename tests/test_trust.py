@@ -83,7 +83,8 @@ def test_a_second_model_of_the_class_uses_its_own_v(compiler, delete_first):
     assert expected.norm() > 0
     torch.testing.assert_close(second.fc2.weight.grad, expected, rtol=1e-4, atol=1e-6)
     reused = backend.report(model=second).graphs
-    assert reused and "reuses this graph" in reused[0].message  # the second model explains what it ran
+    assert reused and "dynamo runs this graph" in reused[0].message  # the second model explains what it ran
+    assert {s.name for s in reused[0].sites if s.decision == "compressed"} == {"fc2"}
 
 
 def test_ema_state_of_two_models_follows_each_ones_own_batches():
@@ -274,6 +275,14 @@ def test_named_backend_takes_velora_options_through_torch_compile():
     with pytest.raises(Exception, match=r"pass them to velora_fx.backend\(mode=...\)"):
         torch._dynamo.reset()
         torch.compile(MLP(), backend=velora_fx.backend(), options={"mode": "all"})(torch.randn(2, 16))
+
+
+def test_reused_layer_graphs_are_reported_under_their_own_paths():
+    from velora_fx.binding import _path_rename
+    rename = _path_rename(["layers.0.fc", "layers.0.out"], ["layers.1.fc", "layers.1.out"])
+    assert rename("layers.0.{fc,out}") == "layers.1.{fc,out}" and rename("head") == "head"
+    assert _path_rename(["layers.1.fc"], ["layers.11.fc"])("layers.1.fc") == "layers.11.fc"
+    assert _path_rename(["a.fc", "b.out"], ["c.fc", "d.out"])("a.fc") == "a.fc"  # no single move: unchanged
 
 
 def test_every_package_imported_at_import_time_is_declared():

@@ -112,7 +112,7 @@ class VeloraBackend:
             return compiled
         binder = StateBinder(compiled, self, lifted, outcome.state_sites if outcome else [],
                              outcome.calibration if outcome else None, outcome.report if outcome else None,
-                             model.label)
+                             model.label, ParamNames(root))
         lifted.release()
         return binder
 

@@ -104,16 +104,18 @@ class StateBinder:
     ``calibration``: the graph that computes their activations (for ``init="first_batch"``)."""
 
     def __init__(self, compiled: Callable, backend: Any, lifted: Lifted, sites: Sequence[StateSite],
-                 calibration: fx.GraphModule | None, report: GraphReport | None, compiled_for: str) -> None:
+                 calibration: fx.GraphModule | None, report: GraphReport | None, compiled_for: str,
+                 names: ParamNames) -> None:
         self.compiled, self.backend = compiled, backend
         self.sites, self.calibration = list(sites), calibration
         self.report, self.compiled_for = report, compiled_for
+        self.compiled_paths = [names.module_of(w(), None)[0] for w in lifted.weights]  # where its weights live
         positions = sorted(lifted.state_index)
         self.weights = operator.itemgetter(*positions) if len(positions) > 1 else \
             (lambda args, i=positions[0]: (args[i],))
-        # DDPOptimizer runs every bucket's compiled graph once on fake inputs: it gets these
-        # throwaway zero states (never a live model's, which a fake run must not touch)
-        self.placeholder_state = [_zero_state(w()) for w in lifted.weights]
+        # DDPOptimizer runs every bucket's compiled graph once on fake inputs: it gets throwaway
+        # zero states of these shapes (never a live model's, which a fake run must not touch)
+        self.state_specs = [(state_shape(w()), w().device) for w in lifted.weights]
         self.bound: dict[tuple[int, ...], list[Tensor]] = {}
 
     def __call__(self, *args):
@@ -121,7 +123,7 @@ class StateBinder:
         state = self.bound.get(tuple(map(id, weights)))
         if state is None:
             if any(_compat.is_fake(w) for w in weights):
-                return self.compiled(*args, *self.placeholder_state)
+                return self.compiled(*args, *(torch.zeros(shape, device=device) for shape, device in self.state_specs))
             state = self._bind(args, weights)
         return self.compiled(*args, *state)
 
@@ -150,7 +152,7 @@ class StateBinder:
                 unset.append((slot, site))
         if unset:
             self._set_vectors(unset, list(args) + tensors)
-        self._report_reuse(model)
+        self._report_reuse(model, [names.module_of(w, None)[0] for w in weights])
         distributed.share_tensors(tensors)  # the v each rank set from its own batch becomes rank 0's
         key = tuple(map(id, weights))
         forget = lambda _ref, bound=self.bound: bound.pop(key, None)  # noqa: E731 - ids are reused
@@ -159,14 +161,23 @@ class StateBinder:
             weakref.finalize(w, forget, None)
         return tensors
 
-    def _report_reuse(self, model: ModelState) -> None:
-        """Another model running this graph (an instance of the same class) lists it as its own,
-        with its own totals: its activations are its own."""
-        if self.report is None or model.label == self.compiled_for or \
-                any(r.graph_id == self.report.graph_id for r in model.reports):
+    def _report_reuse(self, model: ModelState, paths: list[str]) -> None:
+        """Weights other than the compiled ones running this graph (another instance of the class,
+        another layer of a stack) get the graph's report under their own module paths: what is
+        approximated and saved for them is reported, and counted, like for the compiled weights."""
+        if self.report is None or (model.label == self.compiled_for and paths == self.compiled_paths):
             return
-        note = f"dynamo reuses this graph, compiled for {self.compiled_for}; {model.label} runs it with its own state"
-        model.reports.append(dataclasses.replace(self.report, model=model.label,
+        rename = _path_rename(self.compiled_paths, paths)
+        sites = [dataclasses.replace(s, name=rename(s.name), consumers=[rename(c) for c in s.consumers],
+                                     approximated=[rename(c) for c in s.approximated],
+                                     state=rename(s.state) if s.state else s.state) for s in self.report.sites]
+        consumers = {c for s in sites for c in s.consumers}
+        if any(r.graph_id == self.report.graph_id and {c for s in r.sites for c in s.consumers} == consumers
+               for r in model.reports):
+            return
+        whose = self.compiled_for if model.label != self.compiled_for else "other weights of this model"
+        note = f"dynamo runs this graph, compiled for {whose}, with these weights and their own state"
+        model.reports.append(dataclasses.replace(self.report, model=model.label, sites=sites,
                                                  message="; ".join(m for m in (note, self.report.message) if m)))
 
     def _set_vectors(self, unset: list, primals: list[Any]) -> None:
@@ -191,8 +202,23 @@ class StateBinder:
             slot.set_vector(initial_vector(x, g) if x is not None else normalised(torch.zeros(g)))
 
 
-def _zero_state(weight: Tensor) -> Tensor:
-    return torch.zeros(state_shape(weight), dtype=torch.float32, device=weight.device)
+def _path_rename(old: list[str], new: list[str]) -> Callable[[str], str]:
+    """``layers.0.mlp.down`` -> ``layers.1.mlp.down`` when every weight moved by one prefix (what
+    differs before their common ending); the identity otherwise (names then stay the compiled ones)."""
+    moves = set()
+    for a, b in zip(old, new):
+        if a == b:
+            continue
+        common = 0
+        while common < min(len(a), len(b)) and a[len(a) - 1 - common] == b[len(b) - 1 - common]:
+            common += 1
+        while common and a[len(a) - common] != ".":  # the common ending starts at a path separator
+            common -= 1
+        moves.add((a[:len(a) - common], b[:len(b) - common]))
+    if len(moves) != 1:
+        return lambda name: name
+    (before, after), = moves
+    return lambda name: after + name[len(before):] if name.startswith(before) else name
 
 
 def make_binding(model: ModelState, names: ParamNames, params: list[Tensor | None], state_index: dict[int, int],
