@@ -171,7 +171,7 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small",
-                    help="preset for the flags below (small: 2 CPU cores, under a minute; gpu: CUDA)")
+                    help="preset for the flags below (small: 2 CPU cores, about 30 s, a minute with --compare; gpu: CUDA)")
     ap.add_argument("--compare", action="store_true", help="also fine-tune with plain torch.compile (losses; step times on CUDA only)")
     ap.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
                     help="velora_fx's code generator (eager: same rewrite, graphs run eagerly); the "

@@ -5,7 +5,7 @@ script trains for a few steps, prints what the backend compressed (``print(b.rep
 validation loss.  Everything is offline: random-init model from ``LlamaConfig``, text from the
 local stdlib sources.
 
-    python examples/train_lm.py                       # inductor, ~30 steps (a few minutes on 2 CPU cores)
+    python examples/train_lm.py                       # inductor, ~30 steps (about 50 s on 2 CPU cores)
     python examples/train_lm.py --compiler eager      # same rewrite, no codegen: fast to start
     python examples/train_lm.py --mode all --num-groups 16 --steps 200 --device cuda
 """
