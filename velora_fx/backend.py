@@ -270,7 +270,8 @@ class VeloraBackend:
         graph_key = f"{self.serial}/{graph_id}"  # the same on every rank: backends and graphs come in order
         distributed.adopt_rank0_plan(model, graph_key)  # under torch.distributed: rank 0 plans, see distributed.py
         try:
-            held = _held_by_other_graphs(model, frame, partitioner.module_paths())
+            held = _held_by_other_graphs(model, frame, partitioner.module_paths()) \
+                if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
             result = run_pipeline(ctx, self.config, binding, graph_id,
                                   _budget_target(self.config, partitioner.original_bytes, held))
         except ConfigError:
