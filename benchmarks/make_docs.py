@@ -5,7 +5,8 @@ Reads run.py's ``run.json`` and bench_memory.py's outputs (``summary.json``, or 
 ``<model>_<regime>.json`` of older runs), in any directories given (searched recursively).
 Per model / regime / size: one table per run, with ratios to plain inductor *of that run* and the
 command that made it; a Pareto plot (peak vs step time, as ratios to inductor) per model / regime /
-size; scaling tables and curves where run.py ``--scaling`` measured them.  Combinations with no
+size; where run.py ``--scaling`` measured them, a table per memory limit of the longest sequence
+that trains and a bar plot of it.  Combinations with no
 numbers say "not measured yet".
 
     python benchmarks/make_docs.py results/gpu results/bench --out-md docs/benchmarks.md --img-dir docs/img
@@ -72,20 +73,18 @@ def _run(doc: dict, source: str, model: str, regime: str, cfg: dict, rows: list[
     run = {"source": source, "writer": writer, "command": _command(doc), "device": doc.get("device"),
            "torch": doc.get("torch"), "git_commit": doc.get("git_commit"), "model": model, "regime": regime,
            "size": f"{cfg.get('layers')}x{cfg.get('hidden')}", "vocab": cfg.get("vocab"), "batch": cfg.get("batch"),
-           "seq": cfg.get("seq"), "dtype": cfg.get("dtype"), "notes": cfg.get("notes") or []}
+           "seq": cfg.get("seq"), "dtype": cfg.get("dtype"), "call": cfg.get("call"), "notes": cfg.get("notes") or []}
     run["entries"] = [_entry(run, r) for r in rows]
     return run
 
 
 def load_run_json(doc: dict, source: str) -> tuple[list[dict], list[dict]]:
-    """run.py: one run per block, and its scaling runs."""
+    """run.py: one run per block, and the rows of its scaling tables (one table per memory limit)."""
     runs = [_run(doc, source, b["model"], b["regime"], b, b.get("rows") or [], "run.py") for b in doc.get("blocks", [])]
-    scaling = []
-    if doc.get("scaling"):
-        for s in doc["scaling"].get("runs", []):
-            scaling.append({**s, "source": source, "command": _command(doc), "device": doc.get("device"),
-                            "memory_limit_GiB": doc["scaling"].get("memory_limit_GiB")})
-    return runs, scaling
+    scaling = doc.get("scaling") or {}
+    rows = [{**row, "source": source, "command": _command(doc), "device": doc.get("device"), "scaling": scaling}
+            for table in scaling.get("limits", []) for row in table.get("rows", [])]
+    return runs, rows
 
 
 def load_bench_summary(doc: dict, source: str) -> list[dict]:
@@ -264,32 +263,35 @@ def _source(path: str) -> str:
     return os.path.abspath(path) if rel.startswith("..") else rel
 
 
-def plot_scaling(runs: list[dict], title: str, path: str) -> bool:
-    """Peak memory and tokens/s against tokens per step, one line per variant; the limit dashed."""
+def plot_longest(rows: list[dict], title: str, path: str) -> bool:
+    """run.py's scaling rows as bars: the longest sequence that trained per variant (and batch, where
+    there are several), one group per memory limit; "≥" where the longest listed one trained."""
     plt = _pyplot()
-    curves = [(r, [p for p in r["points"] if p["status"] == "ok"]) for r in runs]
-    curves = [(r, pts) for r, pts in curves if pts]
-    if plt is None or not curves:
+    if plt is None or not rows:
         return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for run, pts in curves:
-        tokens = [p["tokens"] for p in pts]
-        if any(p["peak_GiB"] is not None for p in pts):
-            ax1.plot(tokens, [p["peak_GiB"] for p in pts], "o-", label=run["variant"])
-        ax2.plot(tokens, [p["tokens_per_s"] for p in pts], "o-", label=run["variant"])
-    limit = runs[0].get("memory_limit_GiB")
-    if limit:
-        ax1.axhline(limit, color="k", ls="--", lw=0.8, label=f"limit {limit:g} GiB")
-    for ax, label in ((ax1, "peak allocated GiB (weights + optimizer + step)"), (ax2, "tokens / s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"tokens per step (batch {runs[0]['batch']} × sequence)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    if not ax1.lines:
-        ax1.text(0.5, 0.5, "no peak memory (not measured on this device)", ha="center", transform=ax1.transAxes)
-    fig.suptitle(title, fontsize=10)
+    limits = sorted({r["memory_limit_GiB"] for r in rows})
+    bars = list(dict.fromkeys((r["variant"], r["batch"]) for r in rows))
+    several = len({b for _, b in bars}) > 1
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(7.0, 3.2 + 0.35 * len(bars) * len(limits)), 4.5))
+    top = max((r["max_seq"] or 0 for r in rows), default=0) or 1
+    for j, (variant, batch) in enumerate(bars):
+        by_limit = {r["memory_limit_GiB"]: r for r in rows if (r["variant"], r["batch"]) == (variant, batch)}
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(limits))]
+        heights = [(by_limit.get(gib) or {}).get("max_seq") or 0 for gib in limits]
+        drawn = ax.bar(xs, heights, width * 0.9, label=variant + (f", batch {batch}" if several else ""))
+        for x, h, gib in zip(xs, heights, limits):
+            r = by_limit.get(gib) or {}
+            text = (("≥" if r.get("capped") else "") + f"{h}") if h else ("none fits" if r.get("status") == "ok"
+                                                                          else r.get("status") or "not run")
+            ax.text(x, h or top * 0.01, text, ha="center", va="bottom", fontsize=6, rotation=90 if len(bars) > 3 else 0,
+                    color=drawn.patches[0].get_facecolor())
+    ax.set_xticks(range(len(limits)), [f"{gib:g} GiB" for gib in limits])
+    ax.set_ylabel("longest sequence that trains")
+    ax.set_ylim(0, top * 1.25)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -354,6 +356,7 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
         for run in key_runs:
             shape = (f"vocab {run['vocab']}, batch {run['batch']} × {run['seq']}, {run['dtype']}"
                      if run.get("vocab") else "shape not recorded")
+            shape += ", the plain transformers call" if run.get("call") == "plain" else ""
             lines += ["", f"**{run['device'] or 'device not recorded'}**, torch {run['torch'] or '?'}, {shape} "
                           f"({run['writer']}, `{_source(run['source'])}`"
                           + (f", commit {run['git_commit'][:12]}" if run.get("git_commit") else "") + ")", "",
@@ -370,24 +373,62 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
     return "\n".join(lines) + "\n"
 
 
-def scaling_section(key: tuple, runs: list[dict], img_dir: str, rel_img: str) -> list[str]:
-    limit = runs[0].get("memory_limit_GiB")
-    anchor = next((r for r in runs if r["variant"] == ANCHOR and r.get("max_tokens")), None)
-    lines = ["", f"### Scaling: longest sequence at batch {runs[0]['batch']} within "
-                 f"{'no limit (CPU)' if limit is None else f'{limit:g} GiB'}", "",
-             f"`{runs[0]['command']}`", "",
-             "| variant | max sequence | max tokens (× inductor) | tries (seq: status, peak GiB) | status |",
-             "|---|---|---|---|---|"]
-    for r in runs:
-        tries = ", ".join(f"{p['seq']}: {p['status']}" + (f" {p['peak_GiB']:.1f}" if p.get("peak_GiB") else "")
-                          for p in r["points"]) or "–"
-        ratio = _ratio(r.get("max_tokens"), anchor["max_tokens"]) if anchor else None
+def scaling_heading(limit: float, scaling: dict) -> str:
+    """A scaling table's title: the limit, the batches and the sequences tried."""
+    enforced = "" if scaling.get("enforced", True) else " (not enforced on this device: everything fits)"
+    seqs = scaling.get("seqs") or []
+    return (f"Longest sequence that trains within {limit:g} GiB{enforced}: batch "
+            f"{', '.join(map(str, scaling.get('batches') or []))}, sequences {seqs[0] if seqs else '?'}–"
+            f"{seqs[-1] if seqs else '?'}" + (", the plain transformers call" if scaling.get("call") == "plain" else ""))
+
+
+def _tries(row: dict) -> str:
+    """``16384 ok 13.2, 32768 oom`` plus what an earlier search settled (``≤16384 fits (16 GiB)``)."""
+    carried = row.get("carried") or []
+    fits = [p for p in carried if p["status"] == "ok"]
+    known = [f"≤{p['seq']} fits ({p['from']})" for p in fits[-1:]]  # the longest that fit in an earlier search
+    known += [f"≥{p['seq']} {p['status']} ({p['from']})" for p in carried if p["status"] != "ok"]
+    tried = [f"{p['seq']} {p['status']}" + (f" {p['peak_GiB']:.1f}" if p.get("peak_GiB") else "")
+             + (f" (≥{p['predicted_GiB']:.1f} predicted)" if p.get("predicted_GiB") else "")
+             for p in row.get("points") or []]
+    return ", ".join(known + tried) or "–"
+
+
+def scaling_table(rows: list[dict]) -> list[str]:
+    """run.py's scaling rows (one limit) as a table; ratios are to inductor of the same block, limit
+    and batch (tokens/s at inductor's longest sequence, where the variant was measured there)."""
+    header = ["model", "regime", "size", "variant", "batch", "longest seq", "tokens/step", "tokens/s", "peak GiB",
+              "context × inductor", "tokens/s × inductor (at seq)", "tries (seq status peak GiB)", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        capped = "≥" if r.get("capped") else ""
+        at = f" ({r['inductor_max_seq']})" if r.get("tokens_per_s_vs_inductor") is not None else ""
         status = r["status"] + (f": {str(r['note'])[:100]}" if r.get("note") else "")
-        lines.append(f"| `{r['variant']}` | {_fmt(r.get('max_seq'), 'd')} | {_cell(r.get('max_tokens'), 'd', ratio)} "
-                     f"| {tries} | {status.replace('|', '/')} |")
-    name = _img_name("scaling", key)
-    if plot_scaling(runs, "scaling: " + _title(*key), os.path.join(img_dir, name)):
-        lines += ["", f"![scaling, {_title(*key)}]({rel_img}/{name})"]
+        if r.get("warnings"):  # e.g. a velora plan that fell back to plain inductor at the longest sequence
+            status += f" (velora_fx warned: {r['warnings'][0][:100]})"
+        lines.append("| " + " | ".join([
+            r["model"], r["regime"], r["size"], f"`{r['variant']}`", str(r["batch"]),
+            capped + _fmt(r.get("max_seq"), "d"), capped + _fmt(r.get("max_tokens"), "d"),
+            _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("peak_GiB"), ".2f"),
+            _fmt(r.get("context_vs_inductor"), ".2f"), _fmt(r.get("tokens_per_s_vs_inductor"), ".2f") + at,
+            _tries(r), status.replace("|", "/")]).replace("\n", " ") + " |")
+    return lines
+
+
+def scaling_section(key: tuple, rows: list[dict], img_dir: str, rel_img: str) -> list[str]:
+    """Per run.json: a table per memory limit and the bar plot of the longest sequences."""
+    lines = []
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    for i, source in enumerate(sources):
+        mine = [r for r in rows if r["source"] == source]
+        for limit in sorted({r["memory_limit_GiB"] for r in mine}):
+            lines += ["", f"### {scaling_heading(limit, mine[0]['scaling'])}", "",
+                      f"{mine[0]['device'] or 'device not recorded'}, `{_source(source)}`: `{mine[0]['command']}`", ""]
+            lines += scaling_table([r for r in mine if r["memory_limit_GiB"] == limit])
+        name = _img_name("scaling", key + ((str(i + 1),) if len(sources) > 1 else ()))
+        if plot_longest(mine, f"longest sequence that trains: {_title(*key)} ({mine[0]['device']})",
+                        os.path.join(img_dir, name)):
+            lines += ["", f"![longest sequence per memory limit, {_title(*key)}]({rel_img}/{name})"]
     return lines
 
 

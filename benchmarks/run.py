@@ -6,15 +6,17 @@ every linear projection with the base frozen.  In a block every variant is built
 initial weights, compiled and warmed, then timed in interleaved rounds; the measuring (step and
 host time, peak above weights + optimizer state, saved bytes, first step with compile, grad_W
 cosine to an exact eager gradient) is bench_memory.py's, imported, not copied.  ``--scaling``
-then finds, per variant, the longest sequence that fits ``--memory-limit-gib`` by trying it.
+then finds, per memory limit (``--memory-limit-gib``, several allowed), batch and variant, the
+longest of ``--scaling-seqs`` that trains within the limit, and its tokens/s, by trying it.
 
     python benchmarks/run.py --models llama --deadline 450 --out results/bench/llama      # GPU, ~9 min
     python benchmarks/run.py --device cpu --models llama --regimes full lora --sizes 1x64 --vocab 512 \\
         --batch 2 --seq 32 --steps 2 --rounds 1 --variants inductor velora_auto --out /tmp/br   # CPU smoke
 
 One JSON per run, ``<out>/run.json`` (device, versions, command, git commit, every block and
-scaling curve), plus ``<out>/summary.md``; both are rewritten after every warm-up and timed block,
-so a run cut off by a wall-clock limit keeps what it measured.  benchmarks/make_docs.py turns
+scaling table), plus ``<out>/summary.md`` and, with ``--scaling``, ``scaling_<model>_<regime>_<size>.png``;
+they are rewritten after every warm-up, timed block and scaling try, so a run cut off by a
+wall-clock limit keeps what it measured.  benchmarks/make_docs.py turns
 result directories into docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -42,7 +44,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_memory as bm  # noqa: E402
-from models import REFERENCE_INCLUDE, build  # noqa: E402
+import make_docs  # noqa: E402 - the scaling table and plot are drawn the same way there
+from models import REFERENCE_INCLUDE, TRANSFORMERS_DEFAULTS, build, linear_weights  # noqa: E402
 
 GiB = bm.GiB
 REGIMES = ("full", "lora")
@@ -62,6 +65,9 @@ MORE_VARIANTS = ("inductor_budget_0.3", "inductor_budget_0.7", "velora_max_memor
                  "liger_compiled")
 EXTRA_FAMILIES = ("peft_velora", "liger")  # the variants bench_memory.py does not know
 SCALING_SEQS = (512, 1024, 2048, 4096, 8192)
+# velora_mb<x> (the memory_budget planner) before its first measured compile, x a plain one: at 12 x 1024 on an
+# H100 mb0.5 took 2.7x inductor's first step and mb0.3 4.8x (results/gpu/v6/sweep_llama)
+PLANNER_FACTOR = 3.0
 
 
 class ContextLost(RuntimeError):
@@ -106,7 +112,7 @@ def _liger_monkey_patch():
         return f"liger_kernel not importable: {type(exc).__name__}: {str(exc)[:200]}"
 
 
-def unavailable(regime: bm.Regime, model_name: str, setting: str, device: torch.device) -> str | None:
+def unavailable(regime: bm.Regime, model_name: str, setting: str, device: torch.device, call: str = "loss") -> str | None:
     """Why a variant cannot run here (recorded as such, never silently dropped), or None."""
     if regime.family == "peft_velora":
         if setting != "lora":
@@ -115,6 +121,9 @@ def unavailable(regime: bm.Regime, model_name: str, setting: str, device: torch.
         if not hasattr(peft, "VeloraConfig"):
             return f"peft {peft.__version__} has no VeloraConfig (LoraConfig(velora_config=...))"
     if regime.family == "liger":
+        if call == "plain":
+            return ("--call plain: Liger is measured through its fused linear cross-entropy on the decoder's hidden "
+                    "states (LigerLoss), not through transformers' own loss; use --call loss")
         if device.type != "cuda":
             return "Liger-Kernel's kernels are Triton: CUDA only"
         mp = _liger_monkey_patch()
@@ -257,9 +266,26 @@ class Block:
         return model
 
 
+def model_defaults(model_name: str, args) -> dict:
+    """The builder's keyword arguments for ``--transformers-defaults`` (bench_memory.py's: models.TRANSFORMERS_DEFAULTS)."""
+    return dict(TRANSFORMERS_DEFAULTS[model_name]) if args.transformers_defaults else {}
+
+
+def exact_grads_plain(base: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> dict:
+    """bench_memory.exact_grads for ``--call plain``: the same loss as the plain call
+    (``model(input_ids=, labels=).loss``, transformers shifting the labels) and the module paths the
+    plain variants train under (no ``LMLoss`` prefix), so the cosines line up."""
+    model = copy.deepcopy(base).to(ids.device, dtype)
+    model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss.backward()
+    grads = {name: w.grad.detach().float() for name, w in linear_weights(model).items() if w.grad is not None}
+    del model
+    return grads
+
+
 def make_block(model_name: str, setting: str, layers: int, hidden: int, args, max_positions: int) -> Block:
     torch.manual_seed(args.seed)
-    raw = build(model_name, hidden, layers, vocab=args.vocab, max_positions=max_positions).to(getattr(torch, args.dtype))
+    raw = build(model_name, hidden, layers, vocab=args.vocab, max_positions=max_positions,
+                **model_defaults(model_name, args)).to(getattr(torch, args.dtype))
     block = Block(model_name, setting, layers, hidden, raw, raw, args=args)
     if setting == "lora":
         torch.manual_seed(args.seed + 1)
@@ -284,7 +310,8 @@ class BlockRunner(bm.Runner):
             with self.context():  # the LoRA wrap and the first forward see Liger's globals
                 return LigerLoss(self.block.wrap(hf)).to(self.device)
         if family == "peft_velora":
-            return bm.LMLoss(self.block.wrap(copy.deepcopy(self.block.raw), velora=True)).to(self.device)
+            model = self.block.wrap(copy.deepcopy(self.block.raw), velora=True)
+            return (model if bm.plain_call(self.args) else bm.LMLoss(model)).to(self.device)
         return super().build_model(base)
 
     def _compile_kwargs(self, budget: float | None) -> dict:
@@ -342,8 +369,9 @@ def block_rows(doc: dict) -> list[dict]:
 class Clock:
     """``--deadline`` bookkeeping: each remaining block gets an equal share of the time left, and a
     variant starts compiling only if its expected compile (the median one measured so far, at least
-    ``--compile-estimate``, at least the same variant's in an earlier block: the memory_budget
-    planner takes ~3x a plain compile) plus the block's timing fits its share."""
+    ``--compile-estimate``, at least the same variant's in an earlier block or try; a velora_mb
+    variant not yet measured ``PLANNER_FACTOR`` times that: the memory_budget planner takes ~3x a
+    plain compile) plus the block's timing fits its share."""
 
     deadline: float | None
     compile_estimate: float
@@ -362,7 +390,10 @@ class Clock:
         if regime.family in ("eager", "eager_reference") or regime.preset == "eager":
             return 5.0
         measured = statistics.median(self.compiled_first_steps) if self.compiled_first_steps else 0.0
-        return max(self.compile_estimate, measured, self.by_variant.get(regime.name, 0.0))
+        estimate = max(self.compile_estimate, measured)
+        if regime.name not in self.by_variant and regime.family == "velora" and (regime.preset or "").startswith("mb"):
+            estimate *= PLANNER_FACTOR
+        return max(estimate, self.by_variant.get(regime.name, 0.0))
 
     def measured(self, regime: bm.Regime, first_step_s: float) -> None:
         if self.expected_compile(regime) > 5.0:  # compiled variants only
@@ -393,13 +424,15 @@ def run_block(spec: tuple, variants: list[bm.Regime], args, doc: dict, clock: Cl
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator).to(device)
     reference = None
     if args.grad_cos:
-        reference = bm.exact_grads(block.base, ids, torch.float32 if args.ref_dtype == "float32" else block.raw.dtype)
+        exact = exact_grads_plain if bm.plain_call(args) else bm.exact_grads
+        reference = exact(block.base, ids, torch.float32 if args.ref_dtype == "float32" else block.raw.dtype)
     bm.cleanup(device)
     params = sum(p.numel() for p in block.base.parameters())
     trainable = sum(p.numel() for p in block.base.parameters() if p.requires_grad)
     records = {v.name: bm.new_record({}, model_name, v, params) for v in variants}
     entry = {"model": model_name, "regime": setting, "size": f"{layers}x{hidden}", "layers": layers, "hidden": hidden,
-             "vocab": args.vocab, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "params": params,
+             "vocab": args.vocab, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "call": args.call,
+             "transformers_defaults": model_defaults(model_name, args), "params": params,
              "trainable_params": trainable, "lora": None if setting != "lora" else
              {"r": args.lora_rank, "alpha": 2 * args.lora_rank, "targets": LORA_TARGETS[model_name],
               "init_lora_weights": False, "adapter_dtype": str(next(v for v in block.lora_state.values()).dtype)},
@@ -413,7 +446,7 @@ def run_block(spec: tuple, variants: list[bm.Regime], args, doc: dict, clock: Cl
     runners = {}
     for regime in variants:
         record = records[regime.name]
-        reason = unavailable(regime, model_name, setting, device)
+        reason = unavailable(regime, model_name, setting, device, args.call)
         if reason:
             record.update(status="unavailable", note=reason)
             bm.log(START, f"{label} {regime.name:24s} unavailable ({reason})")
@@ -447,70 +480,228 @@ def run_block(spec: tuple, variants: list[bm.Regime], args, doc: dict, clock: Cl
 
 
 # -- scaling ---------------------------------------------------------------------------------
+FIT_SHARE = 0.9  # a search jumps past the next doubling only to sequences predicted to fit in this share of the limit
+
+
 def _is_oom(record: dict) -> bool:
     text = f"{record.get('error', '')}\n{record.get('traceback', '')}"
     return "OutOfMemoryError" in text or "out of memory" in text.lower()
 
 
-def set_memory_limit(device: torch.device, gib: float) -> float | None:
-    """Cap the caching allocator at ``gib`` so that "fits" means fits in that much (CUDA only)."""
+def set_memory_limit(device: torch.device, gib: float | None) -> float | None:
+    """Cap the caching allocator at ``gib`` (None: lift the cap) so that "fits" means fits in that
+    much; returns the fraction of the device set (CUDA only, None elsewhere)."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    fraction = min(1.0, gib * GiB / total)
+    fraction = 1.0 if gib is None else min(1.0, gib * GiB / total)
     torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 
+@dataclass
+class SeqSearch:
+    """Where the longest fitting sequence of one (variant, limit, batch) can still be, over the sorted
+    ``seqs``: every index <= ``lo`` fits, every index >= ``hi`` does not (-1 and ``len(seqs)``: not known).
+
+    Each try narrows it; the search is over when nothing lies between.  With no failure above, it
+    climbs to the next listed sequence of at least twice the length (doubling), or further, to the
+    longest that ``fits`` predicts from the peaks measured so far; below a failure it bisects.  On a
+    list of doublings (the default) that is: one step up at a time, stop at the first failure."""
+
+    seqs: list[int]
+    lo: int = -1
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.hi is None:
+            self.hi = len(self.seqs)
+
+    def done(self) -> bool:
+        return self.lo + 1 >= self.hi
+
+    def fit(self, index: int) -> None:
+        self.lo = max(self.lo, index)
+
+    def fail(self, index: int) -> None:
+        self.hi = min(self.hi, index)
+
+    def clamp(self, index: int) -> int:
+        return min(max(index, self.lo + 1), self.hi - 1)
+
+    def next_index(self, fits=None) -> int:
+        """The next sequence to try (``fits(seq)``: whether it is predicted to fit, or None)."""
+        if self.hi < len(self.seqs):
+            return (self.lo + self.hi) // 2
+        step = 0 if self.lo < 0 else next((i for i in range(self.lo + 1, self.hi)
+                                           if self.seqs[i] >= 2 * self.seqs[self.lo]), self.hi - 1)
+        further = [i for i in range(step + 1, self.hi) if fits is not None and fits(self.seqs[i])]
+        return max([step] + further)
+
+
+def predicted_peak(fits: list[dict], tokens: int) -> tuple[float | None, float | None]:
+    """``(over-estimate, lower bound)`` of the peak GiB at ``tokens`` from fitting tries of the same
+    variant (a peak does not depend on the limit it was measured within).
+
+    Over-estimate: the smallest peak measured at as many tokens or more; beyond them, the longest
+    try's peak above its resident weights + optimizer scaled by the tokens (its constant part, the
+    gradients, is scaled too: too high).  Lower bound, beyond every try only: the line through the
+    two longest (memory grows at least linearly with the length at a fixed batch, so beyond them it
+    is at or above the line: pass one batch's tries); None with fewer than two."""
+    pts = sorted({p["tokens"]: p for p in fits if p.get("peak_GiB") is not None}.values(), key=lambda p: p["tokens"])
+    above = [p["peak_GiB"] for p in pts if p["tokens"] >= tokens]
+    if not pts or above:
+        return min(above, default=None), None
+    top = pts[-1]
+    resident = top.get("resident_GiB") or 0.0
+    over = resident + (top["peak_GiB"] - resident) * tokens / top["tokens"]
+    low = None
+    if len(pts) >= 2:
+        a, b = pts[-2], pts[-1]
+        low = b["peak_GiB"] + (b["peak_GiB"] - a["peak_GiB"]) * (tokens - b["tokens"]) / (b["tokens"] - a["tokens"])
+    return over, low
+
+
 def run_scaling(specs: list[tuple], variants: list[bm.Regime], args, doc: dict, clock: Clock, save) -> None:
-    """Per (block, variant): sequences ``--scaling-seqs`` at batch ``--scaling-batch``, each a fresh
-    model, compile and a few steps, in increasing order until one does not fit (OOM, caught and
-    freed) or the deadline passes.  One variant resident at a time, so the limit is the variant's."""
+    """For each block, memory limit (ascending), batch (ascending) and variant (inductor first): the
+    longest of ``--scaling-seqs`` that trains within the limit (``SeqSearch``), each try a fresh
+    model, compile and a few steps (``scaling_point``); one variant resident at a time, so the limit
+    is the variant's.  What a search learnt carries over to the same variant's later searches: a
+    sequence that fit within a smaller limit fits a larger one (reused, not tried again); one that
+    failed at a smaller batch fails at a larger one (not tried)."""
     device = torch.device(args.device)
     scaled = argparse.Namespace(**{**vars(args), "warmup": args.scaling_warmup, "steps": args.scaling_steps})
-    fraction = set_memory_limit(device, args.memory_limit_gib)
-    doc["scaling"] = {"memory_limit_GiB": args.memory_limit_gib if fraction is not None else None,
-                      "memory_fraction": fraction, "batch": args.scaling_batch, "seqs": args.scaling_seqs,
-                      "warmup": args.scaling_warmup, "steps": args.scaling_steps, "runs": []}
+    tables = [{"memory_limit_GiB": gib, "memory_fraction": None, "runs": [], "rows": []} for gib in args.memory_limit_gib]
+    doc["scaling"] = {"memory_limits_GiB": args.memory_limit_gib, "enforced": device.type == "cuda",
+                      "batches": args.scaling_batch, "seqs": args.scaling_seqs, "warmup": args.scaling_warmup,
+                      "steps": args.scaling_steps, "start": args.scaling_start,
+                      "predicted_oom_margin": args.scaling_predicted_oom, "fit_share": FIT_SHARE, "call": args.call,
+                      "specs": [], "limits": tables, "plots": []}
+    try_s: dict[str, float] = {}  # variant -> its slowest try so far (the deadline's estimate)
     for model_name, (layers, hidden), setting in specs:
         block = make_block(model_name, setting, layers, hidden, args, max_positions=max(2048, *args.scaling_seqs) + 1)
+        size = f"{layers}x{hidden}"
+        doc["scaling"]["specs"].append({
+            "model": model_name, "regime": setting, "size": size, "vocab": args.vocab, "dtype": args.dtype,
+            "call": args.call, "transformers_defaults": model_defaults(model_name, args),
+            "params": sum(p.numel() for p in block.base.parameters()),
+            "trainable_params": sum(p.numel() for p in block.base.parameters() if p.requires_grad)})
         runner_cls = functools.partial(BlockRunner, block=block)
-        for regime in variants:
-            run = {"model": model_name, "regime": setting, "size": f"{layers}x{hidden}", "variant": regime.name,
-                   "batch": args.scaling_batch, "status": "ok", "note": None, "points": [],
-                   "max_seq": None, "max_tokens": None}
-            doc["scaling"]["runs"].append(run)
-            reason = unavailable(regime, model_name, setting, device)
-            if reason:
-                run.update(status="unavailable", note=reason)
-                continue
-            for seq in args.scaling_seqs:
-                if clock.past_deadline():
-                    run["note"] = f"stopped before seq {seq}: past --deadline {args.deadline:g} s"
-                    break
-                point = scaling_point(regime, model_name, block, runner_cls, seq, scaled, device)
-                run["points"].append(point)
-                bm.log(START, f"scaling {model_name}/{setting} {regime.name:22s} seq {seq:5d}: {point['status']}"
-                              f" peak={bm._fmt(point['peak_GiB'], '.2f')} GiB ms={bm._fmt(point['ms_per_step'], '.1f')}")
-                if point["status"] == "ok":
-                    run["max_seq"], run["max_tokens"] = seq, seq * args.scaling_batch
-                else:
-                    if point["status"] != "oom":
-                        run["status"], run["note"] = point["status"], point["error"]
-                    break
-            save()
+        history: dict[str, list[dict]] = {v.name: [] for v in variants}  # every point of this block, per variant
+        for table in tables:
+            table["memory_fraction"] = set_memory_limit(device, table["memory_limit_GiB"])
+            for batch in args.scaling_batch:
+                for regime in variants:
+                    run = {"model": model_name, "regime": setting, "size": size, "variant": regime.name, "batch": batch,
+                           "memory_limit_GiB": table["memory_limit_GiB"], "status": "ok", "note": None,
+                           "points": [], "carried": [], "max_seq": None, "max_tokens": None, "capped": False,
+                           "tries": 0, "try_s": 0.0}
+                    table["runs"].append(run)
+                    reason = unavailable(regime, model_name, setting, device, args.call)
+                    if reason:
+                        run.update(status="unavailable", note=reason)
+                    else:
+                        done = [r for r in table["runs"][:-1] if (r["model"], r["regime"], r["size"], r["batch"])
+                                == (model_name, setting, size, batch) and r["max_seq"] is not None]
+                        start = {"smallest": None, "anchor": next((r["max_seq"] for r in done if r["variant"] == bm.ANCHOR),
+                                                                  None),
+                                 "previous": max((r["max_seq"] for r in done), default=None)}[args.scaling_start]
+                        search_variant(run, regime, block, runner_cls, batch, start, history[regime.name], scaled,
+                                       device, clock, try_s, save)
+                    table["rows"] = scaling_rows(table["runs"])
+                    plot_scaling(doc, args.out)
+                    save()
         del block
         bm.cleanup(device)
+    set_memory_limit(device, None)
 
 
-def scaling_point(regime, model_name, block, runner_cls, seq, args, device) -> dict:
-    """One try: build, compile, warm and time at (``--scaling-batch``, seq); status ok / oom / error."""
+def search_variant(run: dict, regime, block, runner_cls, batch: int, start: int | None, history: list[dict], args,
+                   device, clock: Clock, try_s: dict, save) -> None:
+    """One variant's search at one (limit, batch) into ``run``; ``history``: this variant's points so far."""
+    seqs, limit = args.scaling_seqs, run["memory_limit_GiB"]
+    enforced = device.type == "cuda"
+    search = SeqSearch(list(seqs))
+    bound = None
+    for p in history:  # what earlier searches settled
+        index = seqs.index(p["seq"])
+        if p["status"] == "ok" and p["batch"] == batch and p["limit_GiB"] <= limit:
+            search.fit(index)
+            run["carried"].append({**p, "from": f"{p['limit_GiB']:g} GiB"})
+        elif (p["status"] != "ok" and p["batch"] <= batch and (p["limit_GiB"] >= limit or p["status"] == "error")
+              and index < search.hi):
+            search.fail(index)
+            bound = p
+    if bound is not None:
+        run["carried"].append({**bound, "from": f"batch {bound['batch']}, {bound['limit_GiB']:g} GiB"})
+    all_fits = [p for p in history if p["status"] == "ok"]  # peaks do not depend on the limit
+    same_batch = [p for p in all_fits if p["batch"] == batch]
+
+    def fits(seq: int) -> bool:
+        over, _ = predicted_peak(all_fits, batch * seq)
+        return enforced and over is not None and over <= FIT_SHARE * limit
+
+    first = True
+    while not search.done():
+        if first and start is not None and start in seqs:
+            index = search.clamp(seqs.index(start))
+        else:
+            index = search.next_index(fits)
+        first = False
+        seq = seqs[index]
+        _, low = predicted_peak(same_batch, batch * seq)
+        margin = args.scaling_predicted_oom
+        if enforced and margin and low is not None and low > margin * limit:
+            point = {"seq": seq, "batch": batch, "tokens": batch * seq, "status": "predicted_oom", "predicted_GiB": low,
+                     "limit_GiB": limit}
+            run["points"].append(point)
+            history.append(point)
+            search.fail(index)
+            bm.log(START, f"scaling {run['model']}/{run['regime']} {regime.name:22s} b{batch} seq {seq:6d}: not tried, "
+                          f"predicted >= {low:.1f} GiB > {margin:g} x {limit:g} GiB")
+            continue
+        expected = 1.15 * max(try_s.get(regime.name, 0.0), clock.expected_compile(regime) + 5.0)
+        if clock.deadline is not None and clock.now() + expected > clock.deadline:
+            run.update(status="cut", note=f"not tried from seq {seq}: --deadline {clock.deadline:g} s "
+                                          f"(a try is expected to take {expected:.0f} s)")
+            break
+        point = scaling_point(regime, run["model"], block, runner_cls, seq, batch, args, device)
+        point["limit_GiB"] = limit
+        run["points"].append(point)
+        history.append(point)
+        run["tries"] += 1
+        run["try_s"] += point["wall_s"]
+        try_s[regime.name] = max(try_s.get(regime.name, 0.0), point["wall_s"])
+        bm.log(START, f"scaling {run['model']}/{run['regime']} {regime.name:22s} b{batch} seq {seq:6d} "
+                      f"within {limit:g} GiB: {point['status']} peak={bm._fmt(point['peak_GiB'], '.2f')} GiB "
+                      f"tok/s={bm._fmt(point['tokens_per_s'], '.0f')} ({point['wall_s']:.0f} s)")
+        if point["status"] == "ok":
+            search.fit(index)
+            all_fits.append(point)
+            same_batch.append(point)
+            if point.get("first_step_s"):
+                clock.measured(regime, point["first_step_s"])
+        else:
+            search.fail(index)
+            if point["status"] != "oom":
+                run.update(status=point["status"], note=point["error"])
+                break
+        save()
+    if search.lo >= 0:
+        run.update(max_seq=seqs[search.lo], max_tokens=batch * seqs[search.lo], capped=search.lo == len(seqs) - 1)
+    elif run["status"] == "ok":
+        run["note"] = f"even {seqs[0]} does not fit"
+
+
+def scaling_point(regime, model_name, block, runner_cls, seq, batch, args, device) -> dict:
+    """One try: build, compile, warm and time at (batch, seq); status ok / oom / error / skipped."""
+    t0 = time.perf_counter()
     bm.cleanup(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, args.vocab, (args.scaling_batch, seq + 1), generator=generator).to(device)
+    ids = torch.randint(0, args.vocab, (batch, seq + 1), generator=generator).to(device)
     record = bm.new_record({}, model_name, regime, 0)
     with warnings.catch_warnings(record=True) as caught:  # velora_fx falls back to plain inductor with a warning
         warnings.simplefilter("always")
@@ -520,26 +711,75 @@ def scaling_point(regime, model_name, block, runner_cls, seq, args, device) -> d
     del runner, ids
     check_context(device, record)
     peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved(device) / GiB if device.type == "cuda" else None
     status = record["status"] if record["status"] in ("ok", "skipped") else ("oom" if _is_oom(record) else "error")
     bm.cleanup(device)
     ms = record.get("ms_per_step")
-    return {"seq": seq, "tokens": seq * args.scaling_batch, "status": status, "peak_GiB": peak,
+    rounds = record.get("rounds") or [{}]
+    return {"seq": seq, "batch": batch, "tokens": seq * batch, "status": status, "peak_GiB": peak,
+            "peak_reserved_GiB": reserved, "resident_GiB": rounds[0].get("mem_before_GiB"),
             "peak_extra_GiB": record.get("peak_extra_GiB"), "ms_per_step": ms,
-            "tokens_per_s": seq * args.scaling_batch / ms * 1e3 if ms else None,
-            "first_step_s": record.get("first_step_s"), "saved_activation_bytes": record.get("saved_activation_bytes"),
+            "tokens_per_s": seq * batch / ms * 1e3 if ms else None,
+            "first_step_s": record.get("first_step_s"), "wall_s": time.perf_counter() - t0,
+            "saved_activation_bytes": record.get("saved_activation_bytes"),
             "sites": record.get("sites"), "compressed_sites": record.get("compressed_sites"),
             "warnings": sorted({str(w.message)[:300] for w in caught if "velora_fx" in str(w.message)}),
             "error": None if status == "ok" else (record.get("error") or record.get("note") or "")[:300]}
 
 
+def scaling_rows(runs: list[dict]) -> list[dict]:
+    """One row per run: the longest sequence, its tokens/s and peak, and ratios to inductor of the
+    same block, limit and batch: longest context, and tokens/s at inductor's longest sequence
+    (where the variant was measured there, in this search or a carried one)."""
+    def measured(run: dict) -> dict:
+        return {p["seq"]: p for p in run["carried"] + run["points"] if p["status"] == "ok"}
+
+    def compact(p: dict) -> dict:
+        return {k: p[k] for k in ("seq", "status", "peak_GiB", "predicted_GiB", "from") if p.get(k) is not None}
+
+    anchors = {(r["model"], r["regime"], r["size"], r["batch"]): r for r in runs if r["variant"] == bm.ANCHOR}
+    rows = []
+    for r in runs:
+        anchor = anchors.get((r["model"], r["regime"], r["size"], r["batch"]))
+        at = anchor["max_seq"] if anchor else None
+        mine, best = measured(r), measured(r).get(r["max_seq"]) or {}
+        base = measured(anchor).get(at) if at else None
+        other = mine.get(at) if at else None
+        rows.append({**{k: r[k] for k in ("model", "regime", "size", "variant", "batch", "memory_limit_GiB", "status",
+                                          "note", "max_seq", "max_tokens", "capped", "tries", "try_s")},
+                     "tokens_per_s": best.get("tokens_per_s"), "peak_GiB": best.get("peak_GiB"),
+                     "peak_reserved_GiB": best.get("peak_reserved_GiB"), "compressed_sites": best.get("compressed_sites"),
+                     "warnings": best.get("warnings") or [], "inductor_max_seq": at,
+                     "context_vs_inductor": bm._ratio(r["max_seq"], at),
+                     "tokens_per_s_vs_inductor": bm._ratio((other or {}).get("tokens_per_s"),
+                                                           (base or {}).get("tokens_per_s")),
+                     "points": [compact(p) for p in r["points"]], "carried": [compact(p) for p in r["carried"]]})
+    return rows
+
+
+def plot_scaling(doc: dict, out: str) -> None:
+    """``scaling_<model>_<regime>_<size>.png`` in ``out``: the longest sequence per variant, one
+    group of bars per limit (make_docs.plot_longest; nothing without matplotlib)."""
+    rows = [row for table in doc["scaling"]["limits"] for row in table["rows"]]
+    for key in dict.fromkeys((r["model"], r["regime"], r["size"]) for r in rows):
+        name = make_docs._img_name("scaling", key)
+        title = (f"{make_docs._title(*key)}: longest sequence that trains ({doc['device']}"
+                 + ("" if doc["scaling"]["enforced"] else ", limits not enforced") + ")")
+        if make_docs.plot_longest([r for r in rows if (r["model"], r["regime"], r["size"]) == key], title,
+                                  os.path.join(out, name)) and name not in doc["scaling"]["plots"]:
+            doc["scaling"]["plots"].append(name)
+
+
 # -- output ----------------------------------------------------------------------------------
 def summary_markdown(doc: dict) -> str:
-    """bench_memory's table per block (plus tokens/s), and the scaling table."""
+    """bench_memory's table per block (plus tokens/s), and a scaling table per memory limit."""
     parts = [f"# benchmarks/run.py: {doc['device']}, torch {doc['torch']}, {doc['config']['dtype']}\n\n"
              f"`{doc['command']}`\n"] + ([f"**{doc['aborted']}**\n"] if doc.get("aborted") else [])
     for b in doc["blocks"]:
         header = (f"## {b['model']} / {b['regime']} / {b['size']}: vocab {b['vocab']}, batch {b['batch']} x {b['seq']}, "
-                  f"{b['params'] / 1e6:.1f} M params, {b['trainable_params'] / 1e6:.2f} M trained")
+                  f"{b['params'] / 1e6:.1f} M params, {b['trainable_params'] / 1e6:.2f} M trained"
+                  + (", the plain transformers call" if b.get("call") == "plain" else "")
+                  + (f", {b['transformers_defaults']}" if b.get("transformers_defaults") else ""))
         parts.append(bm.markdown(b["rows"], header))
         tps = [f"{r['regime']} {r['tokens_per_s']:.0f}" for r in b["rows"] if r.get("tokens_per_s")]
         if tps:
@@ -547,14 +787,10 @@ def summary_markdown(doc: dict) -> str:
         parts += [f"- {n}\n" for n in b["notes"]]
     scaling = doc.get("scaling")
     if scaling:
-        limit = scaling["memory_limit_GiB"]
-        parts.append(f"## Scaling: batch {scaling['batch']}, sequences {scaling['seqs']}, "
-                     f"limit {'none (CPU)' if limit is None else f'{limit:g} GiB'}\n")
-        rows = [[r["model"], r["regime"], r["size"], r["variant"], bm._fmt(r["max_seq"], "d"), bm._fmt(r["max_tokens"], "d"),
-                 ", ".join(f"{p['seq']}:{p['status']}" for p in r["points"]), r["status"] + (f": {r['note']}" if r["note"] else "")]
-                for r in scaling["runs"]]
-        parts.append("\n".join(bm._table(["model", "regime", "size", "variant", "max seq", "max tokens", "tries", "status"],
-                                          rows)) + "\n")
+        for table in scaling["limits"]:
+            parts += ["## " + make_docs.scaling_heading(table["memory_limit_GiB"], scaling) + "\n",
+                      "\n".join(make_docs.scaling_table(table["rows"])) + "\n"]
+        parts += [f"![longest sequence per limit]({name})\n" for name in scaling["plots"]]
     return "\n".join(parts)
 
 
@@ -612,6 +848,12 @@ def parse_args(argv=None):
                     help="eager: no code generation for every compiled variant (inductor's partitioner and "
                          "decompositions only): fast CPU smoke runs")
     ap.add_argument("--keep-grads", action="store_true")
+    # the same two options as bench_memory.py's (which defines them in its own parse_args); Runner reads args.call
+    ap.add_argument("--call", default="loss", choices=["loss", "plain"],
+                    help="loss: a wrapper returning the loss (models.LMLoss); plain: the compiled transformers model "
+                         "itself, model(input_ids=..., labels=...).loss, as users and the HF Trainer call it")
+    ap.add_argument("--transformers-defaults", action="store_true",
+                    help="transformers' own config defaults where the builders differ (GPT-2: dropout 0.1, gelu_new)")
     ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                     help="wall-clock budget from process start: blocks share it, a variant is compiled only if it "
                          "is expected to fit, rounds after the first stop at it (skips are recorded)")
@@ -619,11 +861,23 @@ def parse_args(argv=None):
                     help="expected compile + first step of a compiled variant before one has been measured "
                          "(default 30 on CUDA, 0 on CPU); the largest measured one is used after that")
     ap.add_argument("--scaling", action="store_true",
-                    help="after the blocks: per variant, the longest of --scaling-seqs that fits --memory-limit-gib")
+                    help="after the blocks: per memory limit, batch and variant, the longest of --scaling-seqs that "
+                         "trains within the limit")
     ap.add_argument("--scaling-only", action="store_true", help="--scaling without the timed blocks")
-    ap.add_argument("--memory-limit-gib", type=float, default=24.0)
+    ap.add_argument("--memory-limit-gib", nargs="+", type=float, default=[24.0], metavar="GIB",
+                    help="one scaling table per limit (CUDA: torch.cuda.set_per_process_memory_fraction; CPU: not "
+                         "enforced, every sequence fits)")
     ap.add_argument("--scaling-seqs", nargs="+", type=int, default=list(SCALING_SEQS))
-    ap.add_argument("--scaling-batch", type=int, default=None, help="default: --batch")
+    ap.add_argument("--scaling-batch", nargs="+", type=int, default=None, metavar="BATCH",
+                    help="batch sizes, each its own search (default: --batch)")
+    ap.add_argument("--scaling-start", default="anchor", choices=["anchor", "previous", "smallest"],
+                    help="a variant's first try at a (limit, batch): inductor's longest sequence there (anchor: its "
+                         "tokens/s ratio is then measured), the longest any earlier variant reached (previous), or "
+                         "the search's own start (smallest)")
+    ap.add_argument("--scaling-predicted-oom", type=float, default=None, metavar="MARGIN",
+                    help="do not try a sequence whose peak, extrapolated along the line through the variant's two "
+                         "longest fitting sequences at that batch, exceeds MARGIN x the limit (recorded as "
+                         "predicted_oom); off by default")
     ap.add_argument("--scaling-warmup", type=int, default=1)
     ap.add_argument("--scaling-steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -640,8 +894,12 @@ def parse_args(argv=None):
     args.variants = names
     args.scaling = args.scaling or args.scaling_only
     args.scaling_seqs = sorted(set(args.scaling_seqs))
-    if args.scaling_batch is None:
-        args.scaling_batch = args.batch
+    args.scaling_batch = sorted(set(args.scaling_batch or [args.batch]))
+    args.memory_limit_gib = sorted(set(args.memory_limit_gib))
+    if min(args.scaling_seqs) < 1 or min(args.scaling_batch) < 1 or min(args.memory_limit_gib) <= 0:
+        ap.error("--scaling-seqs and --scaling-batch must be >= 1, --memory-limit-gib > 0")
+    if args.scaling_predicted_oom is not None and args.scaling_predicted_oom < 1:
+        ap.error("--scaling-predicted-oom is a margin over the limit: >= 1")
     if args.compile_estimate is None:
         args.compile_estimate = 30.0 if args.device.startswith("cuda") else 0.0
     args.sequential = False  # bench_memory's Runner reads these
