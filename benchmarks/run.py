@@ -365,13 +365,19 @@ def block_rows(doc: dict) -> list[dict]:
     return rows
 
 
+def _planner(regime: bm.Regime) -> bool:
+    """A velora_mb<x> variant: velora_fx's memory_budget planner, whose compile takes a few plain ones."""
+    return regime.family == "velora" and (regime.preset or "").startswith("mb")
+
+
 @dataclass
 class Clock:
     """``--deadline`` bookkeeping: each remaining block gets an equal share of the time left, and a
     variant starts compiling only if its expected compile (the median one measured so far, at least
     ``--compile-estimate``, at least the same variant's in an earlier block or try; a velora_mb
-    variant not yet measured ``PLANNER_FACTOR`` times that: the memory_budget planner takes ~3x a
-    plain compile) plus the block's timing fits its share."""
+    variant not yet measured: the slowest velora_mb one measured, else ``PLANNER_FACTOR`` times the
+    plain estimate, as the memory_budget planner takes ~3x a plain compile) plus the block's timing
+    fits its share."""
 
     deadline: float | None
     compile_estimate: float
@@ -391,13 +397,15 @@ class Clock:
             return 5.0
         measured = statistics.median(self.compiled_first_steps) if self.compiled_first_steps else 0.0
         estimate = max(self.compile_estimate, measured)
-        if regime.name not in self.by_variant and regime.family == "velora" and (regime.preset or "").startswith("mb"):
-            estimate *= PLANNER_FACTOR
+        if _planner(regime) and regime.name not in self.by_variant:
+            planners = [t for name, t in self.by_variant.items() if _planner(parse_variant(name))]
+            estimate = max(planners) if planners else estimate * PLANNER_FACTOR
         return max(estimate, self.by_variant.get(regime.name, 0.0))
 
     def measured(self, regime: bm.Regime, first_step_s: float) -> None:
         if self.expected_compile(regime) > 5.0:  # compiled variants only
-            self.compiled_first_steps.append(first_step_s)
+            if not _planner(regime):  # the median is a plain compile's
+                self.compiled_first_steps.append(first_step_s)
             self.by_variant[regime.name] = max(first_step_s, self.by_variant.get(regime.name, 0.0))
 
     def past_deadline(self) -> bool:
@@ -661,7 +669,7 @@ def search_variant(run: dict, regime, block, runner_cls, batch: int, start: int 
             bm.log(START, f"scaling {run['model']}/{run['regime']} {regime.name:22s} b{batch} seq {seq:6d}: not tried, "
                           f"predicted >= {low:.1f} GiB > {margin:g} x {limit:g} GiB")
             continue
-        expected = 1.15 * max(try_s.get(regime.name, 0.0), clock.expected_compile(regime) + 5.0)
+        expected = 1.15 * (try_s.get(regime.name) or clock.expected_compile(regime) + 5.0)  # its own slowest try
         if clock.deadline is not None and clock.now() + expected > clock.deadline:
             run.update(status="cut", note=f"not tried from seq {seq}: --deadline {clock.deadline:g} s "
                                           f"(a try is expected to take {expected:.0f} s)")

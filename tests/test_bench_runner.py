@@ -200,6 +200,13 @@ def test_scaling_search_doubles_jumps_bisects_and_carries(tmp_path, monkeypatch)
     assert rows[(16, 1, "velora_auto")]["max_seq"] == 32768 and list(rows) == [(16, 1, "inductor"), (16, 1, "velora_auto"),
                                                                               (16, 2, "inductor"), (16, 2, "velora_auto")]
 
+    clock = runner.Clock(None, 30.0)  # a try's expected time before it has one of its own
+    mb05, mb03, inductor = (runner.parse_variant(n) for n in ("velora_mb0.5", "velora_mb0.3", "inductor"))
+    assert clock.expected_compile(mb05) == 90.0  # the planner: 3x a plain compile until one is measured
+    clock.measured(inductor, 20.0)
+    clock.measured(mb05, 100.0)
+    assert clock.expected_compile(mb03) == 100.0 and clock.expected_compile(inductor) == 30.0
+
     fake.tries.clear()
     rows = _fake_scaling(runner, tmp_path, "--deadline", "0")
     assert not fake.tries and {r["status"] for r in rows.values()} == {"cut"}
