@@ -313,6 +313,8 @@ def velora_summary(backend) -> dict:
     return {"report": report, "sites": len(sites), "compressed_sites": len(compressed),
             "report_saved_bytes_before": report.get("saved_bytes_before"),
             "report_saved_bytes_after": report.get("saved_bytes_after"),
+            "predicted_peak_before_GiB": _scaled(report.get("predicted_peak_before"), GiB),
+            "predicted_peak_after_GiB": _scaled(report.get("predicted_peak_after"), GiB),
             "estimated_error_mean": sum(errors) / len(errors) if errors else None,
             "estimated_error_max": max(errors) if errors else None}
 

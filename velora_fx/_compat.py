@@ -283,3 +283,26 @@ def world_group_name() -> str:
 def default_store() -> Any:
     """The default process group's key-value store (plans travel through it, see distributed.py)."""
     return torch.distributed.distributed_c10d._get_default_store()
+
+
+_BACKEND_WRAPPER_ATTRS = ("_torchdynamo_orig_backend", "compiler_fn", "backend_compile_fn", "func")
+
+
+def tracing_backends() -> list[Any]:
+    """The backend of the dynamo trace running on this thread, with every wrapper around it
+    (dynamo's debug wrapper, ``torch.compile``'s ``_TorchCompileWrapper``, DDPOptimizer,
+    ``functools.partial``), outermost first; [] when dynamo is not tracing.  Only meaningful
+    when called at trace time (``torch.compiler.assume_constant_result``)."""
+    import inspect
+
+    from torch._dynamo import symbolic_convert
+    tx = getattr(symbolic_convert.tls, "current_tx", None)
+    fn = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    chain: list[Any] = []
+    while fn is not None and len(chain) < 16 and not any(fn is c for c in chain):
+        chain.append(fn)
+        if inspect.ismethod(fn):
+            fn = fn.__self__
+            continue
+        fn = next((getattr(fn, a) for a in _BACKEND_WRAPPER_ATTRS if getattr(fn, a, None) is not None), None)
+    return chain

@@ -35,11 +35,13 @@ from torch import Tensor, nn
 from . import _compat, distributed
 from .binding import Lifted, StateBinder, lift_state, make_binding, primal_labels, trains
 from .config import ConfigError, VeloraConfig
+from .integrations import causal_lm
 from .naming import ParamNames, find_compiled_root, unwrap_model
 from .passes.budget import target_bytes
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
+from .passes.step_peak import StepPeak, predict_step_peak
 from .report import GraphReport, Report, SiteReport
 from .state import ModelState, StateError
 
@@ -76,6 +78,8 @@ class VeloraBackend:
             raise ConfigError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
         self.config = config or VeloraConfig()
         self.compiler = compiler
+        if self.config.uses("chunked_loss") and not self.config.keep_logits:
+            causal_lm.install()  # transformers' causal LMs return no logits to it in training
         self._models: "weakref.WeakKeyDictionary[nn.Module, ModelState]" = weakref.WeakKeyDictionary()
         self._functions = ModelState("functions")
         self._graph_ids = itertools.count()
@@ -91,16 +95,16 @@ class VeloraBackend:
         root = find_compiled_root()
         model = self.model_state(root)
         training = trains(example_inputs)
-        heads, original_bytes = [], None
+        heads, original = [], None
         if training and self.config.uses("chunked_loss"):
             rewritten = _compat.copy_dynamo_graph(gm)
             heads = rewrite_loss_heads(rewritten, self.config.loss_chunk_size)
             if any(h.rewritten for h in heads):
-                original_bytes = self._baseline_bytes(gm, list(example_inputs))
+                original = self._baseline(gm, list(example_inputs))
                 gm = rewritten
         lifted = lift_state(gm, list(example_inputs), model) if training else None
         partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm, training)
-        partitioner.loss_heads, partitioner.original_bytes = heads, original_bytes
+        partitioner.loss_heads, partitioner.original = heads, original
         graph = lifted.gm if lifted else gm
         inputs = lifted.example_inputs if lifted else list(example_inputs)
         try:
@@ -138,14 +142,14 @@ class VeloraBackend:
         with _compat.custom_partitioner(partitioner):
             return eager(graph, inputs)
 
-    def _baseline_bytes(self, gm: fx.GraphModule, example_inputs: list[Any]) -> int | None:
-        """Activation bytes inductor's partition of dynamo's original graph saves (what a rewrite
+    def _baseline(self, gm: fx.GraphModule, example_inputs: list[Any]) -> StepPeak | None:
+        """What inductor's partition of dynamo's original graph saves and peaks at (what a rewrite
         before AOTAutograd is measured against); None if it cannot be traced."""
-        found: list[int] = []
+        found: list[StepPeak] = []
 
         def capture(joint, joint_inputs, **kwargs):
             saved = probe_partition(joint, joint_inputs, _compat.min_cut_rematerialization_partition, **kwargs)
-            found.append(saved.activation_bytes)
+            found.append(predict_step_peak(saved))
             return saved.fwd, saved.bwd
 
         trace = _compat.aot_autograd(fw_compiler=_compat.boxed_nop_compiler, bw_compiler=_compat.boxed_nop_compiler,
@@ -261,7 +265,11 @@ class VeloraBackend:
         if binding is None:
             why = ("no trainable weight matrix: nothing to compress" if partitioner.lifted is None else
                    "AOTAutograd reshaped the inputs (no one-to-one state binding): compiled as plain inductor")
-            model.reports.append(GraphReport(graph_id, "unchanged", why, model=model.label, frame=frame))
+            report = GraphReport(graph_id, "unchanged", why, model=model.label, frame=frame)
+            report.sites.extend(_head_row(h, h.logits_bytes, h.logits_bytes if not h.rewritten else 0,
+                                          h.reason + (" (bytes not measured: no weight to bind)" if h.rewritten else ""))
+                                for h in partitioner.loss_heads)
+            model.reports.append(report)
             return plain()
         head_grads = pin_head_gradients(gm, partitioner.param_indices) \
             if any(h.rewritten for h in partitioner.loss_heads) else []
@@ -272,8 +280,9 @@ class VeloraBackend:
         try:
             held = _held_by_other_graphs(model, frame, partitioner.module_paths()) \
                 if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
+            peaks: dict[str, StepPeak] = {}
             result = run_pipeline(ctx, self.config, binding, graph_id,
-                                  _budget_target(self.config, partitioner.original_bytes, held))
+                                  _budget_target(self.config, partitioner.original, held, peaks))
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -285,7 +294,11 @@ class VeloraBackend:
             return plain()
         finally:  # on every path, so no rank waits for a plan rank 0 never sends
             distributed.share_plan(model, graph_key)
-        _add_loss_heads(result, partitioner.loss_heads, partitioner.original_bytes, head_grads)
+        original = partitioner.original
+        _add_loss_heads(result, partitioner.loss_heads, original.saved if original else None, head_grads)
+        before = original or peaks.get("reference")
+        result.report.predicted_peak = {"before": before.to_dict() if before else None,
+                                        "after": predict_step_peak(result.saved).to_dict()}
         result.report.model, result.report.frame = model.label, frame
         if isinstance(self.config.memory_budget, int):
             result.report.message = "; ".join(m for m in (
@@ -317,14 +330,30 @@ def _state_sites(state: Any) -> dict[str, Any]:
     return state["sites"]
 
 
-def _budget_target(config: VeloraConfig, original_bytes: int | None, held_elsewhere: int = 0):
-    """``memory_budget`` in bytes for one graph, as a function of its baseline partition's saved
-    bytes: a fraction counts from the graph before the loss-head rewrite, when there was one; bytes
-    are one total for the model, less ``held_elsewhere`` (what its other graphs save)."""
+def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhere: int = 0,
+                   seen: dict[str, StepPeak] | None = None):
+    """``memory_budget`` as the saved bytes one graph may keep, from its baseline partition.
+
+    The budget is on the step's activation peak (``passes/step_peak.py``), not on saved bytes: a
+    fraction of the peak of the graph as dynamo gave it (before a loss-head rewrite, ``original``),
+    or bytes for the whole step of the model, less ``held_elsewhere`` (what its other graphs save).
+    The transients above the saved set (the baseline's predicted peak less its saved bytes) are
+    taken as they are, so the graph may save the target peak less those.  ``seen`` receives the
+    baseline's and the reference's predicted peaks (for the report)."""
     if config.memory_budget is None:
         return None
-    return lambda baseline: target_bytes(config.memory_budget, original_bytes if original_bytes is not None else baseline,
-                                         held_elsewhere)
+    budget = config.memory_budget
+
+    def target(baseline) -> int:
+        if isinstance(baseline, int):  # a caller that knows only saved bytes
+            return target_bytes(budget, original.saved if original is not None else baseline, held_elsewhere)
+        base = predict_step_peak(baseline)
+        reference = original or base
+        if seen is not None:
+            seen.update(baseline=base, reference=reference)
+        want = budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere
+        return max(0, int(want - (base.peak - base.saved)))
+    return target
 
 
 def _held_by_other_graphs(model: ModelState, frame: str, modules: set[str]) -> int:
@@ -358,10 +387,14 @@ def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads:
         elif head.rewritten:
             before = after = 0
             reason += f" (bytes counted with {measured.name})"
-        report.sites.append(SiteReport(
-            name=head.name, consumers=[], op="linear+cross_entropy", shape=(head.rows, head.vocab),
-            dtype="", saved_by_baseline=head.rewritten, saved_forms=[], bytes_before=before, bytes_after=after,
-            decision="compressed" if head.rewritten else "skipped", reason=reason, codec="chunked_loss"))
+        report.sites.append(_head_row(head, before, after, reason))
+
+
+def _head_row(head, before: int, after: int, reason: str) -> SiteReport:
+    return SiteReport(name=head.name, consumers=[], op="linear+cross_entropy", shape=(head.rows, head.vocab),
+                      dtype="", saved_by_baseline=head.rewritten, saved_forms=[], bytes_before=before,
+                      bytes_after=after, decision="compressed" if head.rewritten else "skipped", reason=reason,
+                      codec="chunked_loss")
 
 
 class _CaptureOnly(_compat.CustomPartitionerFn):
@@ -409,7 +442,7 @@ class _Partitioner(_compat.CustomPartitionerFn):
         self.backend, self.model, self.names, self.lifted = backend, model, names, lifted
         self.training = training
         self.loss_heads: list = []
-        self.original_bytes: int | None = None
+        self.original: StepPeak | None = None  # the graph before the loss-head rewrite (when there was one)
         self.result: PipelineResult | None = None
         self._params = list(lifted.params) if lifted else []
         labels = primal_labels(gm)
@@ -501,6 +534,22 @@ def velora_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: s
     options = dict(options or {})
     ours = {k: options.pop(k) for k in list(options) if k in _BACKEND_OPTIONS}
     return default_backend(**ours)(gm, example_inputs, mode=mode, options=options)
+
+
+def tracing_config() -> VeloraConfig | None:
+    """The config of the velora_fx backend dynamo is tracing for right now (a backend object or
+    ``backend="velora"`` with its ``options``), else None.  Trace time only (see
+    ``integrations/causal_lm.py``)."""
+    for fn in _compat.tracing_backends():
+        if isinstance(fn, VeloraBackend):
+            return fn.config
+        if getattr(fn, "compiler_fn", None) is velora_backend:  # torch.compile's wrapper of the named backend
+            options = dict((getattr(fn, "kwargs", None) or {}).get("options") or {})
+            try:
+                return default_backend(**{k: v for k, v in options.items() if k in _BACKEND_OPTIONS}).config
+            except (TypeError, ConfigError):  # the backend call will raise it with context
+                return None
+    return None
 
 
 def _inductor_options(options: dict[str, Any] | None) -> dict[str, Any]:

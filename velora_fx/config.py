@@ -26,6 +26,9 @@ DEFAULT_MAX_ERROR = 0.6
 DEFAULT_MIN_EFFICIENCY = 0.2
 # What the planner may use, by name (each one a file under codecs/; see docs/codecs.md)
 CODECS = ("velora", "fewbit", "rmm", "gated", "chunked_loss")
+# ``codecs`` when not given, without / with a memory_budget: the exact loss head frees the largest
+# tensors of a causal LM's step (the logits) at no gradient error, so a budget gets it by default
+DEFAULT_CODECS = {False: ("velora",), True: ("velora", "chunked_loss")}
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -84,8 +87,9 @@ class VeloraConfig:
     include: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to consider"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
-    codecs: tuple[str, ...] = field(default=("velora",), metadata={
-        "help": f"what the planner may use: any of {CODECS} (default: VeLoRA only)"})
+    codecs: tuple[str, ...] | None = field(default=None, metadata={
+        "help": f"what the planner may use: any of {CODECS} (default: VeLoRA, plus the exact chunked_loss "
+                "head when memory_budget is set)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
@@ -93,7 +97,12 @@ class VeloraConfig:
     error_cost: float = field(default=1.0, metadata={
         "help": "memory_budget: step-time fraction one unit of weighted gradient error is worth when the planner "
                 "weighs codecs against exact recompute (0: fastest plan, any error; large: exact whenever it fits)"})
-    loss_chunk_size: int = field(default=1024, metadata={"help": "chunked_loss: rows of logits alive at once"})
+    loss_chunk_size: int = field(default=2048, metadata={
+        "help": "chunked_loss: rows of logits alive at once (H200, vocabulary 32000: 2048 rows cost 1.07x the "
+                "unchunked head's time, 1024 rows 1.19x; benchmarks/bench_head.py)"})
+    keep_logits: bool = field(default=False, metadata={
+        "help": "chunked_loss on transformers causal LMs: keep returning the logits when the loss will be "
+                "backpropagated (the head then cannot apply on the plain model call; see docs/codecs.md)"})
     version: int = 4
 
     def __post_init__(self) -> None:
@@ -124,7 +133,11 @@ class VeloraConfig:
         set_(self, "include", _as_patterns(self.include, "include"))
         set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))
-        set_(self, "codecs", _as_codecs(self.codecs))
+        set_(self, "memory_budget", _as_budget(self.memory_budget))
+        set_(self, "codecs", _as_codecs(self.codecs if self.codecs is not None else DEFAULT_CODECS[
+            self.memory_budget is not None]))
+        if not isinstance(self.keep_logits, bool):
+            raise ConfigError(f"keep_logits must be True or False, got {self.keep_logits!r}")
         for name, low, high in (("bits", 1, 8), ("loss_chunk_size", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
@@ -134,7 +147,6 @@ class VeloraConfig:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ConfigError(f"rmm_ratio must be a number in (0, 1] (sketch rows per token), got {ratio!r}")
         set_(self, "rmm_ratio", float(ratio))
-        set_(self, "memory_budget", _as_budget(self.memory_budget))
 
     def uses(self, codec: str) -> bool:
         return codec in self.codecs

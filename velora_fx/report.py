@@ -140,12 +140,16 @@ class GraphReport:
     budget_target: int | None = None     # memory_budget: saved bytes asked for
     recompute_budget: float | None = None  # memory_budget: inductor's activation_memory_budget used
     budget_plans: list[dict[str, Any]] = field(default_factory=list)  # memory_budget: the plans weighed
+    # the step's activation peak predicted from the partitions (passes/step_peak.py):
+    # {"before": {forward, backward, saved, peak} | None, "after": {...}}
+    predicted_peak: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph_id": self.graph_id, "model": self.model, "frame": self.frame, "status": self.status,
                 "message": self.message, "saved_bytes_before": self.saved_bytes_before,
                 "saved_bytes_after": self.saved_bytes_after, "budget_target": self.budget_target,
                 "recompute_budget": self.recompute_budget, "budget_plans": list(self.budget_plans),
+                "predicted_peak": self.predicted_peak,
                 "sites": [s.to_dict() for s in self.sites]}
 
 
@@ -184,8 +188,19 @@ class Report:
     def saved_bytes_after(self) -> int:
         return sum(g.saved_bytes_after for g in self.current)
 
+    def predicted_peak(self, when: str = "after") -> int | None:
+        """The step's activation peak predicted from the partitions (``when``: "before" / "after"
+        the rewrite): every counted graph's saved set, plus the largest transient one graph adds on
+        top of its own (its predicted peak less its saved bytes).  None when a graph has none."""
+        peaks = [(g.predicted_peak or {}).get(when) for g in self.current]
+        if not peaks or any(p is None for p in peaks):
+            return None
+        return sum(p["saved"] for p in peaks) + max(p["peak"] - p["saved"] for p in peaks)
+
     def to_dict(self) -> dict[str, Any]:
         return {"saved_bytes_before": self.saved_bytes_before, "saved_bytes_after": self.saved_bytes_after,
+                "predicted_peak_before": self.predicted_peak("before"),
+                "predicted_peak_after": self.predicted_peak("after"),
                 "totals_count": "the latest graph of each compiled frame",
                 "graphs": [g.to_dict() for g in self.graphs]}
 
@@ -242,6 +257,10 @@ class Report:
             scope += f", latest of each frame of {len(self.graphs)} compiled"
         lines.append(f"activations saved for backward ({scope}): {_size(self.saved_bytes_before)} -> "
                      f"{_size(self.saved_bytes_after)}; {n_compressed} of {n_sites} sites compressed")
+        before, after = self.predicted_peak("before"), self.predicted_peak("after")
+        if after is not None:
+            lines.append("predicted activation peak of a step (saved + transients): "
+                         + (f"{_size(before)} -> " if before is not None else "") + _size(after))
         return "\n".join(lines)
 
     __str__ = table

@@ -7,8 +7,9 @@ forward, so no full logits (nor their fp32 copy) are ever alive and lm_head runs
 AOTAutograd traces it like any autograd.Function.
 
 Matched only when nothing else reads the logits (a model that returns them must materialise
-them anyway: compile a function that returns the loss), the logits are reshaped on their
-leading dims only, and no autocast changes the matmul's dtype.
+them anyway: ``integrations/causal_lm.py`` makes transformers' causal LMs return none in
+training), the logits are reshaped on their leading dims only, and no autocast changes the
+matmul's dtype.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ __all__ = ["LossHead", "rewrite_loss_heads", "pin_head_gradients"]
 _LINEAR = set(LINEAR_FUNCTIONS)
 _CROSS_ENTROPY = {F.cross_entropy}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous"}
+_ESCAPES = ("the logits are also used elsewhere (returned by the model?): transformers' causal LMs return none "
+            "in training unless keep_logits=True; another model needs a function that returns only the loss")
+_BROKEN = ("the logits are an input of this graph: a graph break separates lm_head from the loss "
+           "(TORCH_LOGS=graph_breaks shows where)")
 
 
 @dataclass
@@ -68,8 +73,7 @@ def _walk_to_linear(start: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]
     chain, node = [], start
     while True:
         if len(node.users) != 1:
-            return None, chain, "the logits are also used elsewhere (returned by the model?): compile a function " \
-                                "that returns only the loss"
+            return None, chain, _ESCAPES
         if node.op == "call_function" and node.target in _LINEAR:
             return node, chain, ""
         if node.op == "call_method" and (node.target in _RESHAPE_METHODS or _is_upcast(node)):
@@ -78,6 +82,8 @@ def _walk_to_linear(start: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]
             if not isinstance(node, fx.Node):
                 return None, chain, "unexpected reshape"
             continue
+        if node.op == "placeholder":
+            return None, chain, _BROKEN
         return None, chain, f"the logits come from {node.target}, not a linear layer"
 
 
@@ -178,6 +184,13 @@ def _check(ce: fx.Node, logits: fx.Node, linear: fx.Node, hidden: Any, weight: A
         return f"the loss runs in {ce_in.dtype} (the chunked head computes it in fp32: not the same numbers)"
     head.rows, head.vocab = int(ce_in.shape[0]), int(ce_in.shape[1])
     head.logits_bytes = head.rows * head.vocab * out.element_size()
+    kept = (w.numel() + (head.vocab if bias is not None else 0)) * w.element_size() + h.numel() * h.element_size()
+    # the baseline keeps at least the log-probabilities in the loss's dtype for cross-entropy's backward
+    stored = head.rows * head.vocab * max(out.element_size(), ce_in.element_size())
+    if stored <= kept:
+        return (f"frees nothing at this size: the logits ({stored} bytes) are no larger than the "
+                f"gradients the head keeps instead ({kept} bytes: {head.rows} tokens against a {head.vocab}-entry "
+                "vocabulary)")
     return ""
 
 

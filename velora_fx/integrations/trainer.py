@@ -71,8 +71,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .backend import VeloraBackend, backend as make_backend
-from .report import Report
+from ..backend import VeloraBackend, backend as make_backend
+from ..report import Report
 
 try:  # transformers is optional for velora_fx itself
     from transformers import TrainerCallback
@@ -81,7 +81,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without transfo
 
 __all__ = ["VeloraCallback", "compile_for_trainer", "report_metrics"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("velora_fx.integrations")
 
 _PREFIX = "velora/"
 
@@ -197,5 +197,5 @@ def _refuse_torch_compile(args) -> None:
 
 
 def _optimized_module():
-    from ._compat import OptimizedModule
+    from .._compat import OptimizedModule
     return OptimizedModule

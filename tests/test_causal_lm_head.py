@@ -1,0 +1,167 @@
+"""The exact loss head on transformers' plain call: ``torch.compile(model, backend=...)`` then
+``model(input_ids=..., labels=...)`` (integrations/causal_lm.py).  In training the compiled model
+returns no logits, the chunked head replaces lm_head + cross-entropy, and the loss and every
+gradient equal eager's; everything else (eval, other backends, eager, ``keep_logits=True``) keeps
+transformers' behaviour."""
+import copy
+
+import pytest
+import torch
+
+import velora_fx
+from test_families import _DEC, _ENC, D, FF, HEADS, LAYERS, VOCAB, _build
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("strict_pass")
+
+BATCH, SEQ = 2, 32  # 64 tokens: the logits outweigh the weight gradient the head keeps
+
+FAMILIES = {
+    "llama": _build("LlamaForCausalLM", "LlamaConfig", **_DEC),
+    "llama_tied": _build("LlamaForCausalLM", "LlamaConfig", tie_word_embeddings=True, **_DEC),
+    "qwen2": _build("Qwen2ForCausalLM", "Qwen2Config", **_DEC),
+    "mistral": _build("MistralForCausalLM", "MistralConfig", head_dim=D // HEADS, **_DEC),
+    "gemma": _build("GemmaForCausalLM", "GemmaConfig", head_dim=D // HEADS, **_DEC),  # tied
+    "gpt2": _build("GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=D, n_inner=FF, n_layer=LAYERS,
+                   n_head=HEADS, n_positions=32, bos_token_id=0, eos_token_id=0),  # tied, a graph break
+    "gpt_neox": _build("GPTNeoXForCausalLM", "GPTNeoXConfig", **_ENC),
+    "phi": _build("PhiForCausalLM", "PhiConfig", **_DEC),  # lm_head with a bias
+}
+
+
+def _batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignore_index rows
+    return ids, labels
+
+
+def _head_rows(backend):
+    return [s for g in backend.report().graphs for s in g.sites if s.codec == "chunked_loss"]
+
+
+def _eager_step(model, ids, labels):
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_plain_call_gets_the_head_with_eagers_loss_and_gradients(family):
+    model = FAMILIES[family]()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch()
+    expected = _eager_step(reference, ids, labels)
+
+    backend = velora_fx.backend(codecs=["chunked_loss"], compiler="eager", loss_chunk_size=20)  # 4 chunks, last short
+    out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
+    assert out.logits is None and "logits" not in out
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    backend_graphs = backend.report().graphs
+    assert len(backend_graphs) == 1, backend.report().table()  # GPT-2's loss-type warning no longer breaks
+    rows = _head_rows(backend)
+    assert [(r.name, r.decision) for r in rows] == [("lm_head", "compressed")], \
+        backend.report().table()
+
+
+def test_bf16_plain_call_is_within_bf16_rounding():
+    model = FAMILIES["llama"]()
+    exact = copy.deepcopy(model)
+    eager = copy.deepcopy(model).to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    ids, labels = _batch(1)
+    _eager_step(exact, ids, labels)
+    expected = _eager_step(eager, ids, labels)
+    out = torch.compile(model, backend=velora_fx.backend(codecs=["chunked_loss"], compiler="eager",
+                                                         loss_chunk_size=4))(input_ids=ids, labels=labels)
+    assert out.loss.dtype == expected.loss.dtype
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-2, atol=1e-2)
+    out.loss.backward()
+    for (name, p), (_, q), (_, r) in zip(model.named_parameters(), eager.named_parameters(),
+                                         exact.named_parameters()):
+        # no farther from the fp32 gradient than eager bf16 is, up to bf16 rounding
+        ours, theirs = ((g.grad.float() - r.grad).norm() / r.grad.norm() for g in (p, q))
+        assert ours <= theirs + 1e-2, (name, float(ours), float(theirs))
+
+
+def test_memory_budget_brings_the_head_on_the_plain_call():
+    config = velora_fx.VeloraConfig(memory_budget=0.5)
+    assert config.codecs == ("velora", "chunked_loss")
+    assert velora_fx.VeloraConfig().codecs == ("velora",)
+    assert velora_fx.VeloraConfig(memory_budget=0.5, codecs=["velora"]).codecs == ("velora",)  # explicit wins
+
+    model = FAMILIES["llama"]()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(2)
+    expected = _eager_step(reference, ids, labels)
+    backend = velora_fx.backend(memory_budget=0.5, compiler="eager")
+    out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert [r.decision for r in _head_rows(backend)] == ["compressed"]
+    head = _head_rows(backend)[0]
+    assert head.bytes_before > head.bytes_after  # the logits' bytes left the saved set
+
+
+def test_named_backend_gets_the_head_too():
+    model = FAMILIES["gpt2"]()
+    ids, labels = _batch(3)
+    options = {"codecs": ["chunked_loss"], "compiler": "eager"}
+    out = torch.compile(model, backend="velora", options=options)(input_ids=ids, labels=labels)
+    assert out.logits is None
+    backend = velora_fx.default_backend(**options)
+    assert [r.decision for r in _head_rows(backend)] == ["compressed"]
+
+
+def test_keep_logits_returns_them_and_the_report_says_why():
+    model = FAMILIES["llama"]()
+    ids, labels = _batch(4)
+    backend = velora_fx.backend(codecs=["chunked_loss"], compiler="eager", keep_logits=True)
+    out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
+    assert out.logits is not None and out.logits.shape == (BATCH, SEQ, VOCAB)
+    (row,) = _head_rows(backend)
+    assert row.decision == "skipped" and "keep_logits" in row.reason
+
+
+def test_gpt2_with_its_graph_break_reports_why_the_head_cannot_apply():
+    model = FAMILIES["gpt2"]()
+    ids, labels = _batch(5)
+    backend = velora_fx.backend(codecs=["chunked_loss"], compiler="eager", keep_logits=True)
+    torch.compile(model, backend=backend)(input_ids=ids, labels=labels).loss.backward()
+    graphs = backend.report().graphs
+    assert len(graphs) == 2  # transformers' own behaviour: the loss-type warning breaks the graph
+    (row,) = _head_rows(backend)
+    assert row.decision == "skipped" and "graph break" in row.reason
+
+
+def test_evaluation_and_calls_without_labels_keep_their_logits():
+    model = FAMILIES["llama"]()
+    reference = copy.deepcopy(model).eval()
+    ids, labels = _batch(6)
+    compiled = torch.compile(model, backend=velora_fx.backend(codecs=["chunked_loss"], compiler="eager"))
+    model.eval()
+    with torch.no_grad():
+        out, expected = compiled(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    assert compiled(input_ids=ids).logits.shape == (BATCH, SEQ, VOCAB)  # no labels: no loss to fuse into
+
+
+def test_other_backends_and_eager_keep_transformers_behaviour():
+    velora_fx.backend(codecs=["chunked_loss"], compiler="eager")  # installs the wrappers
+    from velora_fx.integrations import causal_lm
+    assert causal_lm.installed()
+    model = FAMILIES["gpt2"]()
+    ids, labels = _batch(7)
+    assert model(input_ids=ids, labels=labels).logits.shape == (BATCH, SEQ, VOCAB)
+    out = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=labels)
+    assert out.logits.shape == (BATCH, SEQ, VOCAB)
+    # a velora backend without the head
+    out = torch.compile(copy.deepcopy(model), backend=velora_fx.backend(compiler="eager"))(input_ids=ids, labels=labels)
+    assert out.logits is not None

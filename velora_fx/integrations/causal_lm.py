@@ -1,0 +1,112 @@
+"""transformers causal LMs in training: no logits returned, so the exact loss head applies on the plain call.
+
+Why: ``model(input_ids=..., labels=...)`` returns ``loss`` *and* ``logits``.  A tensor the graph
+returns must be materialised, so the chunked head (``codecs/chunked_loss.py``) could not replace
+``lm_head`` + cross-entropy, and the ``[tokens, vocab]`` logits with their fp32 copy stay the
+largest tensors of the step.  Liger-Kernel's fused linear cross-entropy and Apple's Cut
+Cross-Entropy answer the same way: in training with labels the model returns ``logits=None``.
+
+How: two class-level wrappers on transformers, installed once (``install()``, when a backend with
+the head is built and transformers is imported).  Each asks *at trace time* whether dynamo is
+tracing for a velora_fx backend whose head is on (``codecs`` has ``"chunked_loss"``,
+``keep_logits=False``): ``torch.compiler.assume_constant_result`` runs the check while dynamo
+traces and bakes in the answer, so the compiled code pays nothing, and eager models, other
+backends and velora_fx backends without the head see transformers' own behaviour.
+
+- ``ModelOutput.__post_init__``: a causal-LM output (its class name has ``CausalLM``) whose
+  ``loss`` requires grad (a backward will follow) gets ``logits=None``, as if the model had been
+  written that way.  Evaluation (``torch.no_grad()``) and calls without labels keep their logits.
+- ``PreTrainedModel.loss_function``: a model whose class name maps to no loss type
+  (``GPT2LMHeadModel``) gets transformers' own fallback, ``ForCausalLMLoss``, without the
+  ``logger.warning_once`` call that would split lm_head and the loss into two graphs (a graph
+  break; the head must see both in one graph).
+
+Opt out with ``velora_fx.backend(..., keep_logits=True)``: the model then returns its logits and
+the report says why the head did not apply.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+__all__ = ["install", "installed", "drops_logits_now"]
+
+_LOCK = threading.Lock()
+_INSTALLED: dict[str, Any] = {}  # what was replaced, by name (the originals)
+
+
+def installed() -> bool:
+    return bool(_INSTALLED)
+
+
+def install() -> bool:
+    """Wrap transformers' output and loss lookup (idempotent).  Returns whether they are wrapped:
+    False when transformers is not imported (then no model of it can be compiled yet)."""
+    if "transformers" not in sys.modules:
+        return False
+    with _LOCK:
+        if _INSTALLED:
+            return True
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.generic import ModelOutput
+
+        post_init, loss_property = ModelOutput.__post_init__, PreTrainedModel.__dict__["loss_function"]
+        ModelOutput.__post_init__ = _wrap_post_init(post_init)
+        PreTrainedModel.loss_function = property(_wrap_loss_getter(loss_property.fget), loss_property.fset,
+                                                 loss_property.fdel, loss_property.__doc__)
+        _INSTALLED.update(post_init=post_init, loss_function=loss_property)
+    return True
+
+
+def uninstall() -> None:
+    """Put transformers back as it was (tests)."""
+    with _LOCK:
+        if not _INSTALLED:
+            return
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.generic import ModelOutput
+        ModelOutput.__post_init__ = _INSTALLED["post_init"]
+        PreTrainedModel.loss_function = _INSTALLED["loss_function"]
+        _INSTALLED.clear()
+
+
+@torch.compiler.assume_constant_result
+def drops_logits_now() -> bool:
+    """Whether dynamo is tracing, right now, for a velora_fx backend whose loss head is on."""
+    from ..backend import tracing_config
+    config = tracing_config()
+    return config is not None and config.uses("chunked_loss") and not config.keep_logits
+
+
+def _wrap_post_init(post_init):
+    def __post_init__(self) -> None:
+        if torch.compiler.is_compiling() and "CausalLM" in type(self).__name__:
+            loss, logits = self.__dict__.get("loss"), self.__dict__.get("logits")
+            if isinstance(loss, torch.Tensor) and isinstance(logits, torch.Tensor) and loss.requires_grad \
+                    and drops_logits_now():
+                # the dataclass __init__ already put the field in the dict (ModelOutput.__setattr__)
+                object.__setattr__(self, "logits", None)
+                OrderedDict.__delitem__(self, "logits")  # ModelOutput's own __delitem__ refuses
+        post_init(self)
+    __post_init__.__wrapped__ = post_init
+    return __post_init__
+
+
+def _wrap_loss_getter(getter):
+    def loss_function(self):
+        if torch.compiler.is_compiling() and "_loss_function" not in self.__dict__ \
+                and _unmapped_loss_type(self) and drops_logits_now():
+            from transformers.loss.loss_utils import LOSS_MAPPING
+            return LOSS_MAPPING["ForCausalLM"]  # what the getter falls back to, after its warning
+        return getter(self)
+    loss_function.__wrapped__ = getter
+    return loss_function
+
+
+def _unmapped_loss_type(model: Any) -> bool:
+    from transformers.loss.loss_utils import LOSS_MAPPING
+    return getattr(model, "loss_type", None) not in LOSS_MAPPING

@@ -1,0 +1,112 @@
+"""The activation peak of one training step, predicted from a partition (forward and backward graphs).
+
+Why: what a user hits is the peak, not the saved bytes.  The saved set is alive from the end of
+forward into backward, and on top of it sit transients: forward buffers not yet freed (a loss
+head's chunk), and backward's gradient buffers while the saved tensors are being consumed.  A
+saved-bytes target misses those (issue 17: GPT-2's saved bytes met a 0.5 target while its peak
+stayed at 0.92x).
+
+How: a liveness walk over each graph in execution order, with every tensor's bytes from its
+fake value.  A tensor is allocated when its node runs and freed after its last reader (a view
+keeps its base alive); graph inputs the caller holds (weights, user inputs) are not counted.
+Forward: the outputs (the saved set and the loss) stay alive at its end.  Backward starts with
+the saved set alive and frees each saved tensor after its last use; its outputs (the gradients)
+stay.  Inductor fuses chains of pointwise ops into their pointwise or reduction readers, so a
+pointwise result is counted only where inductor must write it to memory: a graph output, or an
+input of anything else (matmuls, attention, views, custom and collective ops).  An estimate, not a simulation of inductor's
+scheduler; the report shows it next to what a benchmark measures.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .graph_utils import nbytes, output_values
+from .partition_probe import SavedSet, alias_base
+
+__all__ = ["StepPeak", "predict_step_peak"]
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    forward: int        # activation bytes alive at the forward's highest point
+    backward: int       # ... at the backward's, counting the saved set still alive then
+    saved: int          # the saved set (alive between the two)
+
+    @property
+    def peak(self) -> int:
+        return max(self.forward, self.backward)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"forward": self.forward, "backward": self.backward, "saved": self.saved, "peak": self.peak}
+
+
+def predict_step_peak(saved: SavedSet) -> StepPeak:
+    """Forward and backward peaks of the partition ``saved`` (its ``fwd`` and ``bwd`` graphs)."""
+    forward = _walk(saved.fwd, alive_at_start={}, keep_outputs=True)
+    # backward's placeholders are the saved tensors (in the forward's output order) and the tangents
+    alive = {}
+    saved_values = [n for n in output_values(saved.fwd) if isinstance(n, fx.Node)]
+    saved_bytes = {n.name: nbytes(n) for n in saved_values}
+    placeholders = list(saved.bwd.graph.find_nodes(op="placeholder"))
+    by_name = {n.name: n for n in placeholders}
+    for name in saved.activations:
+        node = by_name.get(name)
+        if node is not None:
+            alive[node] = saved.base_bytes.get(saved.activations[name], saved_bytes.get(name, nbytes(node)))
+    backward = _walk(saved.bwd, alive_at_start=alive, keep_outputs=True)
+    return StepPeak(forward, backward, saved.activation_bytes)
+
+
+_UNFUSABLE = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward"}
+
+
+def _materialised(node: fx.Node, outputs: set[fx.Node]) -> bool:
+    """Whether inductor writes ``node``'s result to memory (see the module docstring)."""
+    if node in outputs or not _has_tag(node, torch.Tag.pointwise):
+        return True
+    return not all(_has_tag(user, torch.Tag.pointwise) or _has_tag(user, torch.Tag.reduction)
+                   for user in node.users)
+
+
+def _has_tag(node: fx.Node, tag: torch.Tag) -> bool:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target.overloadpacket.__name__ not in _UNFUSABLE and tag in target.tags
+
+
+def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], keep_outputs: bool) -> int:
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    outputs = {n for n in output_values(gm) if isinstance(n, fx.Node)}
+    # last reader of each storage (a view's readers count for its base)
+    last_use: dict[fx.Node, int] = {}
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            base = _base(inp)
+            last_use[base] = max(last_use.get(base, -1), order[node])
+    alive = dict(alive_at_start)
+    current = peak = sum(alive.values())
+    for node in nodes:
+        if node.op == "call_function" and _base(node) is node and _materialised(node, outputs):
+            size = nbytes(node)
+            if size:
+                alive[node] = size
+                current += size
+                peak = max(peak, current)
+        for base in {_base(i) for i in node.all_input_nodes}:
+            if base in alive and last_use.get(base) == order[node] and not (keep_outputs and base in outputs):
+                current -= alive.pop(base)
+    return peak
+
+
+def _base(node: fx.Node) -> fx.Node:
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node  # one output of a multi-output op: its own storage
+    return alias_base(node)
