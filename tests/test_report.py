@@ -106,9 +106,11 @@ def test_to_dict_is_unchanged():
     assert d["bytes_freed"] == site.bytes_before - site.bytes_after
     g = report.to_dict()["graphs"][0]
     assert list(g) == ["graph_id", "model", "frame", "status", "message", "saved_bytes_before",
-                       "saved_bytes_after", "budget_target", "recompute_budget", "budget_plans", "sites"]
+                       "saved_bytes_after", "budget_target", "recompute_budget", "budget_plans", "predicted_peak",
+                       "sites"]
     assert g["message"] == MESSAGE
-    assert list(report.to_dict()) == ["saved_bytes_before", "saved_bytes_after", "totals_count", "graphs"]
+    assert list(report.to_dict()) == ["saved_bytes_before", "saved_bytes_after", "predicted_peak_before",
+                                      "predicted_peak_after", "totals_count", "graphs"]
 
 
 # --- a real model: a tiny two-layer Llama, README's own example ---------------------------------

@@ -37,7 +37,6 @@ from .binding import Lifted, StateBinder, lift_state, make_binding, primal_label
 from .config import ConfigError, VeloraConfig
 from .integrations import causal_lm
 from .naming import ParamNames, find_compiled_root, unwrap_model
-from .passes.budget import target_bytes
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
@@ -280,7 +279,7 @@ class VeloraBackend:
         try:
             held = _held_by_other_graphs(model, frame, partitioner.module_paths()) \
                 if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
-            peaks: dict[str, StepPeak] = {}
+            peaks: dict[str, Any] = {}
             result = run_pipeline(ctx, self.config, binding, graph_id,
                                   _budget_target(self.config, partitioner.original, held, peaks))
         except ConfigError:
@@ -296,9 +295,13 @@ class VeloraBackend:
             distributed.share_plan(model, graph_key)
         original = partitioner.original
         _add_loss_heads(result, partitioner.loss_heads, original.saved if original else None, head_grads)
-        before = original or peaks.get("reference")
-        result.report.predicted_peak = {"before": before.to_dict() if before else None,
-                                        "after": predict_step_peak(result.saved).to_dict()}
+        before, after = original or peaks.get("reference"), predict_step_peak(result.saved)
+        result.report.predicted_peak = {"before": before.to_dict() if before else None, "after": after.to_dict(),
+                                        "target": peaks.get("want")}
+        if peaks.get("want") is not None and after.peak > peaks["want"]:
+            result.report.message = "; ".join(m for m in (result.report.message, (
+                f"predicted step peak {after.peak} bytes is above the {peaks['want']} asked: what stays above the "
+                f"saved set (gradients, the last transients) is {after.peak - after.saved} bytes")) if m)
         result.report.model, result.report.frame = model.label, frame
         if isinstance(self.config.memory_budget, int):
             result.report.message = "; ".join(m for m in (
@@ -331,7 +334,7 @@ def _state_sites(state: Any) -> dict[str, Any]:
 
 
 def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhere: int = 0,
-                   seen: dict[str, StepPeak] | None = None):
+                   seen: dict[str, Any] | None = None):
     """``memory_budget`` as the saved bytes one graph may keep, from its baseline partition.
 
     The budget is on the step's activation peak (``passes/step_peak.py``), not on saved bytes: a
@@ -339,20 +342,18 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
     or bytes for the whole step of the model, less ``held_elsewhere`` (what its other graphs save).
     The transients above the saved set (the baseline's predicted peak less its saved bytes) are
     taken as they are, so the graph may save the target peak less those.  ``seen`` receives the
-    baseline's and the reference's predicted peaks (for the report)."""
+    baseline's and the reference's predicted peaks and the peak asked for (for the report)."""
     if config.memory_budget is None:
         return None
     budget = config.memory_budget
 
     def target(baseline) -> int:
-        if isinstance(baseline, int):  # a caller that knows only saved bytes
-            return target_bytes(budget, original.saved if original is not None else baseline, held_elsewhere)
         base = predict_step_peak(baseline)
         reference = original or base
+        want = int(budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere)
         if seen is not None:
-            seen.update(baseline=base, reference=reference)
-        want = budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere
-        return max(0, int(want - (base.peak - base.saved)))
+            seen.update(baseline=base, reference=reference, want=want)
+        return max(0, want - (base.peak - base.saved))
     return target
 
 

@@ -133,16 +133,17 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_i
         tc = t[start:stop]
         vc = valid[start:stop]
         logits = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())   # input dtype, [C, V]
-        logits = logits.to(acc)
-        lse = torch.logsumexp(logits, dim=-1)        # [C]
+        # each reader upcasts for itself: one fp32 copy with three readers is a [C, V] fp32 buffer
+        # inductor writes out; an upcast per reader fuses into it (the values are the same)
+        lse = torch.logsumexp(logits.to(acc), dim=-1)        # [C]
         safe_t = torch.where(vc, tc, torch.zeros_like(tc)).unsqueeze(1)
-        tgt = logits.gather(1, safe_t).squeeze(1)
+        tgt = logits.gather(1, safe_t).squeeze(1).to(acc)
         vf = vc.to(acc)
         total = total + ((lse - tgt) * vf).sum()
         if not need_grad:
             continue
         # d(row loss)/d logits = softmax - onehot(target), zero on ignored rows
-        p = (logits - lse.unsqueeze(1)).exp_()
+        p = (logits.to(acc) - lse.unsqueeze(1)).exp_()
         del logits
         # minus onehot(target) as a compare, not a scatter: inductor fuses it with the exp, the scaling
         # and the cast into one kernel that reads the chunk's logits once and writes g once
