@@ -113,3 +113,26 @@ def test_callback_refuses_torch_compile_true(tmp_path):
     with pytest.raises(ValueError, match="torch_compile=False"):
         Trainer(model=tiny_llama(), args=args, train_dataset=tiny_dataset(),
                 callbacks=[VeloraCallback(compiler="eager")])
+
+
+def test_trainer_gets_the_exact_loss_head_on_its_plain_call(tmp_path):
+    """The Trainer calls ``model(**batch)`` with labels (and ``num_items_in_batch``): the compiled
+    causal LM returns no logits in training, so the chunked head applies, and the loss is eager's."""
+    import copy
+    torch.manual_seed(0)
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    data = tiny_dataset(n=4, seq=48)  # 96 tokens a step: the logits outweigh what the head keeps
+    callback = VeloraCallback(compiler="eager", memory_budget=0.5, log_report=False)
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, learning_rate=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    loss = trainer.train().training_loss
+    heads = [s for s in callback.backend.report().sites if s.codec == "chunked_loss"]
+    assert [s.decision for s in heads] == ["compressed"], callback.backend.report().table()
+    # the Trainer's sampler shuffles: the one step's loss is eager's loss of one of the two batches
+    eager = []
+    for order in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
+        pair = [data[i] for i in order]
+        eager.append(reference(input_ids=torch.stack([d["input_ids"] for d in pair]),
+                               labels=torch.stack([d["labels"] for d in pair])).loss.item())
+    assert any(math.isclose(loss, e, rel_tol=1e-4) for e in eager), (loss, eager)
