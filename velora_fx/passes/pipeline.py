@@ -105,8 +105,8 @@ class _Rewritten:
 
 
 def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, graph_id: int = 0,
-                 budget_target: Callable[[int], int] | None = None) -> PipelineResult:
-    """``budget_target(baseline_bytes)``: the saved bytes ``memory_budget`` asks for (None: no
+                 budget_target: Callable[[SavedSet], int] | None = None) -> PipelineResult:
+    """``budget_target(baseline partition)``: the saved bytes ``memory_budget`` asks for (None: no
     budget); the plan is then chosen among exact recompute and the codecs (``budget.py``)."""
     ctx = dataclasses.replace(ctx, gm=clone_graph_module(ctx.gm, cse=True))  # the partitioner's view
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels) \
@@ -164,7 +164,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     if budget_target is not None:
         result_gm, after, done, choice = plan_under_budget(
             ctx, baseline, decisions, pointwise_plan, (result_gm, after, done), weight_share, nodes,
-            budget_target(baseline.activation_bytes), config.error_cost,
+            budget_target(baseline), config.error_cost,
             lambda subset: _apply(ctx, baseline, [d for d in decisions if id(d) in subset],
                                   [d for d in pointwise_plan if id(d) in subset], slots, rules, binding, config))
     _check_state_reads(after, done.mutated)
