@@ -1,16 +1,27 @@
-"""Ask the real partitioner what a joint graph would save (on a copy, so the graph stays intact)."""
+"""Ask the real partitioner what a joint graph would save (on a copy, so the graph stays intact).
+
+Planning partitions many variants of one graph, so a probe is kept cheap: the copy and the
+partitioner's forward and backward modules are lazy graph modules (their Python code is generated
+only if they ever run, as inductor's own partition step does), and ``ProbeCache`` answers a
+graph it has partitioned before under the same knapsack budget without partitioning it again.
+"""
 from __future__ import annotations
 
+import contextlib
+import copy
 import operator
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
-from .._compat import is_joint_primal
-from .graph_utils import clone_graph_module, nbytes, output_values, tensor_val
+from .._compat import fx_graph_cse, is_joint_primal
+from .graph_utils import nbytes, output_values, tensor_val
+from .min_cut_memo import MinCutMemo, graph_digest, shared_min_cuts
 
-__all__ = ["SavedSet", "probe_partition"]
+__all__ = ["SavedSet", "probe_partition", "ProbeCache", "graph_key", "lazy_clone"]
 
 PartitionFn = Callable[..., tuple[fx.GraphModule, fx.GraphModule]]
 
@@ -27,6 +38,7 @@ class SavedSet:
     base_bytes: dict[str, int]    # base name -> bytes
     fwd: fx.GraphModule
     bwd: fx.GraphModule
+    switches: tuple[float, ...] = ()  # knapsack budgets where this graph's partition jumps (min_cut_memo)
 
     @property
     def activation_bytes(self) -> int:
@@ -52,8 +64,9 @@ class SavedSet:
 
 def probe_partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], partition: PartitionFn,
                     num_fwd_outputs: int, **kwargs: Any) -> SavedSet:
-    gm = clone_graph_module(joint)
-    fwd, bwd = partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+    with lazy_graph_modules():
+        gm = lazy_clone(joint)
+        fwd, bwd = partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     activations, inputs, base_bytes = {}, {}, {}
     for node in output_values(fwd)[num_fwd_outputs:]:
         if not isinstance(node, fx.Node) or tensor_val(node) is None:
@@ -86,3 +99,61 @@ def _returns_alias(node: fx.Node) -> bool:
         return False
     info = schema.returns[0].alias_info
     return info is not None and not info.is_write
+
+
+@dataclass
+class ProbeCache:
+    """Partitions of one pipeline run by (graph content, knapsack budget): plans often build the
+    same graph twice (VeLoRA choosing nothing on top of the few-bit codes, a plan equal to the
+    verified one), and a repeated probe returns the first one's ``SavedSet``.  The partitioner's
+    min-cuts are shared across probes too (``min_cut_memo``): a graph partitioned under several
+    knapsack budgets solves its budget-independent min-cuts once."""
+
+    entries: dict[tuple[str, float], SavedSet] = field(default_factory=dict)
+    min_cuts: MinCutMemo = field(default_factory=MinCutMemo)
+    hits: int = 0
+
+    def probe(self, gm: fx.GraphModule, run: Callable[[fx.GraphModule], SavedSet]) -> SavedSet:
+        key = (graph_key(gm), float(torch._functorch.config.activation_memory_budget))
+        found = self.entries.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        with shared_min_cuts(self.min_cuts) as memo:
+            memo.begin()
+            saved = run(gm)
+            saved.switches = memo.switches()
+        self.entries[key] = saved
+        return saved
+
+
+def graph_key(gm: fx.GraphModule) -> str:
+    """A digest of ``gm``'s graph as the partitioner reads it (``min_cut_memo.graph_digest``)."""
+    return graph_digest(gm.graph)
+
+
+def lazy_clone(gm: fx.GraphModule, cse: bool = False) -> fx.GraphModule:
+    """``graph_utils.clone_graph_module`` (same node names, shallow-copied meta, shared attributes;
+    ``cse``: identical computations merged), but the copy generates its Python code only if it is
+    ever called."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree spec deprecation noise on copy
+        graph = fx_graph_cse(gm.graph) if cse else copy.deepcopy(gm.graph)
+    with lazy_graph_modules():
+        clone = _make_graph_module(gm, graph)
+    clone.meta = dict(getattr(gm, "meta", {}))
+    return clone
+
+
+try:  # torch's lazy graph modules (inductor's partition step uses them): private, so optional
+    from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+except ImportError:  # pragma: no cover - a torch without them: plain modules
+    _make_graph_module = fx.GraphModule
+
+    def _use_lazy_graph_module(should_use: bool):
+        return contextlib.nullcontext()
+
+
+def lazy_graph_modules():
+    """Graph modules made inside (by the partitioner, by ``lazy_clone``) generate code on first call."""
+    return _use_lazy_graph_module(True)
