@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-
-import velora_fx
 from pass_helpers import square_loss_step
 from test_gated import GatedMLP
+
+import velora_fx
+from velora_fx import _compat
+from velora_fx.passes import budget
 from velora_fx.passes.budget import PlanOption, choose_plan
 from velora_fx.passes.partition_probe import SavedSet
 from velora_fx.passes.step_cost import estimate_step, graph_cost
@@ -148,3 +150,90 @@ def test_report_table_lists_the_plans(strict_pass):
     assert sum(line.startswith("  * plan ") for line in table.splitlines()) == 1
     for p in plans:
         assert f"plan {p['plan']}:" in table
+
+
+def _bisection(curve, current: int, target: int) -> float | None:
+    """The search ``fit_recompute_budget`` replaced: the floor, then 5 halvings of [0, 1]."""
+    if current <= target:
+        return 1.0
+    if curve(0.0) > target:
+        return None
+    low, high, best = 0.0, 1.0, 0.0
+    for _ in range(5):
+        mid = (low + high) / 2
+        if curve(mid) <= target:
+            low = best = mid
+        else:
+            high = mid
+    return best
+
+
+def _curves():
+    """Saved bytes against the knapsack budget as inductor's look: linear stretches, plateaus (a
+    recompute level that holds over a range of budgets) and jumps between them."""
+    yield lambda b: int(1000 * b)
+    yield lambda b: int(1000 * b) if b <= 0.42 else 750           # knapsack, then a plateau above target
+    yield lambda b: int(400 * b) if b <= 0.3 else 600 if b <= 0.7 else 900
+    yield lambda b: 0 if b < 0.9 else 1000                       # one jump near the top
+    yield lambda b: int(5 + 1000 * b * b)
+    for seed in range(60):  # random monotone step curves
+        rng = torch.Generator().manual_seed(seed)
+        points = torch.rand(int(torch.randint(1, 10, (1,), generator=rng)), generator=rng).tolist()
+        jumps = (torch.rand(len(points), generator=rng) ** 3).tolist()
+        slope = float(torch.rand(1, generator=rng)) * (seed % 2)
+        yield lambda b, p=points, j=jumps, s=slope: int(1000 * (s * b + sum(x for q, x in zip(p, j) if b >= q)))
+
+
+def test_budget_search_finds_what_bisection_found_in_fewer_partitions():
+    """On monotone curves the guided search returns bisection's budget (the largest on the 1/32 grid
+    that meets the target), and partitions less often on average (no floor partition unless the
+    grid has no answer)."""
+    ours, theirs = [], []
+    for curve in _curves():
+        top = curve(1.0)
+        for target in (0, top // 7, top // 3, top // 2, 2 * top // 3, top - 1):
+            calls = [0]
+
+            def probe(curve=curve, calls=calls):
+                calls[0] += 1
+                return _saved(curve(_compat.current_recompute_budget()), None)
+            fit = budget.fit_recompute_budget(probe, _saved(top + 1, None), target)
+            expected = _bisection(curve, top + 1, target)
+            assert (fit.recompute_budget if fit.met else None) == expected, (target, fit)
+            assert fit.saved.activation_bytes <= target or not fit.met
+            assert calls[0] <= 15  # at most three partitions per halving
+            ours.append(calls[0])
+            theirs.append(6)
+    assert sum(ours) < 0.85 * sum(theirs), (sum(ours), sum(theirs))
+
+
+def test_budget_search_on_inductors_curve_takes_few_partitions():
+    """Saved bytes as inductor's knapsack gives them (12-layer Llama-like, exact plan, per 1/32 of
+    budget): a ragged near-linear stretch up to a switch budget, flat levels above it, the default
+    level at 1.  Once a partition below 1 has named the switches (13.5/32, 15.5/32), the search
+    tries the budgets on either side of the jump: three partitions where bisection took six."""
+    ragged = [0, 82, 97, 112, 127, 142, 157, 106, 121, 136, 151, 101, 115, 131]
+    curve = ragged + [334, 334] + [360] * 16 + [611]
+    calls = []
+
+    def probe():
+        k = round(_compat.current_recompute_budget() * 32)
+        calls.append(k)
+        saved = _saved(curve[k], None)
+        saved.switches = () if k in (0, 32) else (15.5 / 32,) if k > 15 else (13.5 / 32, 15.5 / 32)
+        return saved
+    fit = budget.fit_recompute_budget(probe, _saved(curve[32], None), 240)
+    assert fit.met and fit.recompute_budget == 13 / 32 and calls == [12, 14, 13]
+    calls.clear()
+    fit = budget.fit_recompute_budget(probe, _saved(curve[32], None), 366)  # the flat level meets it
+    assert fit.met and fit.recompute_budget == 31 / 32 and calls == [19, 31]
+
+
+def test_budget_search_on_a_linear_curve_takes_two_partitions():
+    calls = [0]
+
+    def probe():
+        calls[0] += 1
+        return _saved(int(1000 * _compat.current_recompute_budget()), None)
+    fit = budget.fit_recompute_budget(probe, _saved(1000, None), 600)
+    assert fit.met and fit.recompute_budget == 19 / 32 and calls[0] == 2

@@ -17,6 +17,7 @@ says so.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,7 @@ from .step_cost import StepCost, estimate_step
 __all__ = ["BudgetFit", "PlanOption", "PlanChoice", "choose_plan", "plan_under_budget", "target_bytes",
            "fit_recompute_budget"]
 
-_STEPS = 5  # bisection steps on the knapsack budget (1/32 resolution; each is one partition)
+_STEPS = 5  # the knapsack budget is searched on a grid of 1/2**_STEPS (each probe is one partition)
 
 
 @dataclass
@@ -57,23 +58,70 @@ def target_bytes(budget: float | int, baseline_bytes: int, held_elsewhere: int =
 
 
 def fit_recompute_budget(probe: Callable[[], SavedSet], current: SavedSet, target: int) -> BudgetFit:
-    """``probe()`` partitions the rewritten graph under the ambient knapsack budget."""
+    """The largest knapsack budget on a 1/32 grid whose partition meets ``target`` (the least
+    recompute): a budget where it does next to one where it does not, as bisection found, with
+    fewer partitions (each one is a min-cut of the whole graph); ``probe()`` partitions the
+    rewritten graph under the ambient budget.
+
+    The search keeps that bracket and narrows it where the saved bytes say the boundary is
+    (``_next_budget``); after two guesses that did not halve it, it halves.  Budget 0 (recompute
+    all: no activation is saved) opens the bracket as an assumption and is partitioned only when
+    no budget on the grid meets the target, to say how close it comes."""
     if current.activation_bytes <= target:
         return BudgetFit(target, 1.0, current, True)
+    top = 2 ** _STEPS
+    seen: dict[int, SavedSet] = {top: current}
+    lo, hi, best, slow = 0, top, None, 0
+    while hi - lo > 1:
+        k, guided = _next_budget(lo, hi, seen, target, top, slow >= 2)
+        with recompute_budget(k / top):
+            saved = seen[k] = probe()
+        width = hi - lo
+        if saved.activation_bytes <= target:
+            lo, best = k, BudgetFit(target, k / top, saved, True)
+        else:
+            hi = k
+        slow = 0 if guided or slow >= 2 or 2 * (hi - lo) <= width else slow + 1  # two poor guesses: halve
+    if best is not None:
+        return best
     with recompute_budget(0.0):
         floor = probe()
-    if floor.activation_bytes > target:
-        return BudgetFit(target, 0.0, floor, False)
-    low, high, best = 0.0, 1.0, BudgetFit(target, 0.0, floor, True)
-    for _ in range(_STEPS):
-        mid = (low + high) / 2
-        with recompute_budget(mid):
-            saved = probe()
-        if saved.activation_bytes <= target:
-            low, best = mid, BudgetFit(target, mid, saved, True)
-        else:
-            high = mid
-    return best
+    return BudgetFit(target, 0.0, floor, floor.activation_bytes <= target)
+
+
+def _next_budget(lo: int, hi: int, seen: dict[int, SavedSet], target: int, top: int,
+                 halve: bool) -> tuple[int, bool]:
+    """The grid index to partition next inside the bracket (lo meets the target, hi does not), and
+    whether a switch budget chose it.
+
+    Saved bytes against the knapsack budget are near-linear stretches, flat above the switch
+    budgets where the partitioner returns a whole recompute level, with jumps at those
+    (``SavedSet.switches``, known once a partition below 1 ran; from the highest one up to 1, where
+    the default level returns, the bytes are flat).  So, from the lowest switch up: if the bracket
+    spans one, try the first budget above it (flat, cheap to partition: its min-cuts are shared),
+    then the last one below it.  Else follow the line through the bracket's ends (before any budget
+    met the target: through the two lowest that missed it, or through zero at budget 0), or halve."""
+    switches = sorted({t for s in seen.values() for t in s.switches})
+    lasts = [math.floor(t * top) for t in switches]  # the last grid budget at or below each switch
+    if lasts and lo > lasts[-1]:
+        lasts.append(top - 1)  # lo is on the flat stretch below 1
+    for last in lasts:
+        if lo < last + 1 < hi:
+            return last + 1, True
+        if last + 1 == hi and lo < last:
+            return last, True
+    if halve:
+        return (lo + hi) // 2, False
+    x1, y1 = hi, seen[hi].activation_bytes
+    above = [k for k in seen if k > hi and not any(hi / top <= t < k / top for t in switches) and k < top]
+    if lo in seen or not above:  # between the bracket's ends
+        x0, y0 = lo, seen[lo].activation_bytes if lo in seen else 0
+    else:  # on from the two lowest partitions that miss the target
+        x0, y0 = min(above), seen[min(above)].activation_bytes
+    if y1 == y0 or (y1 - y0) * (x1 - x0) <= 0:  # flat or falling: no line to follow
+        return (lo + hi) // 2, False
+    k = x1 + math.floor((target - y1) * (x1 - x0) / (y1 - y0))
+    return min(max(k, lo + 1), hi - 1), False
 
 
 @dataclass

@@ -4,14 +4,14 @@ Only sequencing here; each step lives in its own module."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-
-import math
 
 import torch
 import torch.fx as fx
 
+from .._compat import int_hint, is_joint_primal, real_tensors
 from ..codecs.base import get_codec
 from ..codecs.rmm import sketch_rows
 from ..codecs.rmm import structural_error as rmm_structural_error
@@ -19,18 +19,17 @@ from ..codecs.velora import StateRow, reconstruction_error
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
 from ..state import initial_vector, random_seed, random_vector
-from .._compat import int_hint, is_joint_primal, real_tensors
-from .calibrate import activation_values, calibration_graph
 from .budget import plan_under_budget
-from .graph_utils import clone_graph_module, near_inputs, output_values, tensor_val, view_forms
-from .partition_probe import PartitionFn, SavedSet, probe_partition
+from .calibrate import activation_values, calibration_graph
+from .graph_utils import near_inputs, output_values, tensor_val, view_forms
+from .partition_probe import PartitionFn, ProbeCache, SavedSet, lazy_clone, probe_partition
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
 from .pointwise_plan import PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
 from .pointwise_sites import find_pointwise_sites
-from .stored_plan import plan_stored, release_taken
-from .stored_sites import find_stored_sites
 from .rewrite import rewrite_group, store_states
 from .sites import ActivationGroup, Site, find_groups
+from .stored_plan import plan_stored, release_taken
+from .stored_sites import find_stored_sites
 
 __all__ = ["JointContext", "GraphBinding", "StateSite", "run_pipeline", "StateReadAfterUpdate"]
 
@@ -69,9 +68,12 @@ class JointContext:
     partition: PartitionFn
     partition_kwargs: dict[str, Any]
     primal_labels: Sequence[str | None] | None = None
+    cache: ProbeCache = field(default_factory=ProbeCache)
 
     def probe(self, gm: fx.GraphModule) -> SavedSet:
-        return probe_partition(gm, self.joint_inputs, self.partition, self.num_fwd_outputs, **self.partition_kwargs)
+        """``gm``'s partition under the ambient knapsack budget (once per graph and budget)."""
+        return self.cache.probe(gm, lambda g: probe_partition(g, self.joint_inputs, self.partition,
+                                                              self.num_fwd_outputs, **self.partition_kwargs))
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                  budget_target: Callable[[SavedSet], int] | None = None) -> PipelineResult:
     """``budget_target(baseline partition)``: the saved bytes ``memory_budget`` asks for (None: no
     budget); the plan is then chosen among exact recompute and the codecs (``budget.py``)."""
-    ctx = dataclasses.replace(ctx, gm=clone_graph_module(ctx.gm, cse=True))  # the partitioner's view
+    ctx = dataclasses.replace(ctx, gm=lazy_clone(ctx.gm, cse=True), cache=ProbeCache())  # the partitioner's view
     groups = find_groups(ctx.gm, ctx.num_fwd_outputs, ctx.param_indices, ctx.primal_labels) \
         if config.uses("velora") or config.uses("rmm") else []
     for group in groups:
@@ -246,7 +248,7 @@ def _unique_names(sites: list) -> None:
 
 
 def _with_pointwise(gm: fx.GraphModule, chosen: list[PointwiseDecision]) -> fx.GraphModule:
-    out = clone_graph_module(gm)
+    out = lazy_clone(gm)
     rewrite_pointwise(out, chosen)
     return out
 
@@ -319,7 +321,7 @@ def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], few
     fewbit = [d for d in fewbit if d.compress]
     if not chosen and not fewbit:
         return ctx.gm, baseline, _Rewritten({}, {}, [])
-    gm = clone_graph_module(ctx.gm)
+    gm = lazy_clone(ctx.gm)
     pointwise = rewrite_pointwise(gm, fewbit) if fewbit else {}
     done = _rewrite(gm, chosen, slots, rules, binding, config) if chosen else _Rewritten({}, {}, [])
     done.pointwise = pointwise
