@@ -194,7 +194,7 @@ def plan_under_budget(ctx, baseline: SavedSet, decisions: list[Decision], pointw
     everything = {id(d) for d in chosen}
     share = _error_weights(ctx, weight_share, nodes)
     error = lambda subset: sum(share(d) * d.estimated_error for d in chosen if id(d) in subset)  # noqa: E731
-    names = {id(d): (d.codec if isinstance(d, Decision) else d.codec_name) for d in chosen}
+    names = {id(d): d.codec_name for d in chosen}
     options, seen = [], set()
     for subset in (sticky, matmul, everything):
         key = frozenset(subset)

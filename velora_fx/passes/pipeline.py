@@ -21,10 +21,11 @@ from ..report import GraphReport, SiteReport
 from ..state import initial_vector, random_seed, random_vector
 from .budget import plan_under_budget
 from .calibrate import activation_values, calibration_graph
+from .codec_plan import CodecDecision, codec_report, rewrite_codes
 from .graph_utils import near_inputs, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, ProbeCache, SavedSet, lazy_clone, probe_partition
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
-from .pointwise_plan import PointwiseDecision, plan_pointwise, pointwise_report, rewrite_pointwise
+from .pointwise_plan import plan_pointwise
 from .pointwise_sites import find_pointwise_sites
 from .rewrite import rewrite_group, store_states
 from .sites import ActivationGroup, Site, find_groups
@@ -193,7 +194,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         report.message = "; ".join(m for m in (report.message, best.fit.message(best.option.name)) if m)
     report.sites = [_site_report(nodes[d.group.encode_at], d, baseline, after, done.saved_nodes.get(id(d), []),
                                  slots[id(d.group)], config) for d in decisions]
-    report.sites += [pointwise_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
+    report.sites += [codec_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
     state_sites = _state_sites(decisions, slots, done)
     calibration = calibration_graph(ctx.gm, sorted({s.activation for s in state_sites})) \
@@ -247,13 +248,13 @@ def _unique_names(sites: list) -> None:
             site.name = f"{site.name}#{seen[site.name]}"
 
 
-def _with_pointwise(gm: fx.GraphModule, chosen: list[PointwiseDecision]) -> fx.GraphModule:
+def _with_pointwise(gm: fx.GraphModule, chosen: list[CodecDecision]) -> fx.GraphModule:
     out = lazy_clone(gm)
-    rewrite_pointwise(out, chosen)
+    rewrite_codes(out, chosen)
     return out
 
 
-def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[PointwiseDecision], baseline: SavedSet,
+def _revert_unpaid_pointwise(nodes: dict[str, fx.Node], chosen: list[CodecDecision], baseline: SavedSet,
                              planning: SavedSet, after: SavedSet, done: "_Rewritten") -> bool:
     """Drop few-bit sites that freed nothing: the encoded tensor is still saved, its codes are
     computed in backward, or the partitioner saved the function's output (or its input) in
@@ -313,7 +314,7 @@ def _initialised(slot) -> bool:
         return slot.initialised
 
 
-def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], fewbit: list[PointwiseDecision],
+def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], fewbit: list[CodecDecision],
            slots: dict, rules: dict, binding: GraphBinding, config: VeloraConfig
            ) -> tuple[fx.GraphModule, SavedSet, _Rewritten]:
     """Rewrite the chosen sites on a fresh copy and partition it (the input when none is chosen)."""
@@ -322,7 +323,7 @@ def _apply(ctx: JointContext, baseline: SavedSet, decisions: list[Decision], few
     if not chosen and not fewbit:
         return ctx.gm, baseline, _Rewritten({}, {}, [])
     gm = lazy_clone(ctx.gm)
-    pointwise = rewrite_pointwise(gm, fewbit) if fewbit else {}
+    pointwise = rewrite_codes(gm, fewbit) if fewbit else {}
     done = _rewrite(gm, chosen, slots, rules, binding, config) if chosen else _Rewritten({}, {}, [])
     done.pointwise = pointwise
     return gm, ctx.probe(gm), done

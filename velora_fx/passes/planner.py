@@ -48,6 +48,10 @@ class Decision:
     def compress(self) -> bool:
         return bool(self.sites)
 
+    @property
+    def codec_name(self) -> str:  # as element-wise codec decisions name theirs
+        return self.codec
+
     def skip(self, reason: str) -> "Decision":
         self.sites, self.reason, self.sub_token_size, self.estimated_error = [], reason, None, 0.0
         return self

@@ -1,7 +1,7 @@
 """Plan and rewrite the stored (``gated`` codec) sites of a joint graph.
 
-The decisions ride on the few-bit pipeline (``pointwise_plan``): the same fields, the same
-partition-aware verification (a site whose tensor is still saved, or whose codes the
+The decisions are element-wise codec decisions like few-bit's (``codec_plan``): the same fields,
+the same partition-aware verification (a site whose tensor is still saved, or whose codes the
 partitioner computes in backward, is reverted), the same report row with ``codec="gated"``.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch.fx as fx
 from .._compat import CheckpointPolicy
 from ..codecs.gated import Int8StorageCodec
 from ..config import VeloraConfig
+from .codec_plan import CodecDecision, decided_before_planning, estimated_error
 from .graph_utils import create_node, tensor_val
 from .partition_probe import SavedSet
-from .pointwise_plan import PointwiseDecision, decided_before_planning
 from .stored_sites import StoredSite
 
 __all__ = ["StoredDecision", "plan_stored", "release_taken", "rewrite_stored", "STORED_PREFIX"]
@@ -28,12 +28,18 @@ TAKEN = "few-bit codes already replace it"
 
 
 @dataclass
-class StoredDecision(PointwiseDecision):
+class StoredDecision(CodecDecision):
     codec_name: str = "gated"
     sticky_prefix: str = STORED_PREFIX
 
-    def codec(self) -> Int8StorageCodec:  # type: ignore[override]
+    def codec(self) -> Int8StorageCodec:
         return Int8StorageCodec()
+
+    def rewrite(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> list[str]:
+        return rewrite_stored(gm, self, nodes)
+
+    def approximates(self) -> str:
+        return "input gradients of its elementwise consumers"
 
 
 def plan_stored(sites: list[StoredSite], baseline: SavedSet, config: VeloraConfig, values: dict,
@@ -74,8 +80,7 @@ def release_taken(decisions: list, baseline: SavedSet, config: VeloraConfig, val
 
 def _compress(d: StoredDecision, values: dict, reason: str) -> None:
     d.compress, d.bits, d.reason = True, 8, reason
-    data = values.get(d.site.encode_at)
-    d.estimated_error = d.codec().error(data) if data is not None else 2.0 ** -8
+    d.estimated_error = estimated_error(d.codec(), values.get(d.site.encode_at), 2.0 ** -8)
 
 
 def _tie_to_forward_output(graph: fx.Graph, codes: fx.Node, index: int) -> None:
@@ -93,11 +98,11 @@ def _tie_to_forward_output(graph: fx.Graph, codes: fx.Node, index: int) -> None:
     output.args = (outs, *output.args[1:])
 
 
-def rewrite_stored(gm: fx.GraphModule, d: StoredDecision) -> list[str]:
+def rewrite_stored(gm: fx.GraphModule, d: StoredDecision, nodes: dict[str, fx.Node]) -> list[str]:
     """Encode after the matmul (saved), decode before the first backward reader, and point every
-    backward read of the tensor, its views and its derived values at the rebuilt ones."""
+    backward read of the tensor, its views and its derived values at the rebuilt ones (``nodes``:
+    the graph's nodes before any rewrite, by name)."""
     graph, site, codec = gm.graph, d.site, d.codec()
-    nodes = {n.name: n for n in graph.nodes}
     t = nodes[site.encode_at]
     with graph.inserting_before(t.next):
         saved = codec.encode(graph, t)
