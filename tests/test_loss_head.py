@@ -134,6 +134,9 @@ def test_memory_budget_is_met_with_recompute(strict_pass):
     assert peaks["target"] == int(0.3 * peaks["before"]["peak"])
     assert 0 <= graph.budget_target < peaks["target"]
     assert graph.saved_bytes_after <= graph.budget_target, graph.message
+    # the head's weight gradient stays saved: recomputing it would run the chunk loop again in backward
+    (row,) = [s for s in graph.sites if s.codec == "chunked_loss"]
+    assert row.bytes_after >= model.lm_head.weight.numel() * 4, row
     assert graph.recompute_budget is not None and graph.recompute_budget < 1.0
     for name in ref:  # exact codec + exact recompute: exact gradients
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)

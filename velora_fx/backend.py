@@ -281,7 +281,7 @@ class VeloraBackend:
                 if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
             peaks: dict[str, Any] = {}
             result = run_pipeline(ctx, self.config, binding, graph_id,
-                                  _budget_target(self.config, partitioner.original, held, peaks))
+                                  _budget_target(self.config, partitioner.original, held, peaks, head_grads))
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -334,7 +334,7 @@ def _state_sites(state: Any) -> dict[str, Any]:
 
 
 def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhere: int = 0,
-                   seen: dict[str, Any] | None = None):
+                   seen: dict[str, Any] | None = None, keep: Sequence[str] = ()):
     """``memory_budget`` as the saved bytes one graph may keep, from its baseline partition.
 
     The budget is on the step's activation peak (``passes/step_peak.py``), not on saved bytes: a
@@ -342,7 +342,9 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
     or bytes for the whole step of the model, less ``held_elsewhere`` (what its other graphs save).
     The transients above the saved set (the baseline's predicted peak less its saved bytes) are
     taken as they are, so the graph may save the target peak less those.  ``seen`` receives the
-    baseline's and the reference's predicted peaks and the peak asked for (for the report)."""
+    baseline's and the reference's predicted peaks and the peak asked for (for the report).  The
+    target is never below the bytes of ``keep`` (the loss head's gradients): asking for less drives
+    the knapsack to 0, where inductor recomputes everything, the head's whole chunk loop included."""
     if config.memory_budget is None:
         return None
     budget = config.memory_budget
@@ -353,7 +355,7 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
         want = int(budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere)
         if seen is not None:
             seen.update(baseline=base, reference=reference, want=want)
-        return max(0, want - (base.peak - base.saved))
+        return max(baseline.bytes_of(list(keep), inputs=False), want - (base.peak - base.saved))
     return target
 
 

@@ -75,6 +75,20 @@ def _(x: Tensor, after: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("velora_fx::chunk_finish", mutates_args=())
+def _finish(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """The summed gradient in the parameter's dtype, as a tensor of its own.  Why an op: the sum is
+    an output of the functionalized in-place accumulation (a getitem), a same-dtype cast is removed
+    as a no-op, and min-cut recomputes a getitem even when it is tagged MUST_SAVE: under a recompute
+    budget it ran the whole chunk loop again in backward (fp32 models)."""
+    return acc.to(dtype, copy=True)
+
+
+@_finish.register_fake
+def _(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(acc, dtype=dtype)
+
+
 _FUSED_ADDMM: dict[tuple, bool] = {}  # (device type, acc dtype, input dtype) -> cuBLAS takes out_dtype
 
 
@@ -162,9 +176,9 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Tensor | None, t: Tensor, ignore_i
 
     loss = total / count if reduction == "mean" else total
     if grad_w is not None:
-        grad_w = grad_w.to(w.dtype)
+        grad_w = _finish(grad_w, w.dtype)
     if grad_b is not None:
-        grad_b = grad_b.to(b.dtype)
+        grad_b = _finish(grad_b, b.dtype)
     return loss, grad_h, grad_w, grad_b
 
 
