@@ -1,7 +1,8 @@
 """The element-wise codecs' shared planning (passes/codec_plan.py).
 
 Checked here: the few-bit and gated plans depend on ``codec_plan`` and not on each other; an error
-estimate reads a bounded sample of the calibration batch and stays close to the full batch's."""
+estimate reads a bounded sample of the calibration batch, stays close to the full batch's, and is
+the same under the fake mode planning runs in."""
 from __future__ import annotations
 
 import ast
@@ -34,6 +35,9 @@ def test_error_estimates_read_a_bounded_sample_close_to_the_full_batch():
     for codec in (FewBitCodec("gelu", 3), Int8StorageCodec()):
         full, estimate = codec.error(x), codec_plan.estimated_error(codec, x, without_data=1.0)
         assert abs(estimate - full) <= 0.05 * full, (type(codec).__name__, estimate, full)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # as planning runs: under AOTAutograd's fake mode, with real calibration values
+        assert codec_plan.estimated_error(Int8StorageCodec(), x, without_data=1.0) == estimate
     small = torch.randn(8, 16)
     assert codec_plan._sample(small) is small
     assert codec_plan.estimated_error(Int8StorageCodec(), None, without_data=0.25) == 0.25

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .._compat import int_hint
+from .._compat import int_hint, real_tensors
 from ..config import VeloraConfig
 from ..report import SiteReport
 from .graph_utils import tensor_val
@@ -83,7 +83,8 @@ def estimated_error(codec: Any, data: torch.Tensor | None, without_data: float) 
     """``codec.error`` on (a sample of) the calibration values, or ``without_data``."""
     if data is None:
         return without_data
-    return codec.error(_sample(data))
+    with real_tensors():  # planning runs under AOTAutograd's fake mode; the values are real
+        return codec.error(_sample(data))
 
 
 def _sample(x: torch.Tensor) -> torch.Tensor:
