@@ -160,18 +160,19 @@ def run_child(model: str, regime: str, args) -> dict[str, Any]:
 
 
 def summary(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | regime | compile s (CPU s) | partitions | partition s (CPU s) | chosen plan | saved / target |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | regime | compile s (CPU s) | partitions | partition s (CPU s) | status | chosen plan | "
+             "saved / target |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['regime']} | error | | | | |")
+            lines.append(f"| {r['model']} | {r['regime']} | error | | | | | |")
             continue
         graphs = r.get("graphs") or [{}]
         g = graphs[0]
         saved = f"{g.get('saved_bytes_after')} / {g.get('budget_target')}" if g else ""
         parts = f"{r['partition_seconds']:.1f} ({r['partition_cpu_s']:.1f})" if "partition_seconds" in r else ""
         lines.append(f"| {r['model']} | {r['regime']} | {r['compile_s']:.1f} ({r['compile_cpu_s']:.1f}) | "
-                     f"{r.get('partition_calls', '')} | {parts} | {g.get('chosen', '')} | {saved} |")
+                     f"{r.get('partition_calls', '')} | {parts} | {g.get('status', '')} | {g.get('chosen', '')} | "
+                     f"{saved} |")
     by = {(r["model"], r["regime"]): r for r in results if "error" not in r}
     for model in sorted({r["model"] for r in results}):
         plain, velora = by.get((model, "plain")), by.get((model, "velora"))

@@ -65,6 +65,30 @@ def test_choice_is_the_cheapest_plan_that_meets_the_target():
     assert not best.fit.met and best.fit.saved.activation_bytes == 100  # none fits: fewest bytes
 
 
+def test_a_plan_is_given_up_once_a_missed_budget_costs_more_than_the_winner():
+    """The lossy plan's first partition misses the target at a cost above the exact plan's fitted
+    score: a lower budget recomputes more, so its search stops there (one partition, not fitted)."""
+    small, medium, large = _traced_mm(8, 8, 8), _traced_mm(16, 16, 16), _traced_mm(64, 64, 64)
+    medium_ratio = graph_cost(medium).seconds / graph_cost(small).seconds
+    exact = PlanOption("exact", medium, _saved(1000, small), 0.0)
+    lossy = PlanOption("lossy", large, _saved(1000, small), (medium_ratio - 1) / 2)  # cheap before recompute
+    calls = {"exact": 0, "lossy": 0}
+
+    def probe(gm):
+        budget = _compat.current_recompute_budget()
+        if gm is medium:
+            calls["exact"] += 1
+            return _saved(int(1000 * budget), medium)
+        calls["lossy"] += 1
+        return _saved(600 + int(400 * budget), large)  # misses 500 above budget 0, at a high cost
+    best, evaluated = choose_plan([exact, lossy], target=500, probe=probe, baseline=_saved(100, small),
+                                  error_cost=1.0)
+    assert best.option.name == "exact" and best.fit.met
+    (row,) = [c for c in evaluated if c.option.name == "lossy"]
+    assert row.fit is None and calls["lossy"] == 1 and row.score >= best.score
+    assert not row.to_dict(False)["fitted"]
+
+
 def _grads(model, x, backend):
     return square_loss_step(model, x, backend)[1]
 
@@ -89,7 +113,7 @@ def test_budget_choice_is_consistent_with_its_report(strict_pass, budget):
         assert chosen["met"] and chosen["score"] == min(p["score"] for p in met)
         assert graph.saved_bytes_after <= graph.budget_target
     for p in plans:
-        if not p["fitted"]:  # pruned: its cost before recompute already reached the winner's
+        if not p["fitted"]:  # pruned: its cost before (or during) recompute already reached the winner's
             assert p["score"] >= chosen["score"]
     assert graph.saved_bytes_after == chosen["saved_bytes"]
     compressed = [s for s in graph.sites if s.decision == "compressed"]
