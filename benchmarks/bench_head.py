@@ -62,13 +62,18 @@ def variants(chunks: list[int], unfused: bool) -> dict:
     return out
 
 
+def use_accumulation(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """The ``_unfused`` variants sum grad_W in two steps (product, then add), the others as the
+    head decides (the matmul's epilogue where the device has it)."""
+    chunked_loss._FUSED_ADDMM.clear()
+    if name.endswith("_unfused"):
+        chunked_loss._FUSED_ADDMM[(device.type, torch.float32, dtype)] = False
+
+
 def run_variant(name, make_backend, h0, w0, t, device):
     """Build and compile one variant, run its first step; returns (fn, h, weight, first step s)."""
     torch._dynamo.reset()
-    chunked_loss._FUSED_ADDMM.clear()
-    if name.endswith("_unfused"):  # the two-step sum, for comparison
-        for key in [(device.type, torch.float32, h0.dtype)]:
-            chunked_loss._FUSED_ADDMM[key] = False
+    use_accumulation(name, device, h0.dtype)
     head = Head(w0)
     fn = torch.compile(head, backend=make_backend())
     h, w = h0.detach().clone().requires_grad_(), head.weight
@@ -131,10 +136,7 @@ def main(argv=None) -> dict:
         compiled[name] = (fn, h, w)
     for _ in range(args.rounds):  # A B A B: every variant once per round
         for name, (fn, h, w) in compiled.items():
-            if name.endswith("_unfused"):
-                chunked_loss._FUSED_ADDMM[(device.type, torch.float32, dtype)] = False
-            else:
-                chunked_loss._FUSED_ADDMM.clear()
+            use_accumulation(name, device, dtype)
             ms, peak = timed(fn, h, w, t, args.steps, device)
             records[name]["ms"].append(ms)
             records[name]["peak_GiB"].append(peak)

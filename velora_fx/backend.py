@@ -265,9 +265,10 @@ class VeloraBackend:
             why = ("no trainable weight matrix: nothing to compress" if partitioner.lifted is None else
                    "AOTAutograd reshaped the inputs (no one-to-one state binding): compiled as plain inductor")
             report = GraphReport(graph_id, "unchanged", why, model=model.label, frame=frame)
-            report.sites.extend(_head_row(h, h.logits_bytes, h.logits_bytes if not h.rewritten else 0,
-                                          h.reason + (" (bytes not measured: no weight to bind)" if h.rewritten else ""))
-                                for h in partitioner.loss_heads)
+            for h in partitioner.loss_heads:
+                unmeasured = " (bytes not measured: no weight to bind)" if h.rewritten else ""
+                report.sites.append(_head_row(h, h.logits_bytes, 0 if h.rewritten else h.logits_bytes,
+                                              h.reason + unmeasured))
             model.reports.append(report)
             return plain()
         head_grads = pin_head_gradients(gm, partitioner.param_indices) \
@@ -342,7 +343,7 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
     or bytes for the whole step of the model, less ``held_elsewhere`` (what its other graphs save).
     The transients above the saved set (the baseline's predicted peak less its saved bytes) are
     taken as they are, so the graph may save the target peak less those.  ``seen`` receives the
-    baseline's and the reference's predicted peaks and the peak asked for (for the report).  The
+    reference's predicted peak and the peak asked for (for the report).  The
     target is never below the bytes of ``keep`` (the loss head's gradients): asking for less drives
     the knapsack to 0, where inductor recomputes everything, the head's whole chunk loop included."""
     if config.memory_budget is None:
@@ -354,7 +355,7 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
         reference = original or base
         want = int(budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere)
         if seen is not None:
-            seen.update(baseline=base, reference=reference, want=want)
+            seen.update(reference=reference, want=want)
         return max(baseline.bytes_of(list(keep), inputs=False), want - (base.peak - base.saved))
     return target
 

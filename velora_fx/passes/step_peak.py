@@ -13,8 +13,8 @@ Forward: the outputs (the saved set and the loss) stay alive at its end.  Backwa
 the saved set alive and frees each saved tensor after its last use; its outputs (the gradients)
 stay.  Inductor fuses chains of pointwise ops into their pointwise or reduction readers, so a
 pointwise result is counted only where inductor must write it to memory: a graph output, or an
-input of anything else (matmuls, attention, views, custom and collective ops).  An estimate, not a simulation of inductor's
-scheduler; the report shows it next to what a benchmark measures.
+input of anything else (matmuls, attention, views, custom and collective ops).  An estimate,
+not a simulation of inductor's scheduler; the report shows it next to what a benchmark measures.
 """
 from __future__ import annotations
 
@@ -46,18 +46,11 @@ class StepPeak:
 
 def predict_step_peak(saved: SavedSet) -> StepPeak:
     """Forward and backward peaks of the partition ``saved`` (its ``fwd`` and ``bwd`` graphs)."""
-    forward = _walk(saved.fwd, alive_at_start={}, keep_outputs=True)
-    # backward's placeholders are the saved tensors (in the forward's output order) and the tangents
-    alive = {}
-    saved_values = [n for n in output_values(saved.fwd) if isinstance(n, fx.Node)]
-    saved_bytes = {n.name: nbytes(n) for n in saved_values}
-    placeholders = list(saved.bwd.graph.find_nodes(op="placeholder"))
-    by_name = {n.name: n for n in placeholders}
-    for name in saved.activations:
-        node = by_name.get(name)
-        if node is not None:
-            alive[node] = saved.base_bytes.get(saved.activations[name], saved_bytes.get(name, nbytes(node)))
-    backward = _walk(saved.bwd, alive_at_start=alive, keep_outputs=True)
+    forward = _walk(saved.fwd, alive_at_start={})
+    # backward's placeholders are the saved tensors, under their forward names, and the tangents
+    by_name = {n.name: n for n in saved.bwd.graph.find_nodes(op="placeholder")}
+    alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items() if name in by_name}
+    backward = _walk(saved.bwd, alive_at_start=alive)
     return StepPeak(forward, backward, saved.activation_bytes)
 
 
@@ -81,7 +74,8 @@ def _has_tag(node: fx.Node, tag: torch.Tag) -> bool:
     return target.overloadpacket.__name__ not in _UNFUSABLE and tag in target.tags
 
 
-def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], keep_outputs: bool) -> int:
+def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int]) -> int:
+    """The most bytes alive at once in ``gm``, starting with ``alive_at_start``; outputs stay."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     outputs = {n for n in output_values(gm) if isinstance(n, fx.Node)}
@@ -101,7 +95,7 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], keep_outputs: 
                 current += size
                 peak = max(peak, current)
         for base in {_base(i) for i in node.all_input_nodes}:
-            if base in alive and last_use.get(base) == order[node] and not (keep_outputs and base in outputs):
+            if base in alive and last_use.get(base) == order[node] and base not in outputs:
                 current -= alive.pop(base)
     return peak
 
