@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import velora_fx  # noqa: E402
 from velora_fx.codecs import chunked_loss  # noqa: E402
+
+from peak_attribution import attribute_peak  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -114,6 +117,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--no-unfused", action="store_true", help="skip the unfused-accumulation comparison")
+    ap.add_argument("--attribute", action="store_true",
+                    help="CUDA: record one more step per variant and name the blocks alive at its peak")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", required=True)
@@ -140,6 +145,11 @@ def main(argv=None) -> dict:
             ms, peak = timed(fn, h, w, t, args.steps, device)
             records[name]["ms"].append(ms)
             records[name]["peak_GiB"].append(peak)
+    if args.attribute and device.type == "cuda":
+        for name, (fn, h, w) in compiled.items():
+            use_accumulation(name, device, dtype)
+            h.grad = w.grad = None
+            records[name]["peak_attribution"] = attribute_peak(lambda: fn(h, t).backward(), device)
     base = statistics.median(records["inductor"]["ms"])
     base_peak = records["inductor"]["peak_GiB"][-1]
     for r in records.values():

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import REFERENCE_INCLUDE, TRANSFORMERS_DEFAULTS, LMLoss, build, linear_weights  # noqa: E402
+from peak_attribution import attribute_peak  # noqa: E402
 
 import velora_fx  # noqa: E402
 from velora_fx.reference import apply_velora  # noqa: E402
@@ -674,6 +675,16 @@ def time_block(runner: Runner, record: dict, round_index: int, start: float) -> 
     return ok
 
 
+def attribute_step(runner: Runner, record: dict) -> None:
+    """One more step with the allocator's history on: what is alive at its peak (after the timed
+    rounds, so it costs them nothing)."""
+    try:
+        with runner.context():
+            record["peak_attribution"] = attribute_peak(runner.step, runner.device)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic
+        record["peak_attribution"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_model(model_name: str, regimes: list[Regime], args, info: dict, records: list[dict], start: float) -> None:
     """All regimes of one model: warm every regime of a group, then ``--rounds`` rounds over the
     group.  One group of all regimes (interleaved), or one group per regime with ``--sequential``."""
@@ -709,6 +720,10 @@ def run_model(model_name: str, regimes: list[Regime], args, info: dict, records:
                     del runners[name]
                     gc.collect()
                 write_outputs(records, info, args, start)
+        if args.attribute and device.type == "cuda":
+            for name, runner in runners.items():
+                attribute_step(runner, model_records[name])
+            write_outputs(records, info, args, start)
         del runners
         cleanup(device)
     del base, reference
@@ -781,6 +796,8 @@ def parse_args(argv=None):
     ap.add_argument("--call", default="loss", choices=["loss", "plain"],
                     help="loss: a wrapper returning the loss (models.LMLoss); plain: the compiled transformers model "
                          "itself, model(input_ids=..., labels=...).loss, as users and the HF Trainer call it")
+    ap.add_argument("--attribute", action="store_true",
+                    help="CUDA: after the rounds, one more step per regime naming the blocks alive at its peak")
     ap.add_argument("--transformers-defaults", action="store_true",
                     help="transformers' own config defaults where the builders differ (GPT-2: dropout 0.1, gelu_new)")
     ap.add_argument("--keep-grads", action="store_true",
