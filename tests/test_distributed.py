@@ -5,11 +5,14 @@ every FSDP unit is its own graph and identical layers reuse one); gradients matc
 process on the global batch with the same v; rank 0's ``state_dict`` resumes every rank; and the
 in-graph ``batch`` / ``ema`` rules average their statistic over ranks.
 
-Each case runs in spawned workers (``_worker``) and returns its results through files; the
-assertions and the single-process references run in the test process."""
+Every case the selected tests need runs in one pair of spawned workers (``_worker``, one case after
+the other, each from a fresh dynamo; a worker's start, torch import and first compile cost more
+than most cases) and returns its results through files; the assertions and the single-process
+references run in the test process."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import tempfile
 
@@ -245,25 +248,72 @@ def _case_rank_mean(rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, tmp: str, case: str, *args) -> None:
+def _worker(rank: int, tmp: str, cases: list) -> None:
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
-        cases = {"rank0": _case_rank0, "ddp_buckets": _case_ddp_buckets, "fsdp": _case_fsdp,
-                 "compiled_ddp": _case_compiled_ddp,
-                 "resume": lambda r, wrap: _case_resume(r, wrap, tmp), "rank_mean": _case_rank_mean}
-        result = cases[case](rank, *args)
-        torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+        for i, (case, *args) in enumerate(cases):
+            torch._dynamo.reset()  # each case compiles from scratch, as in workers of its own
+            case_dir = os.path.join(tmp, str(i))
+            os.makedirs(case_dir, exist_ok=True)
+            run = {"rank0": _case_rank0, "ddp_buckets": _case_ddp_buckets, "fsdp": _case_fsdp,
+                   "compiled_ddp": _case_compiled_ddp,
+                   "resume": lambda r, wrap: _case_resume(r, wrap, case_dir), "rank_mean": _case_rank_mean}[case]
+            result = run(rank, *args)
+            path = os.path.join(case_dir, f"rank{rank}.pt")
+            torch.save(result, path + ".part")
+            os.replace(path + ".part", path)  # a case's file exists only once complete
+            del result, run
+            gc.collect()  # DDP reducers and FSDP hooks of this case's models go before the next
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _run(case: str, *args) -> dict:
-    """Results travel through files: a multiprocessing Manager would fork the test process, whose
-    threads (inductor's compile pool from earlier tests) can deadlock a fork."""
+# the worker case each test asserts on, from the test's parameters
+CASE_OF = {
+    "test_plan_and_v_come_from_rank0": lambda p: ("rank0", p["wrap"]),
+    "test_ddp_multi_bucket_subgraphs_share_plan_and_v": lambda p: ("ddp_buckets",),
+    "test_compiled_ddp_uses_rank0s_v_from_the_first_step": lambda p: ("compiled_ddp", p["order"]),
+    "test_fsdp2_gradients_match_one_process_on_the_global_batch": lambda p: ("fsdp",),
+    "test_rank0_state_dict_resumes_every_rank": lambda p: ("resume", p["wrap"]),
+    "test_batch_and_ema_average_their_statistic_over_ranks": lambda p: ("rank_mean",),
+}
+
+
+def _case_of(item) -> tuple:
+    return CASE_OF[item.originalname](item.callspec.params if hasattr(item, "callspec") else {})
+
+
+@pytest.fixture(scope="module")
+def all_results(request) -> tuple[dict, BaseException | None]:
+    """Runs the cases of every selected test of this module in one spawn.  Results travel through
+    files: a multiprocessing Manager would fork the test process, whose threads (inductor's compile
+    pool from earlier tests) can deadlock a fork.  A failing case stops the workers; its test and
+    those of the cases after it fail with the workers' error."""
+    cases = list(dict.fromkeys(_case_of(item) for item in request.session.items
+                               if item.module.__name__ == __name__ and item.originalname in CASE_OF))
+    results, error = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(tmp, case, *args), nprocs=WORLD, join=True)
-        return {rank: torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False) for rank in range(WORLD)}
+        try:
+            mp.spawn(_worker, args=(tmp, cases), nprocs=WORLD, join=True)
+        except Exception as exc:
+            error = exc
+        for i, case in enumerate(cases):
+            paths = [os.path.join(tmp, str(i), f"rank{rank}.pt") for rank in range(WORLD)]
+            if all(os.path.exists(path) for path in paths):
+                results[case] = {rank: torch.load(path, weights_only=False) for rank, path in enumerate(paths)}
+    return results, error
+
+
+@pytest.fixture
+def results(request, all_results) -> dict:
+    """This test's case: its result on each rank."""
+    done, error = all_results
+    case = _case_of(request.node)
+    if case not in done:
+        pytest.fail(f"the workers did not finish case {case}: {error}")
+    return done[case]
 
 
 # -- assertions --------------------------------------------------------------------------------
@@ -294,8 +344,7 @@ def _single_process(model: nn.Module, options: dict, batches, state: dict | None
 
 
 @pytest.mark.parametrize("wrap", ["compile", "ddp"])
-def test_plan_and_v_come_from_rank0(wrap):
-    results = _run("rank0", wrap)
+def test_plan_and_v_come_from_rank0(wrap, results):
     (plan0, state0, grads0, graphs0), (plan1, state1, grads1, graphs1) = results[0], results[1]
     assert plan0 == plan1 and any(plan0.values())  # something is compressed, the same everywhere
     _assert_same_sites(state0, state1)
@@ -304,8 +353,7 @@ def test_plan_and_v_come_from_rank0(wrap):
         _assert_grads(grads0, grads1)  # DDP averaged the gradients
 
 
-def test_ddp_multi_bucket_subgraphs_share_plan_and_v():
-    results = _run("ddp_buckets")
+def test_ddp_multi_bucket_subgraphs_share_plan_and_v(results):
     r0, r1 = results[0], results[1]
     assert r0["graphs"] == r1["graphs"] > 1  # DDPOptimizer split the graph
     assert r0["plan"] == r1["plan"] and any(g > 0 for g in r0["plan"].values()), r0["plan"]
@@ -315,10 +363,9 @@ def test_ddp_multi_bucket_subgraphs_share_plan_and_v():
 
 
 @pytest.mark.parametrize("order", ["compile_ddp", "ddp_compile"])
-def test_compiled_ddp_uses_rank0s_v_from_the_first_step(order):
+def test_compiled_ddp_uses_rank0s_v_from_the_first_step(order, results):
     """Both orders: from the first step on, every rank approximates with rank 0's v (from rank 0's
     own first batch), so the all-reduced weight gradient of a site is rank 1 per sub-token."""
-    results = _run("compiled_ddp", order)
     r0, r1 = results[0], results[1]
     torch.manual_seed(0)
     _, alone = _single_process(Blocks(), FIXED, [_local(_ddp_batch(0), 0)])
@@ -335,8 +382,7 @@ def test_compiled_ddp_uses_rank0s_v_from_the_first_step(order):
         _assert_grads(r0["grads"][step], r1["grads"][step])
 
 
-def test_fsdp2_gradients_match_one_process_on_the_global_batch():
-    results = _run("fsdp")
+def test_fsdp2_gradients_match_one_process_on_the_global_batch(results):
     r0, r1 = results[0], results[1]
     _assert_same_sites(r0["sites"], r1["sites"])
     # layers.1 ran the graph compiled for layers.0 (dynamo reuses it): its own state, its v from
@@ -365,8 +411,7 @@ def test_fsdp2_gradients_match_one_process_on_the_global_batch():
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_rank0_state_dict_resumes_every_rank(wrap):
-    results = _run("resume", wrap)
+def test_rank0_state_dict_resumes_every_rank(wrap, results):
     r0, r1 = results[0], results[1]
     saved = r0["saved"]
     assert set(saved) == {"inp", "layers.0.fc", "layers.0.out", "layers.1.fc", "layers.1.out", "head"}
@@ -379,8 +424,7 @@ def test_rank0_state_dict_resumes_every_rank(wrap):
     _assert_grads(r0["grads_b"], r1["grads_b"])
 
 
-def test_batch_and_ema_average_their_statistic_over_ranks():
-    results = _run("rank_mean")
+def test_batch_and_ema_average_their_statistic_over_ranks(results):
     r0, r1 = results[0], results[1]
     for init in ("batch", "ema:0.9"):
         _assert_same_sites(r0[init], r1[init])  # different data on each rank, one v
