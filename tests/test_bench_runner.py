@@ -1,16 +1,17 @@
 """benchmarks/run.py and benchmarks/make_docs.py end to end on a tiny model.
 
-The runner goes through a subprocess (it owns dynamo's state and may call sys.exit) with
-``--compiler eager`` (inductor's partitioner and decompositions, no code generation), so both
-regimes and several variants take seconds; make_docs then renders the JSON to a temporary path.
+The scripts run in this process (``_main``: their ``main()`` with the command line in ``sys.argv``,
+a fresh dynamo before and after; a subprocess would pay the interpreter's start, the imports of
+torch, transformers and PEFT, and a first compile again) with ``--compiler eager`` (inductor's
+partitioner and decompositions, no code generation), so both regimes and several variants take
+seconds; make_docs then renders the JSON to a temporary path.
 """
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+import torch
 
 from script_loader import load_script
 
@@ -25,24 +26,32 @@ def _load(name: str):
     return load_script(BENCH / f"{name}.py", f"_bench_{name}")
 
 
-def _run(out, *extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), *TINY, *extra, "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "run.json").read_text())
+def _main(name: str, *args: str):
+    """``python benchmarks/<name>.py *args`` in this process: the script's ``main()`` with that
+    command line in ``sys.argv`` (scripts read it there, and record it), between dynamo resets."""
+    script = _load(name)
+    argv = sys.argv
+    sys.argv = [str(BENCH / f"{name}.py"), *args]
+    torch._dynamo.reset()
+    try:
+        return script.main()
+    finally:
+        sys.argv = argv
+        torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_run")
-    doc = _run(out, "--regimes", "full", "lora", "--variants", "inductor", "eager", "velora_auto", "peft_velora", "liger")
-    return out, doc
+    _main("run", *TINY, "--regimes", "full", "lora", "--variants", "inductor", "eager", "velora_auto", "peft_velora",
+          "liger", "--out", str(out))
+    return out, json.loads((out / "run.json").read_text())
 
 
 def test_run_json_has_both_regimes_with_numbers(run_dir):
     _, doc = run_dir
-    assert doc["runner"] == "benchmarks/run.py" and "python" in doc["command"] and "versions" in doc
+    assert doc["runner"] == "benchmarks/run.py" and "versions" in doc
+    assert doc["command"].startswith("python benchmarks/run.py --device cpu --models llama"), doc["command"]
     assert [b["regime"] for b in doc["blocks"]] == ["full", "lora"]
     for block in doc["blocks"]:
         rows = {r["regime"]: r for r in block["rows"]}
@@ -267,13 +276,10 @@ def test_a_lost_cuda_context_stops_the_run(monkeypatch):
 def test_bench_memory_trains_the_plain_transformers_call(tmp_path):
     """``--call plain --transformers-defaults``: the compiled GPT-2 itself, dropout 0.1 and gelu_new,
     trained on ``model(input_ids=..., labels=...).loss``; velora plans it like the wrapped model."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = ["--device", "cpu", "--models", "gpt2", "--layers", "1", "--hidden", "64", "--vocab", "512", "--batch", "2",
             "--seq", "32", "--steps", "2", "--rounds", "1", "--compiler", "eager", "--no-grad-cos", "--call", "plain",
             "--transformers-defaults", "--regimes", "eager", "velora_auto", "--out", str(tmp_path)]
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_memory.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _main("bench_memory", *args)
     records = {r["regime"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
     assert records["eager"]["status"] == records["velora_auto"]["status"] == "ok", records
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["call"] == "plain"
