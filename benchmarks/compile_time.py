@@ -12,6 +12,12 @@ so a faster planner can be checked to choose the same plan.
 
     python benchmarks/compile_time.py --out results/compile_time                       # 12 x 1024, CPU
     python benchmarks/compile_time.py --layers 2 --hidden 256 --out /tmp/ct           # quick look
+    python benchmarks/compile_time.py --processes 2 --out /tmp/ct   # a second process on the same caches
+
+Each (model, regime) starts from an empty cache directory of its own (``TORCHINDUCTOR_CACHE_DIR``,
+which holds inductor's caches and velora_fx's plan cache), shared by its ``--processes`` runs: the
+first is a cold start, the later ones read what it wrote (``--cache-dir`` to use one directory).
+``--profile DIR`` writes a cProfile of each run's first call there.
 
 On CPU the default batch is 1 x 1024 (real tensors: the calibration forward and the timed forward
 run eagerly); planning itself runs on fake tensors and does not depend on the device.
@@ -24,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -122,13 +129,23 @@ def child(args) -> dict[str, Any]:
     stages = instrument() if args.regime == "velora" else None
     backend = make_backend(args.regime)
     compiled = torch.compile(model, backend=backend)
+    profiler = None
+    if args.profile:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     start, start_cpu = time.perf_counter(), time.thread_time()
     compiled(ids)
     first, first_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+    if profiler is not None:
+        profiler.disable()
+        os.makedirs(args.profile, exist_ok=True)
+        profiler.dump_stats(os.path.join(args.profile, f"{args.model}-{args.regime}-{args.process}.prof"))
     start, start_cpu = time.perf_counter(), time.thread_time()
     compiled(ids)
     second, second_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
-    out: dict[str, Any] = {"model": args.model, "regime": args.regime, "first_call_s": round(first, 3),
+    out: dict[str, Any] = {"model": args.model, "regime": args.regime, "process": args.process,
+                           "first_call_s": round(first, 3),
                            "second_call_s": round(second, 3), "compile_s": round(first - second, 3),
                            "first_call_cpu_s": round(first_cpu, 3), "second_call_cpu_s": round(second_cpu, 3),
                            "compile_cpu_s": round(first_cpu - second_cpu, 3)}
@@ -143,19 +160,22 @@ def _graph_summary(graph) -> dict[str, Any]:
     return {"status": graph.status, "saved_bytes_before": graph.saved_bytes_before,
             "saved_bytes_after": graph.saved_bytes_after, "budget_target": graph.budget_target,
             "recompute_budget": graph.recompute_budget, "chosen": chosen[0]["plan"] if chosen else None,
+            "plan_source": graph.plan_source,
             "plans": graph.budget_plans, "message": graph.message,
             "compressed": sorted(f"{s.codec}:{s.name}" for s in graph.sites if s.decision == "compressed")}
 
 
-def run_child(model: str, regime: str, args) -> dict[str, Any]:
+def run_child(model: str, regime: str, args, cache_dir: str, process: int = 1) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--regime", regime,
            "--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+           "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--process", str(process)]
+    if args.profile:
+        cmd += ["--profile", os.path.abspath(args.profile)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"model": model, "regime": regime, "error": done.stderr[-3000:]}
+        return {"model": model, "regime": regime, "process": process, "error": done.stderr[-3000:]}
     return json.loads(lines[-1])
 
 
@@ -163,6 +183,8 @@ def summary(results: list[dict[str, Any]]) -> str:
     lines = ["| model | regime | compile s (CPU s) | partitions | partition s (CPU s) | status | chosen plan | "
              "saved / target |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r.get("process", 1) > 1:
+            r = {**r, "regime": f"{r['regime']} (process {r['process']})"}
         if "error" in r:
             lines.append(f"| {r['model']} | {r['regime']} | error | | | | | |")
             continue
@@ -171,20 +193,26 @@ def summary(results: list[dict[str, Any]]) -> str:
         saved = f"{g.get('saved_bytes_after')} / {g.get('budget_target')}" if g else ""
         parts = f"{r['partition_seconds']:.1f} ({r['partition_cpu_s']:.1f})" if "partition_seconds" in r else ""
         lines.append(f"| {r['model']} | {r['regime']} | {r['compile_s']:.1f} ({r['compile_cpu_s']:.1f}) | "
-                     f"{r.get('partition_calls', '')} | {parts} | {g.get('status', '')} | {g.get('chosen', '')} | "
+                     f"{r.get('partition_calls', '')} | {parts} | {_status(g)} | {g.get('chosen', '')} | "
                      f"{saved} |")
-    by = {(r["model"], r["regime"]): r for r in results if "error" not in r}
-    for model in sorted({r["model"] for r in results}):
-        plain, velora = by.get((model, "plain")), by.get((model, "velora"))
+    by = {(r["model"], r["regime"], r.get("process", 1)): r for r in results if "error" not in r}
+    for model, process in sorted({(r["model"], r.get("process", 1)) for r in results}):
+        plain, velora = by.get((model, "plain", process)), by.get((model, "velora", process))
         if plain and velora:
             added = velora["compile_cpu_s"] - plain["compile_cpu_s"]
-            lines.append(f"\n{model}: velora_fx adds {added:.1f} CPU s to a {plain['compile_cpu_s']:.1f} CPU s compile "
-                         f"({velora['compile_cpu_s'] / plain['compile_cpu_s']:.2f}x; wall "
+            which = f" (process {process}: caches from process 1)" if process > 1 else ""
+            lines.append(f"\n{model}{which}: velora_fx adds {added:.1f} CPU s to a {plain['compile_cpu_s']:.1f} CPU s "
+                         f"compile ({velora['compile_cpu_s'] / plain['compile_cpu_s']:.2f}x; wall "
                          f"{velora['compile_s']:.1f} s vs {plain['compile_s']:.1f} s)")
             for name, row in sorted(velora["stages"].items(), key=lambda kv: -kv[1]["cpu_s"]):
                 lines.append(f"  {name}: {row['cpu_s']:.2f} CPU s ({row['seconds']:.2f} s) in {row['calls']} call(s), "
                              f"{row['partitions']} partition(s)")
     return "\n".join(lines) + "\n"
+
+
+def _status(graph: dict[str, Any]) -> str:
+    source = graph.get("plan_source")
+    return f"{graph.get('status', '')}{' (plan from the cache)' if source == 'cache' else ''}"
 
 
 def parse_args(argv=None):
@@ -198,6 +226,12 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--out", default="results/compile_time")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="runs of each (model, regime), each in a fresh process on the same cache directory")
+    ap.add_argument("--cache-dir", default=None,
+                    help="TORCHINDUCTOR_CACHE_DIR for every run (default: an empty one per model and regime)")
+    ap.add_argument("--profile", default=None, help="write a cProfile of each run's first call to this directory")
+    ap.add_argument("--process", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--regime", help=argparse.SUPPRESS)
@@ -213,9 +247,13 @@ def main(argv=None) -> list[dict[str, Any]]:
     results = []
     for model in args.models:
         for regime in args.regimes:
-            results.append(run_child(model, regime, args))
-            print(json.dumps({k: v for k, v in results[-1].items() if k not in ("partitions", "graphs")}), flush=True)
-    info = {"torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k not in ("child", "model", "regime")},
+            with tempfile.TemporaryDirectory(prefix="velora_ct_") as fresh:
+                for process in range(1, args.processes + 1):
+                    results.append(run_child(model, regime, args, args.cache_dir or fresh, process))
+                    print(json.dumps({k: v for k, v in results[-1].items() if k not in ("partitions", "graphs")}),
+                          flush=True)
+    hidden = ("child", "model", "regime", "process")
+    info = {"torch": torch.__version__, "args": {k: v for k, v in vars(args).items() if k not in hidden},
             "cpus": os.cpu_count()}
     with open(os.path.join(args.out, "compile_time.json"), "w") as fh:
         json.dump({"info": info, "results": results}, fh, indent=1)

@@ -5,6 +5,9 @@ Kept deliberately small; add fixtures here only when several test files need the
 - hypothesis profile "ci" (default): ``deadline=None`` because the first call of a torch op is
   slow (kernel / dispatcher warm-up), which would otherwise trip hypothesis' deadline.
   Select another profile with ``HYPOTHESIS_PROFILE=thorough``.
+- the plan cache (``velora_fx/passes/plan_cache.py``) is off unless a test turns it on
+  (``tests/test_plan_cache.py``): a plan another test, or an earlier run, left in the cache
+  directory would otherwise replace the planning a test means to exercise.
 """
 import os
 
@@ -19,6 +22,7 @@ settings.register_profile("ci", deadline=None, max_examples=30, derandomize=bool
 settings.register_profile("thorough", deadline=None, max_examples=500,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+os.environ.setdefault("VELORA_FX_PLAN_CACHE", "0")
 
 
 @pytest.fixture(autouse=True)

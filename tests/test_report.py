@@ -107,7 +107,7 @@ def test_to_dict_is_unchanged():
     g = report.to_dict()["graphs"][0]
     assert list(g) == ["graph_id", "model", "frame", "status", "message", "saved_bytes_before",
                        "saved_bytes_after", "budget_target", "recompute_budget", "budget_plans", "predicted_peak",
-                       "sites"]
+                       "plan_source", "sites"]
     assert g["message"] == MESSAGE
     assert list(report.to_dict()) == ["saved_bytes_before", "saved_bytes_after", "predicted_peak_before",
                                       "predicted_peak_after", "totals_count", "graphs"]

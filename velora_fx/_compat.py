@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Callable
 
 import torch
@@ -146,6 +147,41 @@ def caches_disabled():
     """Every compile cache off (``torch.compiler.config.force_disable_caches``)."""
     with torch.compiler.config.patch(force_disable_caches=True):
         yield
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's cache directory: ``TORCHINDUCTOR_CACHE_DIR`` when set, else torch's per-user default
+    (read at each call; unlike torch's ``cache_dir()`` this neither creates it nor sets the variable)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    return os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+
+
+def caches_forced_off() -> bool:
+    """``torch.compiler.config.force_disable_caches`` (inductor's ``force_disable_caches`` is its alias)."""
+    return bool(torch.compiler.config.force_disable_caches)
+
+
+def partitioner_settings() -> dict[str, Any]:
+    """functorch's config options (what the min-cut partitioner reads), without the cache switches."""
+    return {k: v for k, v in torch._functorch.config.save_config_portable().items() if "cache" not in k}
+
+
+def inductor_settings() -> dict[str, Any]:
+    """inductor's config options as they are now (its joint-graph passes read them), without the
+    cache switches and directories."""
+    return {k: v for k, v in inductor_config.save_config_portable().items()
+            if "cache" not in k and not k.endswith(("_dir", "_path"))}
+
+
+def device_name(device: torch.device) -> str:
+    """The device kind a plan is priced for: the GPU's name on CUDA (``device_roofline`` reads its
+    datasheet), else the device type."""
+    if device.type == "cuda":
+        try:
+            return f"cuda:{torch.cuda.get_device_name(device.index or 0)}"
+        except Exception:  # noqa: BLE001 - no driver at hand: the type alone
+            return "cuda"
+    return device.type
 
 
 def is_inductor_option(name: str) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import hashlib
 import itertools
 import json
@@ -38,6 +37,7 @@ from .config import ConfigError, VeloraConfig
 from .integrations import causal_lm
 from .naming import ParamNames, find_compiled_root, unwrap_model
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
+from .passes import plan_cache
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
 from .passes.step_peak import StepPeak, predict_step_peak
@@ -50,15 +50,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SERIALS = itertools.count()
 
 
-@functools.lru_cache(maxsize=1)
-def _source_hash() -> str:
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(_PACKAGE_DIR)
-                   for f in names if f.endswith(".py"))
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as fh:
-            digest.update(fh.read())
-    return digest.hexdigest()[:16]
+_source_hash = plan_cache.source_hash  # (the backend's uuid and the plan cache's key)
 
 
 class VeloraBackend:
@@ -99,7 +91,7 @@ class VeloraBackend:
             rewritten = _compat.copy_dynamo_graph(gm)
             heads = rewrite_loss_heads(rewritten, self.config.loss_chunk_size)
             if any(h.rewritten for h in heads):
-                original = self._baseline(gm, list(example_inputs))
+                original = self._reference(gm, list(example_inputs))
                 gm = rewritten
         lifted = lift_state(gm, list(example_inputs), model) if training else None
         partitioner = _Partitioner(self, model, ParamNames(root), lifted, gm, training)
@@ -140,6 +132,24 @@ class VeloraBackend:
                                      decompositions=_compat.select_decomp_table())
         with _compat.custom_partitioner(partitioner):
             return eager(graph, inputs)
+
+    def _reference(self, gm: fx.GraphModule, example_inputs: list[Any]) -> StepPeak | None:
+        """``_baseline``, read from the plan cache when an earlier process measured this graph (the
+        predicted peak of one graph is the same in every process: only its numbers are stored)."""
+        key = plan_cache.key_of({"kind": "reference", "graph": plan_cache.graph_fingerprint(gm.graph, example_inputs),
+                                 "device": _device_kind(example_inputs), "inductor": _compat.inductor_settings()}) \
+            if plan_cache.enabled(self.config) else None
+        found = plan_cache.load("reference", key) if key else None
+        if found is not None:
+            try:
+                return StepPeak(*(int(found[k]) for k in ("forward", "backward", "saved")))
+            except (KeyError, TypeError, ValueError) as exc:
+                plan_cache.log.debug("velora_fx plan cache: ignoring a reference entry (%s: %s)",
+                                     type(exc).__name__, exc)
+        peak = self._baseline(gm, example_inputs)
+        if key and peak is not None:
+            plan_cache.store("reference", key, dataclasses.asdict(peak))
+        return peak
 
     def _baseline(self, gm: fx.GraphModule, example_inputs: list[Any]) -> StepPeak | None:
         """What inductor's partition of dynamo's original graph saves and peaks at (what a rewrite
@@ -243,7 +253,7 @@ class VeloraBackend:
 
     def uuid(self, model: ModelState | None = None) -> str:
         """Stable across processes: the package source, the options and the model's plan so far."""
-        payload = json.dumps(self.config.to_dict(), sort_keys=True)
+        payload = json.dumps({k: v for k, v in self.config.to_dict().items() if k != "plan_cache"}, sort_keys=True)
         plan = json.dumps(sorted((model.plan if model else {}).items()))
         digest = hashlib.sha256((payload + plan).encode()).hexdigest()[:16]
         return f"velora_fx:{_source_hash()}:{digest}"
@@ -281,8 +291,12 @@ class VeloraBackend:
             held = _held_by_other_graphs(model, frame, partitioner.module_paths()) \
                 if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
             peaks: dict[str, Any] = {}
+            original = partitioner.original
+            context = {"device": _device_kind(joint_inputs), "held": held,
+                       "reference": dataclasses.asdict(original) if original else None} \
+                if plan_cache.enabled(self.config) else None
             result = run_pipeline(ctx, self.config, binding, graph_id,
-                                  _budget_target(self.config, partitioner.original, held, peaks, head_grads))
+                                  _budget_target(self.config, original, held, peaks, head_grads), context)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -351,13 +365,27 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
     budget = config.memory_budget
 
     def target(baseline) -> int:
-        base = predict_step_peak(baseline)
+        if baseline.known_peak is None:
+            baseline.known_peak = predict_step_peak(baseline)
+        base = baseline.known_peak
         reference = original or base
         want = int(budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere)
         if seen is not None:
             seen.update(reference=reference, want=want)
         return max(baseline.bytes_of(list(keep), inputs=False), want - (base.peak - base.saved))
     return target
+
+
+def _device_kind(values: Sequence[Any]) -> str:
+    """The device a graph runs on, as the plan cache keys it (the first tensor among ``values``)."""
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found = _device_kind(value)
+            if found:
+                return found
+        elif isinstance(value, Tensor):
+            return _compat.device_name(value.device)
+    return ""
 
 
 def _held_by_other_graphs(model: ModelState, frame: str, modules: set[str]) -> int:

@@ -103,6 +103,10 @@ class VeloraConfig:
     keep_logits: bool = field(default=False, metadata={
         "help": "chunked_loss on transformers causal LMs: keep returning the logits when the loss will be "
                 "backpropagated (the head then cannot apply on the plain model call; see docs/codecs.md)"})
+    plan_cache: bool = field(default=True, metadata={
+        "help": "reuse the planner's decisions for the same graph and options from an earlier process (a JSON "
+                "per graph under the inductor cache dir's velora_fx/; also off with VELORA_FX_PLAN_CACHE=0 or "
+                "torch's force_disable_caches)"})
     version: int = 4
 
     def __post_init__(self) -> None:
@@ -136,8 +140,9 @@ class VeloraConfig:
         set_(self, "memory_budget", _as_budget(self.memory_budget))
         set_(self, "codecs", _as_codecs(self.codecs if self.codecs is not None else DEFAULT_CODECS[
             self.memory_budget is not None]))
-        if not isinstance(self.keep_logits, bool):
-            raise ConfigError(f"keep_logits must be True or False, got {self.keep_logits!r}")
+        for name in ("keep_logits", "plan_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, high in (("bits", 1, 8), ("loss_chunk_size", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):

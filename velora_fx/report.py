@@ -143,13 +143,16 @@ class GraphReport:
     # the step's activation peak predicted from the partitions (passes/step_peak.py):
     # {"before": {forward, backward, saved, peak} | None, "after": {...}}
     predicted_peak: dict[str, Any] | None = None
+    # where the plan came from: "planned" (this process planned it), "cache" (an earlier process's
+    # decisions from the plan cache, checked on this process's partition), "" (no pipeline ran)
+    plan_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph_id": self.graph_id, "model": self.model, "frame": self.frame, "status": self.status,
                 "message": self.message, "saved_bytes_before": self.saved_bytes_before,
                 "saved_bytes_after": self.saved_bytes_after, "budget_target": self.budget_target,
                 "recompute_budget": self.recompute_budget, "budget_plans": list(self.budget_plans),
-                "predicted_peak": self.predicted_peak,
+                "predicted_peak": self.predicted_peak, "plan_source": self.plan_source,
                 "sites": [s.to_dict() for s in self.sites]}
 
 
@@ -243,6 +246,10 @@ class Report:
         for g in self.graphs:
             if g.status not in ("rewritten", "unchanged") or g.message:
                 lines += _block(f"graph {g.graph_id}: ", f"{g.status}{': ' + g.message if g.message else ''}", 4)
+            if g.plan_source == "cache":
+                lines += _block(f"graph {g.graph_id}: ", "plan read from the plan cache (an earlier process's "
+                                "decisions and estimates, checked on this partition; v from this process's first "
+                                "batch)", 4)
             for p in g.budget_plans:  # memory_budget: every plan weighed, the chosen one marked
                 fit = (f"saved {_size(p['saved_bytes'])} at recompute budget {p['recompute_budget']:.3g}"
                        if p["fitted"] else "not fitted (cost before recompute above the winner's)")

@@ -36,9 +36,11 @@ class SavedSet:
     activations: dict[str, str]   # saved non-input tensor -> name of the base it aliases
     inputs: dict[str, str]        # saved graph inputs (parameters, caller-held inputs) -> base
     base_bytes: dict[str, int]    # base name -> bytes
-    fwd: fx.GraphModule
-    bwd: fx.GraphModule
+    fwd: fx.GraphModule | None  # None: read from the plan cache (saved names and bytes only)
+    bwd: fx.GraphModule | None
     switches: tuple[float, ...] = ()  # knapsack budgets where this graph's partition jumps (min_cut_memo)
+    known_peak: Any = None  # its predicted step peak (``step_peak.StepPeak``) once computed, or read from
+                            # the plan cache (``plan_cache``: a baseline stored without its graphs)
 
     @property
     def activation_bytes(self) -> int:
