@@ -9,13 +9,17 @@ import pytest
 import torch
 
 import velora_fx
-from test_families import _DEC, _ENC, D, FF, HEADS, LAYERS, VOCAB, _build
+from test_families import _DEC, _ENC, D, FF, HEADS, VOCAB, _build
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("strict_pass")
 
 BATCH, SEQ = 2, 32  # 64 tokens: the logits outweigh the weight gradient the head keeps
+# one decoder layer (test_families' models have two): the head follows the last layer whatever the
+# depth, and every test here compiles one or more of these models
+LAYERS = 1
+_DEC, _ENC = ({**fields, "num_hidden_layers": LAYERS} for fields in (_DEC, _ENC))
 
 FAMILIES = {
     "llama": _build("LlamaForCausalLM", "LlamaConfig", **_DEC),
