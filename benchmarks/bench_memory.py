@@ -685,6 +685,28 @@ def attribute_step(runner: Runner, record: dict) -> None:
         record["peak_attribution"] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def profile_step(runner: Runner, record: dict, top: int = 30) -> None:
+    """One profiled step after the rounds: the CUDA kernels that take the most time (where a
+    regime's step time goes, kernel by kernel, against inductor's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with runner.context():
+            runner.step()
+            sync(runner.device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runner.step()
+                sync(runner.device)
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.self_device_time_total for e in events)
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        record["profile"] = {"cuda_ms": total / 1e3, "top": [
+            {"kernel": e.key[:140], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count}
+            for e in events[:top]]}
+    except Exception as exc:  # noqa: BLE001 - a diagnostic
+        record["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_model(model_name: str, regimes: list[Regime], args, info: dict, records: list[dict], start: float) -> None:
     """All regimes of one model: warm every regime of a group, then ``--rounds`` rounds over the
     group.  One group of all regimes (interleaved), or one group per regime with ``--sequential``."""
@@ -723,6 +745,10 @@ def run_model(model_name: str, regimes: list[Regime], args, info: dict, records:
         if args.attribute and device.type == "cuda":
             for name, runner in runners.items():
                 attribute_step(runner, model_records[name])
+            write_outputs(records, info, args, start)
+        if args.profile and device.type == "cuda":
+            for name, runner in runners.items():
+                profile_step(runner, model_records[name])
             write_outputs(records, info, args, start)
         del runners
         cleanup(device)
@@ -798,6 +824,8 @@ def parse_args(argv=None):
                          "itself, model(input_ids=..., labels=...).loss, as users and the HF Trainer call it")
     ap.add_argument("--attribute", action="store_true",
                     help="CUDA: after the rounds, one more step per regime naming the blocks alive at its peak")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: after the rounds, one profiled step per regime (top kernels by device time)")
     ap.add_argument("--transformers-defaults", action="store_true",
                     help="transformers' own config defaults where the builders differ (GPT-2: dropout 0.1, gelu_new)")
     ap.add_argument("--keep-grads", action="store_true",

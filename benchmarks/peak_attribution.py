@@ -47,24 +47,26 @@ def _where(frames: list[dict]) -> str:
     return f"{short}:{frame['line']} {frame.get('name', '')}: {line[:160]}"
 
 
-def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
-    """Replay one device's allocator trace: (peak bytes above the start, blocks alive then)."""
+def live_at_peak(trace: list[dict]) -> tuple[int, list[dict], dict | None]:
+    """Replay one device's allocator trace: (peak bytes above the start, blocks alive then, the
+    allocation that reached the peak)."""
     live: dict[int, dict] = {}
     current = peak = 0
     at_peak: list[dict] = []
+    last = None
     for event in trace:
         action = event.get("action")
         if action == "alloc":
             live[event["addr"]] = event
             current += event["size"]
             if current > peak:
-                peak, at_peak = current, list(live.values())
+                peak, at_peak, last = current, list(live.values()), event
         elif action in ("free_requested", "free_completed") and event["addr"] in live:
             current -= live.pop(event["addr"])["size"]   # whichever of the two comes first
-    return peak, at_peak
+    return peak, at_peak, last
 
 
-def attribute_peak(step: Callable[[], object], device: torch.device, top: int = 16) -> dict:
+def attribute_peak(step: Callable[[], object], device: torch.device, top: int = 40) -> dict:
     """Run ``step`` once with the allocator's history on; the peak and its largest live blocks."""
     torch.cuda.synchronize(device)
     torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
@@ -75,13 +77,18 @@ def attribute_peak(step: Callable[[], object], device: torch.device, top: int = 
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    peak, blocks = live_at_peak(snapshot["device_traces"][index])
+    peak, blocks, last = live_at_peak(snapshot["device_traces"][index])
     by_line: Counter = Counter()
     count: Counter = Counter()
+    sizes: dict[str, Counter] = {}
     for block in blocks:
         where = _where(block.get("frames", []))
         by_line[where] += block["size"]
         count[where] += 1
-    rows = [{"MiB": round(size / MiB, 1), "blocks": count[where], "where": where}
+        sizes.setdefault(where, Counter())[round(block["size"] / MiB, 2)] += 1
+    rows = [{"MiB": round(size / MiB, 1), "blocks": count[where], "where": where,
+             "block_MiB": dict(sizes[where].most_common(4))}
             for where, size in by_line.most_common(top)]
-    return {"peak_MiB": round(peak / MiB, 1), "live_blocks": len(blocks), "largest": rows}
+    return {"peak_MiB": round(peak / MiB, 1), "live_blocks": len(blocks), "total_live_MiB":
+            round(sum(b["size"] for b in blocks) / MiB, 1),
+            "peak_reached_by": _where(last.get("frames", [])) if last else None, "largest": rows}
