@@ -173,6 +173,9 @@ def _damage(path: Path, how: str) -> None:
         data["key"] = "0" * 32
     elif how == "bad decisions":
         data["entry"]["groups"] = data["entry"]["groups"][:-1]
+    elif how == "decisions this graph cannot take":  # every group compressed at a size that divides nothing
+        for row in data["entry"]["groups"]:
+            row.update(sites=[0], g=7, codec="velora")
     else:  # a plan whose partition does not give the bytes it says
         data["entry"]["saved_bytes"] += 1
     path.write_text(json.dumps(data))
@@ -182,7 +185,8 @@ def test_an_entry_that_cannot_be_used_is_planned_over_with_a_debug_log(strict_pa
     model, x = GatedMLP(32, 96, layers=2), torch.randn(4, 16, 32)
     reference = _compile(model, x)
     (path,) = _entries(cache_dir)
-    for how in ("garbage", "other schema", "other key", "bad decisions", "other bytes"):
+    for how in ("garbage", "other schema", "other key", "bad decisions", "decisions this graph cannot take",
+                "other bytes"):
         _damage(path, how)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="velora_fx.plan_cache"):

@@ -292,7 +292,7 @@ class VeloraBackend:
                 if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
             peaks: dict[str, Any] = {}
             original = partitioner.original
-            context = {"device": _device_kind(joint_inputs), "held": held,
+            context = {"device": _device_kind(joint_inputs), "held": held, "inductor": _compat.inductor_settings(),
                        "reference": dataclasses.asdict(original) if original else None} \
                 if plan_cache.enabled(self.config) else None
             result = run_pipeline(ctx, self.config, binding, graph_id,

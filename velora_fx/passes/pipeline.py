@@ -320,8 +320,14 @@ def _replay(ctx: JointContext, entry: dict[str, Any], groups: list[ActivationGro
         plan_cache.log.debug("velora_fx plan cache: the entry was planned for another target; planning")
         return None
     rules = _rules(decisions, slots, estimate, binding, config)
-    with recompute_budget(recompute if recompute is not None and recompute < 1.0 else None):
-        gm, after, done = _apply(ctx, None, decisions, [d for d in codes if d.compress], slots, rules, binding, config)
+    try:
+        with recompute_budget(recompute if recompute is not None and recompute < 1.0 else None):
+            gm, after, done = _apply(ctx, None, decisions, [d for d in codes if d.compress], slots, rules, binding,
+                                     config)
+    except Exception as exc:  # noqa: BLE001 - decisions this graph cannot take: plan it instead
+        plan_cache.log.debug("velora_fx plan cache: the cached decisions do not apply here (%s: %s); planning",
+                             type(exc).__name__, exc)
+        return None
     if after.activation_bytes != saved_bytes:
         plan_cache.log.debug("velora_fx plan cache: the cached plan saves %d bytes here, the entry says %d; planning",
                              after.activation_bytes, saved_bytes)
@@ -341,7 +347,10 @@ def _decision_from(row: dict, group: ActivationGroup) -> Decision:
     g = row["g"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
         raise ValueError(f"sub-token size {g!r}")
-    return Decision(group, [group.sites[int(i)] for i in row["sites"]], str(row["reason"]), g,
+    indices = [int(i) for i in row["sites"]]
+    if any(not 0 <= i < len(group.sites) for i in indices):
+        raise ValueError(f"consumers {indices} of a group of {len(group.sites)}")
+    return Decision(group, [group.sites[i] for i in indices], str(row["reason"]), g,
                     float(row["error"]), bool(row["sticky"]), row["codec"])
 
 

@@ -14,8 +14,8 @@ bound) is kept as that process made it, as a model's later graphs keep its first
 Key: a digest of the joint graph as the partitioner reads it (nodes, targets, arguments, save tags,
 each input's dtype, shape and strides), the config, the model's sticky plan so far, the state the
 planner reads (a loaded v's size), the partitioner's options, torch's and velora_fx's versions
-(its sources' hash), a schema number, and what the backend adds (the device kind, the budget's
-reference).  One small JSON file per key under ``<inductor cache dir>/velora_fx/`` (the directory
+(its sources' hash), a schema number, and what the backend adds (the device kind, inductor's
+options, the budget's reference).  One small JSON file per key under ``<inductor cache dir>/velora_fx/`` (the directory
 ``TORCHINDUCTOR_CACHE_DIR`` names), written atomically.  Off with ``VeloraConfig(plan_cache=False)``,
 ``VELORA_FX_PLAN_CACHE=0``, or torch's ``force_disable_caches``.  A file that cannot be read, from
 another schema or for another key, is ignored (a debug log on ``velora_fx.plan_cache``).
