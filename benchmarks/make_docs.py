@@ -341,7 +341,9 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "and VeLoRA's weight gradient from the coefficients; in v6/sweep_gpt2 that code still emitted aten.t,",
              "which inductor refused for GPT-2's Conv1D, hence its errors, fixed before v6/sweep_gpt2b; the",
              "results/gpu/v7 run records 3b08013 but ran the working tree of the issue-16 commits: state bound",
-             "to the weights at call time, measured on the plain transformers call). The narrative",
+             "to the weights at call time, measured on the plain transformers call; the results/gpu/v9 runs",
+             "record 18804f9 but ran the working tree of e2acebd: the head's chunks ordered after their loss",
+             "term, and the plan cache). The narrative",
              "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
