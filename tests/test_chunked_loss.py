@@ -343,3 +343,38 @@ def test_shape_and_dtype_mismatch_raise():
         linear_cross_entropy(h, w, t.reshape(-1), b)
     with pytest.raises(ValueError, match="dtype"):
         linear_cross_entropy(h, w.detach().double(), t, b)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_next_chunk_waits_for_every_reader_of_the_previous_logits(weight_grad):
+    """Each chunk's logits may be freed before the next chunk's are computed only if everything that
+    reads them (log-sum-exp, the target gather, the loss term, the gradient) runs first. On CUDA
+    inductor fused every chunk's target gather into the final loss sum when only the gradient sums
+    ordered the chunks, and all chunks' logits stayed alive (H200, results/gpu/v9/head)."""
+    from torch._functorch.aot_autograd import aot_function
+    d, v, chunk = 6, 40, 4
+    h, w, b, t = make_inputs((3, 5), d, v, torch.float32, True, 9, p_ignore=0.2)
+    w.requires_grad_(weight_grad)
+    fw = []
+    traced = aot_function(lambda h, w, b, t: linear_cross_entropy(h, w, t, b, chunk_size=chunk),
+                          fw_compiler=_boxed_nop(fw), bw_compiler=_boxed_nop([]))
+    traced(h, w, b, t).backward()
+    graph = fw[0].graph
+    logits = [nd for nd in graph.nodes if nd.target in (aten.mm.default, aten.addmm.default)
+              and tuple(nd.meta["val"].shape)[-1] == v and nd.meta["val"].shape[0] <= chunk]
+    waits = [nd for nd in graph.nodes if nd.target is torch.ops.velora_fx.chunk_after.default]
+    assert len(logits) == 4 and len(waits) == 3  # 15 rows in chunks of 4
+
+    def ancestors(node):
+        seen, todo = set(), [node]
+        while todo:
+            for inp in todo.pop().all_input_nodes:
+                if inp not in seen:
+                    seen.add(inp)
+                    todo.append(inp)
+        return seen
+
+    for previous, wait in zip(logits, waits):
+        before = ancestors(wait)
+        readers = [u for u in previous.users if u.op == "call_function"]
+        assert readers and all(u in before for u in readers), [u for u in readers if u not in before]
