@@ -123,6 +123,35 @@ def test_named_backend_gets_the_head_too():
     assert [r.decision for r in _head_rows(backend)] == ["compressed"]
 
 
+def test_named_backend_gets_the_head_when_velora_fx_is_imported_before_transformers():
+    """``import velora_fx`` first, transformers after: the wrappers must still be in place before
+    dynamo traces (``backend="velora"`` is built only after the trace)."""
+    import subprocess
+    import sys
+    script = """
+import torch, velora_fx
+from velora_fx.integrations import causal_lm
+assert "transformers" not in __import__("sys").modules and not causal_lm.installed()
+from transformers import LlamaConfig, LlamaForCausalLM
+assert causal_lm.installed()
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+model = LlamaForCausalLM(cfg)
+ids = torch.randint(0, 512, (2, 32))
+eager = model(input_ids=ids, labels=ids).loss
+out = torch.compile(model, backend="velora", options={"codecs": ["chunked_loss"], "compiler": "eager"})(
+    input_ids=ids, labels=ids)
+assert out.logits is None, "the head did not apply"
+torch.testing.assert_close(out.loss, eager)
+print("OK")
+"""
+    env = {**__import__("os").environ, "VELORA_FX_STRICT": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(__import__("pathlib").Path(velora_fx.__file__).parents[1]))
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
 def test_keep_logits_returns_them_and_the_report_says_why():
     model = FAMILIES["llama"]()
     ids, labels = _batch(4)

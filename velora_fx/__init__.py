@@ -13,7 +13,7 @@ __all__ = ["backend", "transform", "explain", "reference", "trace_joint", "defau
 __version__ = "0.1.0"
 
 from .integrations import causal_lm as _causal_lm  # noqa: E402
-_causal_lm.install()  # backend="velora" is built after dynamo traced: its head needs this done already (if imported)
+_causal_lm.install_when_imported()  # backend="velora" is built after dynamo traced: its head needs this done already
 
 if "velora" not in _list_backends(exclude_tags=()):
     _register_backend(name="velora")(velora_backend)

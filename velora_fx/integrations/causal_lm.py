@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["install", "installed", "drops_logits_now"]
+__all__ = ["install", "install_when_imported", "installed", "drops_logits_now"]
 
 _LOCK = threading.Lock()
 _INSTALLED: dict[str, Any] = {}  # what was replaced, by name (the originals)
@@ -60,6 +60,42 @@ def install() -> bool:
                                                  loss_property.fdel, loss_property.__doc__)
         _INSTALLED.update(post_init=post_init, loss_function=loss_property)
     return True
+
+
+def install_when_imported() -> None:
+    """``install()`` now if transformers is imported, else right after ``transformers.modeling_utils``
+    is (a post-import hook on ``sys.meta_path``, removed once it fired).  Why: ``backend="velora"``
+    is built only after dynamo traced the model, too late for these wrappers, so ``import velora_fx``
+    must arrange them whichever of the two packages a script imports first."""
+    if install() or any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _AfterImport())
+
+
+class _AfterImport:
+    """A meta-path finder that finds nothing itself: it wraps the real loader of
+    ``transformers.modeling_utils`` so that ``install()`` runs once that module has executed."""
+
+    target = "transformers.modeling_utils"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.target:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)            # one shot; and the lookup below must not find us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module, run=run):
+            run(module)
+            install()
+
+        loader.exec_module = exec_module
+        return spec
 
 
 def uninstall() -> None:
