@@ -249,6 +249,7 @@ def _case_rank_mean(rank: int) -> dict:
 
 
 def _worker(rank: int, tmp: str, cases: list) -> None:
+    torch.set_num_threads(1)  # as torchrun's default: two ranks' intra-op threads on 2 cores only spin-wait
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     try:
