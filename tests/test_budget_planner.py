@@ -261,3 +261,38 @@ def test_budget_search_on_a_linear_curve_takes_two_partitions():
         return _saved(int(1000 * _compat.current_recompute_budget()), None)
     fit = budget.fit_recompute_budget(probe, _saved(1000, None), 600)
     assert fit.met and fit.recompute_budget == 19 / 32 and calls[0] == 2
+
+
+def _measured(points: dict[int, int], switches: tuple[float, ...], top_bytes: int):
+    """A probe replaying the exact plan's partitions measured on compile_time.py's 12-layer models."""
+    calls = []
+
+    def probe():
+        k = round(_compat.current_recompute_budget() * 32)
+        calls.append(k)
+        saved = _saved(points[k], None)
+        saved.switches = switches
+        return saved
+    return probe, calls, _saved(top_bytes, None)
+
+
+@pytest.mark.parametrize("points, switches, top_bytes, target, answer, before", [
+    ({9: 136314880, 12: 180879360, 13: 195559424, 14: 334073856}, (0.4212, 0.4755), 610635776, 189031936,
+     12, [9, 14, 13, 12]),  # Llama
+    ({9: 151519232, 11: 185073664, 12: 218628096, 13: 235405312, 14: 346755072}, (0.4301, 0.471), 654684160,
+     196280320, 11, [9, 14, 13, 11, 12]),  # GPT-2
+])
+def test_budget_search_scales_below_a_switch_and_stops_close_to_the_target(
+        monkeypatch, points, switches, top_bytes, target, answer, before):
+    """Below a switch the search scales a met budget's bytes to the target and stops at a budget
+    within ``_CLOSE`` whose next grid budget the proportion says misses: two partitions, the
+    budget the search without these rules found (on the partitions measured on the 12-layer
+    models, the knapsack budget and so the plan ``memory_budget`` chooses there are unchanged)."""
+    probe, calls, current = _measured(points, switches, top_bytes)
+    fit = budget.fit_recompute_budget(probe, current, target)
+    assert fit.met and fit.recompute_budget == answer / 32 and calls == [9, answer]
+    monkeypatch.setattr(budget, "_settled", lambda *a: False)
+    monkeypatch.setattr(budget, "_CLOSE", -1.0)
+    calls.clear()
+    fit = budget.fit_recompute_budget(probe, current, target)
+    assert fit.met and fit.recompute_budget == answer / 32 and len(calls) < len(before) and calls[0] == 9
