@@ -81,9 +81,11 @@ class _AfterImport:
     def find_spec(self, fullname, path, target=None):
         if fullname != self.target:
             return None
+        import contextlib
         import importlib.util
 
-        sys.meta_path.remove(self)            # one shot; and the lookup below must not find us again
+        with contextlib.suppress(ValueError):  # another thread's import may have fired it already
+            sys.meta_path.remove(self)          # one shot; and the lookup below must not find us again
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
