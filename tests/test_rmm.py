@@ -50,7 +50,6 @@ def test_pass_is_unbiased_and_exact_elsewhere(strict_pass):
     backend = velora_fx.backend(codecs=("rmm",), rmm_ratio=0.25, mode="max_memory", compiler="eager")
     torch._dynamo.reset()
     run = torch.compile(model, backend=backend)
-    rows = {s.name: s for s in backend.report().sites} if backend.report().graphs else {}
     total, single_errors = None, []
     steps = 300
     for _ in range(steps):
