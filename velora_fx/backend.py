@@ -46,11 +46,9 @@ from .state import ModelState, StateError
 
 __all__ = ["VeloraBackend", "backend", "default_backend"]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SERIALS = itertools.count()
 
 
-_source_hash = plan_cache.source_hash  # (the backend's uuid and the plan cache's key)
 
 
 class VeloraBackend:
@@ -256,7 +254,7 @@ class VeloraBackend:
         payload = json.dumps({k: v for k, v in self.config.to_dict().items() if k != "plan_cache"}, sort_keys=True)
         plan = json.dumps(sorted((model.plan if model else {}).items()))
         digest = hashlib.sha256((payload + plan).encode()).hexdigest()[:16]
-        return f"velora_fx:{_source_hash()}:{digest}"
+        return f"velora_fx:{plan_cache.source_hash()}:{digest}"
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:

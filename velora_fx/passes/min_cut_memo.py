@@ -20,24 +20,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch.fx as fx
 from torch.utils._ordered_set import OrderedSet
 
-__all__ = ["MinCutMemo", "shared_min_cuts", "graph_digest"]
+__all__ = ["MinCutMemo", "shared_min_cuts", "graph_digest", "node_key"]
 
 _EXPECTED = ["joint_graph", "node_info", "min_cut_options", "dont_ban"]
 
 
+def node_key(node: fx.Node, target: Callable[[Any], str] = str) -> tuple:
+    """What a partitioner reads from one node: its name, op, target (as ``target`` names it),
+    arguments (other nodes by name) and save policy."""
+    args = fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)
+    return (node.name, node.op, target(node.target), args, node.meta.get("recompute"),
+            node.meta.get("partitioner_tag"))
+
+
 def graph_digest(graph: fx.Graph) -> str:
-    """What a partitioner reads from a graph: each node's name, op, target, arguments and save policy
-    (the values' shapes follow from the names within one compile)."""
+    """``node_key`` of every node (the values' shapes follow from the names within one compile)."""
     digest = hashlib.sha1()
     for node in graph.nodes:
-        args = fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)
-        digest.update(repr((node.name, node.op, str(node.target), args, node.meta.get("recompute"),
-                            node.meta.get("partitioner_tag"))).encode())
+        digest.update(repr(node_key(node)).encode())
     return digest.hexdigest()
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
+from .min_cut_memo import node_key
 
 __all__ = ["SCHEMA", "enabled", "cache_dir", "graph_fingerprint", "key_of", "load", "store", "source_hash"]
 
@@ -114,9 +115,7 @@ def graph_fingerprint(graph: fx.Graph, inputs: Iterable[Any] | None = None) -> s
     digest = hashlib.sha256()
     index = 0
     for node in graph.nodes:
-        args = fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)
-        item: tuple = (node.name, node.op, _target(node.target), args, node.meta.get("recompute"),
-                       node.meta.get("partitioner_tag"))
+        item = node_key(node, _target)
         if node.op == "placeholder":
             value = given[index] if given is not None and index < len(given) else \
                 node.meta.get("val", node.meta.get("example_value"))
