@@ -106,8 +106,8 @@ def test_to_dict_is_unchanged():
     assert d["bytes_freed"] == site.bytes_before - site.bytes_after
     g = report.to_dict()["graphs"][0]
     assert list(g) == ["graph_id", "model", "frame", "status", "message", "saved_bytes_before",
-                       "saved_bytes_after", "budget_target", "recompute_budget", "budget_plans", "predicted_peak",
-                       "plan_source", "sites"]
+                       "saved_bytes_after", "budget_target", "recompute_budget", "budget_plans", "budget_candidates",
+                       "predicted_peak", "plan_source", "sites"]
     assert g["message"] == MESSAGE
     assert list(report.to_dict()) == ["saved_bytes_before", "saved_bytes_after", "predicted_peak_before",
                                       "predicted_peak_after", "totals_count", "graphs"]

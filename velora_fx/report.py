@@ -10,6 +10,10 @@ __all__ = ["SiteReport", "GraphReport", "Report"]
 _WIDTH = 120
 
 
+_UNFITTED = {"skipped": "not fitted (cost before recompute at or above the winner's)",
+             "given up": "given up (a budget that missed the target already cost more than the winner)"}
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
@@ -140,6 +144,8 @@ class GraphReport:
     budget_target: int | None = None     # memory_budget: saved bytes asked for
     recompute_budget: float | None = None  # memory_budget: inductor's activation_memory_budget used
     budget_plans: list[dict[str, Any]] = field(default_factory=list)  # memory_budget: the plans weighed
+    # memory_budget: each codec candidate the chooser priced (tensor, codec, bytes freed, price, chosen, why)
+    budget_candidates: list[dict[str, Any]] = field(default_factory=list)
     # the step's activation peak predicted from the partitions (passes/step_peak.py):
     # {"before": {forward, backward, saved, peak} | None, "after": {...}}
     predicted_peak: dict[str, Any] | None = None
@@ -152,6 +158,7 @@ class GraphReport:
                 "message": self.message, "saved_bytes_before": self.saved_bytes_before,
                 "saved_bytes_after": self.saved_bytes_after, "budget_target": self.budget_target,
                 "recompute_budget": self.recompute_budget, "budget_plans": list(self.budget_plans),
+                "budget_candidates": list(self.budget_candidates),
                 "predicted_peak": self.predicted_peak, "plan_source": self.plan_source,
                 "sites": [s.to_dict() for s in self.sites]}
 
@@ -252,10 +259,17 @@ class Report:
                                 "batch)", 4)
             for p in g.budget_plans:  # memory_budget: every plan weighed, the chosen one marked
                 fit = (f"saved {_size(p['saved_bytes'])} at recompute budget {p['recompute_budget']:.3g}"
-                       if p["fitted"] else "not fitted (cost before recompute above the winner's)")
+                       if p["fitted"] else _UNFITTED.get(p.get("status", ""), _UNFITTED["skipped"]))
                 lines += _block(f"  {'*' if p['chosen'] else ' '} ", f"plan {p['plan']}: {fit}; est. time "
                                 f"{p['estimated_time_ratio']:.3f}x + error_cost x error {p['error']:.3f} = "
                                 f"{p['score']:.3f}", 6)
+            if g.budget_candidates:  # memory_budget: the chooser's candidates, in one line
+                rows = g.budget_candidates
+                price = rows[0]["recompute_price"]
+                lines += _block("    ", f"{len(rows)} codec candidate{'s' if len(rows) != 1 else ''}, "
+                                f"{sum(c['selected'] for c in rows)} priced below recompute "
+                                f"({'cannot meet the target alone' if price is None else f'{price:.3g} per byte'})"
+                                f" and needed, {sum(c['chosen'] for c in rows)} in the chosen plan", 6)
         current = self.current
         n_sites = sum(len(g.sites) for g in current)
         n_compressed = sum(1 for g in current for s in g.sites if s.decision == "compressed")

@@ -1,20 +1,19 @@
-"""``memory_budget``: one choice between keeping, recomputing and encoding, at least estimated cost.
+"""``memory_budget``'s two measures: the least recompute that meets a target, and a plan's price.
 
-The planner offers a few *plans* for a graph: exact (no codec; only the model's earlier,
-sticky codec choices), the matmul codecs alone (velora / rmm), and every codec the config allows.
-For each plan the partitioner's knapsack (``activation_memory_budget``) is searched for the
-largest budget — the least recompute — that meets the target (``fit_recompute_budget``).  Each
-fitted plan is priced as
+``fit_recompute_budget`` searches the partitioner's knapsack (``activation_memory_budget``) for
+the largest budget — the least recompute — whose partition of a graph meets the target saved
+bytes.  ``choose_plan`` fits each of a few *plans* (a graph with some codecs rewritten) that way
+and prices it as
 
     estimated step time / the baseline partition's + ``error_cost`` x its gradient error
 
 (``step_cost.py``'s roofline; the error is each codec's ``estimated_error`` weighted by the share of
-the trained weights whose gradient it touches), and the cheapest plan that meets the target wins.
-A codec is thus used only where it is cheaper than exact recompute by more than the gradient
-error it costs.  A plan whose cost before any recompute is already above the best is not fitted,
-and one whose search meets a budget that misses the target at a cost above the best (with a
-little slack) is given up: a lower budget recomputes more.  When no plan can meet the target, the
-one with the fewest saved bytes is used and the report says so.
+the trained weights whose gradient it touches); the cheapest plan that meets the target wins.
+A plan whose cost before any recompute is already at the best's is not fitted ("skipped"), and
+one whose search meets a budget that misses the target at a cost above the best (with a little
+slack) is "given up": a lower budget recomputes more.  When no plan can meet the target, the one
+with the fewest saved bytes is used and the report says so.  Which plans to weigh is the
+chooser's (``chooser.py``): exact, and the codec candidates priced below recompute.
 """
 from __future__ import annotations
 
@@ -24,14 +23,11 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from .._compat import is_joint_primal, recompute_budget
-from .graph_utils import CASTS, FORWARD_MATMULS, VIEW_LIKE, near_inputs, strip_views
+from .._compat import recompute_budget
 from .partition_probe import SavedSet
-from .planner import Decision
 from .step_cost import StepCost, estimate_step
 
-__all__ = ["BudgetFit", "PlanOption", "PlanChoice", "choose_plan", "plan_under_budget", "target_bytes",
-           "fit_recompute_budget"]
+__all__ = ["BudgetFit", "PlanOption", "PlanChoice", "choose_plan", "target_bytes", "fit_recompute_budget"]
 
 _STEPS = 5  # the knapsack budget is searched on a grid of 1/2**_STEPS (each probe is one partition)
 # step-time ratio a lower budget may undercut a higher one by (the knapsack's curve is ragged: up to
@@ -172,14 +168,17 @@ class PlanOption:
 @dataclass
 class PlanChoice:
     option: PlanOption
-    fit: BudgetFit | None    # None: not fitted (its cost before recompute was already too high)
+    fit: BudgetFit | None    # None: not fitted (see ``status``)
     cost: StepCost
     time_ratio: float        # estimated step time / the baseline partition's
     score: float             # time_ratio + error_cost * error
+    # "fitted"; "skipped": its cost before any recompute was already at the best plan's, so it was
+    # not fitted; "given up": its search met a budget that missed the target at a cost past the best's
+    status: str = "fitted"
 
     def to_dict(self, chosen: bool) -> dict[str, Any]:
         fit = self.fit
-        return {"plan": self.option.name, "chosen": chosen, "fitted": fit is not None,
+        return {"plan": self.option.name, "chosen": chosen, "fitted": fit is not None, "status": self.status,
                 "met": bool(fit and fit.met), "saved_bytes": fit.saved.activation_bytes if fit else None,
                 "recompute_budget": fit.recompute_budget if fit else None,
                 "estimated_time_ratio": round(self.time_ratio, 4), "error": round(self.option.error, 6),
@@ -199,7 +198,7 @@ def choose_plan(options: Sequence[PlanOption], target: int, probe: Callable[[fx.
         unfitted = estimate_step(option.saved.fwd, option.saved.bwd)
         floor = unfitted.seconds / base + error_cost * option.error  # recompute only adds work
         if best is not None and floor >= best.score:
-            evaluated.append(PlanChoice(option, None, unfitted, unfitted.seconds / base, floor))
+            evaluated.append(PlanChoice(option, None, unfitted, unfitted.seconds / base, floor, "skipped"))
             continue
         missed: list[PlanChoice] = []
 
@@ -208,7 +207,7 @@ def choose_plan(options: Sequence[PlanOption], target: int, probe: Callable[[fx.
             winner's score (with slack for the knapsack's ragged curve), the plan cannot win."""
             cost = estimate_step(saved.fwd, saved.bwd)
             missed.append(PlanChoice(option, None, cost, cost.seconds / base,
-                                     cost.seconds / base + error_cost * option.error))
+                                     cost.seconds / base + error_cost * option.error, "given up"))
             return best is not None and missed[-1].score >= best.score + _PRUNE_SLACK
         fit = fit_recompute_budget(lambda option=option: probe(option.gm), option.saved, target, give_up)
         if fit is None:
@@ -223,66 +222,3 @@ def choose_plan(options: Sequence[PlanOption], target: int, probe: Callable[[fx.
         fitted = [c for c in evaluated if c.fit is not None]
         best = min(fitted, key=lambda c: (c.fit.saved.activation_bytes, c.score))
     return best, evaluated
-
-
-def plan_under_budget(ctx, baseline: SavedSet, decisions: list[Decision], pointwise_plan: list, planned: tuple,
-                      weight_share, nodes: dict[str, fx.Node], target: int, error_cost: float,
-                      apply: Callable[[set[int]], tuple]) -> tuple:
-    """``memory_budget``: exact, the matmul codecs alone, or every planned codec, each with the least
-    recompute that meets ``target``; the cheapest wins.  Codec choices the winner does not use are
-    skipped and say why; the model's earlier (sticky) choices are in every plan.  ``ctx`` is the
-    pipeline's JointContext, ``planned`` its (graph, partition, rewrite) with every planned codec,
-    ``apply(ids)`` builds the same for a subset of decisions (by ``id``).  Returns the winner's
-    graph, fitted partition and rewrite, and (winner, every plan as evaluated)."""
-    chosen = [d for d in [*decisions, *pointwise_plan] if d.compress]
-    sticky = {id(d) for d in chosen if d.sticky}
-    matmul = sticky | {id(d) for d in decisions if d.compress}
-    everything = {id(d) for d in chosen}
-    share = _error_weights(ctx, weight_share, nodes)
-    error = lambda subset: sum(share(d) * d.estimated_error for d in chosen if id(d) in subset)  # noqa: E731
-    names = {id(d): d.codec_name for d in chosen}
-    options, seen = [], set()
-    for subset in (sticky, matmul, everything):
-        key = frozenset(subset)
-        if key in seen:
-            continue
-        seen.add(key)
-        built = planned if subset == everything else apply(subset)
-        name = "+".join(sorted({names[i] for i in subset - sticky})) or "exact"
-        if sticky and subset != sticky:
-            name += " (+ this model's earlier choices)"
-        elif sticky:
-            name = "this model's earlier choices"
-        options.append(PlanOption(name, built[0], built[1], error(subset), (subset, built)))
-    best, evaluated = choose_plan(options, target, ctx.probe, baseline, error_cost)
-    subset, (gm, _, done) = best.option.payload
-    for d in chosen:
-        if id(d) not in subset:
-            d.skip(f"memory_budget: plan '{best.option.name}' meets it at a lower estimated cost")
-    return gm, best.fit.saved, done, (best, evaluated)
-
-
-def _error_weights(ctx, weight_share, nodes: dict[str, fx.Node]) -> Callable[[Any], float]:
-    """How much of the model a codec's error reaches: the share of the trained weights whose
-    gradient it approximates (a VeLoRA/RMM site's weights; for a nonlinearity's codes, the weights
-    of the matmuls that produce its input, whose gradients its derivative multiplies)."""
-    primal_index = {n: i for i, n in enumerate(n for n in ctx.gm.graph.nodes if is_joint_primal(n))}
-    params = set(ctx.param_indices)
-
-    def producers(node: fx.Node) -> list["_ParamRef"]:
-        """The trained weights of the forward matmuls a few cheap ops above ``node``."""
-        matmuls = [nodes[n] for n in near_inputs(node, depth=6, stop=FORWARD_MATMULS)
-                   if nodes[n].op == "call_function" and nodes[n].target in FORWARD_MATMULS]
-        roots = (strip_views(arg, VIEW_LIKE | CASTS)[0] for m in matmuls for arg in m.all_input_nodes)
-        return [_ParamRef(i) for i in sorted({primal_index.get(r) for r in roots} & params)]
-
-    def weight(d) -> float:
-        if isinstance(d, Decision):
-            return weight_share(d.sites)
-        return weight_share(producers(nodes[d.site.encode_at]))
-    return weight
-
-
-@dataclass(frozen=True)
-class _ParamRef:
-    param_index: int

@@ -4,7 +4,8 @@
 One decision type (``CodecDecision``: the tensor, the codec, its estimated error, why), the checks
 every site passes first (``decided_before_planning``), the error estimate on a bounded sample of
 the calibration batch (``estimated_error``), one rewrite loop (``rewrite_codes``) that asks each
-decision to rewrite itself, and one report row (``codec_report``).  Each codec's module depends on this one only, never on the other's.
+decision to rewrite itself, and one report row (``codec_report``).  Each codec's module depends on
+this one only, never on the other's.
 """
 from __future__ import annotations
 
@@ -58,6 +59,24 @@ class CodecDecision:
     def approximates(self) -> str:
         """Which gradients the codec's error reaches (the report's words)."""
         raise NotImplementedError
+
+    # what ``candidates.propose`` reads, as VeLoRA/RMM decisions have it
+    @property
+    def encode_at(self) -> str:
+        return self.site.encode_at
+
+    @property
+    def saved_forms(self) -> list[str]:
+        return self.site.kept
+
+    def code_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, config: VeloraConfig) -> int:
+        """What forward saves instead of the tensor (the codec's own accounting)."""
+        return self.codec().saved_bytes(shape, dtype)
+
+    def error_reach(self, producers: Callable[[str], list]) -> list:
+        """Whose gradients its error reaches: the weights of the matmuls that produce the encoded
+        tensor (``producers(node)``), whose gradients the approximated derivative multiplies."""
+        return producers(self.site.encode_at)
 
 
 def decided_before_planning(d: CodecDecision, config: VeloraConfig, sticky: dict[str, int], key: str,

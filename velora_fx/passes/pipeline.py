@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .._compat import int_hint, is_joint_primal, real_tensors, recompute_budget
+from .._compat import int_hint, is_joint_primal, real_tensors
 from ..codecs.base import get_codec
 from ..codecs.rmm import sketch_rows
 from ..codecs.rmm import structural_error as rmm_structural_error
@@ -20,18 +20,18 @@ from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
 from ..state import initial_vector, random_seed, random_vector
 from . import plan_cache
-from .budget import plan_under_budget
 from .calibrate import activation_values, calibration_graph
+from .chooser import plan_under_budget
 from .codec_plan import CodecDecision, codec_report, rewrite_codes
 from .graph_utils import near_inputs, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, ProbeCache, SavedSet, lazy_clone, probe_partition
+from .plan_replay import Planned, plan_key, replay
 from .planner import RMM_PLAN, Decision, plan_groups, structural_error
-from .pointwise_plan import PointwiseDecision, plan_pointwise
+from .pointwise_plan import plan_pointwise
 from .pointwise_sites import find_pointwise_sites
 from .rewrite import rewrite_group, store_states
 from .sites import ActivationGroup, Site, find_groups
-from .step_peak import StepPeak
-from .stored_plan import StoredDecision, plan_stored, release_taken
+from .stored_plan import plan_stored, release_taken
 from .stored_sites import find_stored_sites
 
 __all__ = ["JointContext", "GraphBinding", "StateSite", "run_pipeline", "StateReadAfterUpdate"]
@@ -130,7 +130,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     features = {id(g): int_hint(tensor_val(nodes[g.encode_at]).shape[-1]) for g in groups}
     slots = {id(g): binding.slot(g.sites[0], features[id(g)]) for g in groups}
     names = {id(g): slots[id(g)].name if slots[id(g)] else g.name for g in groups}
-    key = _plan_key(ctx, config, binding, groups, [*pointwise, *stored], slots, budget_target, plan_context) \
+    key = plan_key(ctx, config, binding, groups, [*pointwise, *stored], slots, budget_target, plan_context) \
         if plan_context is not None else None
     entry = plan_cache.load("plan", key) if key else None
     planned = None
@@ -138,7 +138,9 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         keep = {row.get("at") for row in entry.get("groups", []) if isinstance(row, dict) and row.get("sites")
                 and row.get("codec") == "velora"} if isinstance(entry.get("groups"), list) else set()
         estimate = _Estimator(ctx.gm, [g for g in groups if g.encode_at in keep], binding.real_primals, config, names)
-        planned = _replay(ctx, entry, groups, pointwise, stored, slots, estimate, binding, config, budget_target)
+        planned = replay(entry, groups, pointwise, stored, budget_target,
+                         lambda ds: _rules(ds, slots, estimate, binding, config),
+                         lambda ds, codes, rules: _apply(ctx, None, ds, codes, slots, rules, binding, config))
     if planned is None:
         estimate = _Estimator(ctx.gm, groups, binding.real_primals, config, names,
                               [s.encode_at for s in [*pointwise, *stored]])
@@ -169,6 +171,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         budget = planned.budget
         report.budget_target, report.recompute_budget = budget["target"], budget["recompute_budget"]
         report.budget_plans = [dict(p) for p in budget["plans"]]
+        report.budget_candidates = [dict(c) for c in budget.get("candidates", [])]
         report.message = "; ".join(m for m in (report.message, budget["message"]) if m)
     report.sites = [_site_report(nodes[d.group.encode_at], d, baseline, after, done.saved_nodes.get(id(d), []),
                                  slots[id(d.group)], config) for d in decisions]
@@ -180,41 +183,9 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     return PipelineResult(planned.gm, after, report, state_sites, calibration)
 
 
-@dataclass
-class _Planned:
-    """A graph's plan: the decisions, the rewritten graph and its final partition."""
-
-    decisions: list[Decision]
-    pointwise: list[CodecDecision]       # few-bit and gated decisions, one per site
-    gm: fx.GraphModule
-    after: SavedSet
-    done: "_Rewritten"
-    baseline: SavedSet
-    rules: dict[int, str]
-    budget: dict[str, Any] | None = None  # memory_budget: the report's target, recompute budget, plans, message
-    from_cache: bool = False
-
-    def entry(self) -> dict[str, Any]:
-        """What the plan cache stores (``_replay`` reads it): decisions, not state."""
-        base = self.baseline
-        return {
-            "groups": [{"at": d.group.encode_at, "sites": [i for i, s in enumerate(d.group.sites)
-                                                            if any(s is t for t in d.sites)],
-                        "codec": d.codec, "g": d.sub_token_size, "error": float(d.estimated_error),
-                        "reason": d.reason, "sticky": d.sticky} for d in self.decisions],
-            "codes": [{"at": d.site.encode_at, "codec": d.codec_name, "compress": d.compress, "bits": d.bits,
-                       "error": float(d.estimated_error), "reason": d.reason, "sticky": d.sticky}
-                      for d in self.pointwise],
-            "baseline": {"activations": base.activations, "inputs": base.inputs, "base_bytes": base.base_bytes,
-                         "peak": dataclasses.asdict(base.known_peak) if base.known_peak is not None else None},
-            "saved_bytes": self.after.activation_bytes,
-            "budget": self.budget,
-        }
-
-
 def _plan(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups: list[ActivationGroup],
           pointwise: list, stored: list, nodes: dict[str, fx.Node], features: dict, slots: dict,
-          estimate: "_Estimator", budget_target: Callable[[SavedSet], int] | None) -> _Planned:
+          estimate: "_Estimator", budget_target: Callable[[SavedSet], int] | None) -> Planned:
     """Plan the graph: baseline partition, the codecs' plans verified on the real partition (reverting
     what frees nothing), and under ``memory_budget`` the cheapest of exact recompute and the codecs."""
     baseline = ctx.probe(ctx.gm)
@@ -254,115 +225,21 @@ def _plan(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups
             result_gm, after, done = _apply(ctx, baseline, decisions, fewbit, slots, rules, binding, config)
     budget = None
     if budget_target is not None:
-        result_gm, after, done, (best, evaluated) = plan_under_budget(
-            ctx, baseline, decisions, pointwise_plan, (result_gm, after, done), weight_share, nodes,
-            budget_target(baseline), config.error_cost,
+        result_gm, after, done, (best, evaluated, candidates) = plan_under_budget(
+            ctx, baseline, planning, decisions, pointwise_plan, (result_gm, after, done), weight_share, nodes,
+            budget_target(baseline), config,
             lambda subset: _apply(ctx, baseline, [d for d in decisions if id(d) in subset],
                                   [d for d in pointwise_plan if id(d) in subset], slots, rules, binding, config))
         budget = {"target": best.fit.target, "recompute_budget": best.fit.recompute_budget,
-                  "plans": [c.to_dict(c is best) for c in evaluated], "message": best.fit.message(best.option.name)}
-    return _Planned(decisions, pointwise_plan, result_gm, after, done, baseline, rules, budget)
+                  "plans": [c.to_dict(c is best) for c in evaluated], "candidates": candidates,
+                  "message": best.fit.message(best.option.name)}
+    return Planned(decisions, pointwise_plan, result_gm, after, done, baseline, rules, budget)
 
 
 def _rules(decisions: list[Decision], slots: dict, estimate: "_Estimator", binding: GraphBinding,
            config: VeloraConfig) -> dict[int, str]:
     return {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group), binding.sets_v_at_call)
             for d in decisions}
-
-
-def _plan_key(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups: list[ActivationGroup],
-              sites: list, slots: dict, budget_target, context: dict[str, Any]) -> str:
-    """The plan cache's key of this graph (``plan_cache.py``): everything the decisions follow from
-    but the calibration batch."""
-    return plan_cache.key_of({
-        "kind": "plan", "graph": plan_cache.graph_fingerprint(ctx.gm.graph),
-        "config": {k: v for k, v in config.to_dict().items() if k != "plan_cache"},
-        "sticky": sorted(binding.plan.items()), "calibrated": binding.real_primals is not None,
-        "v_at_call": binding.sets_v_at_call, "num_fwd_outputs": ctx.num_fwd_outputs,
-        "params": list(ctx.param_indices), "labels": list(ctx.primal_labels or []),
-        "partition": ctx.partition_kwargs, "budget": budget_target is not None,
-        "groups": [(g.name, g.encode_at, [s.module_path for s in g.sites]) for g in groups],
-        "sites": [(s.name, s.encode_at) for s in sites],
-        "slots": [(slots[id(g)].name, slots[id(g)].sub_token_size, _initialised(slots[id(g)]))
-                  if slots[id(g)] is not None else None for g in groups],
-        **context})
-
-
-def _replay(ctx: JointContext, entry: dict[str, Any], groups: list[ActivationGroup], pointwise: list, stored: list,
-            slots: dict, estimate: "_Estimator", binding: GraphBinding, config: VeloraConfig,
-            budget_target: Callable[[SavedSet], int] | None) -> _Planned | None:
-    """An earlier process's plan of this graph applied and partitioned once; None (planning follows)
-    if the entry does not fit this graph or its partition does not save the bytes the entry says."""
-    try:
-        decisions = [_decision_from(row, group) for row, group in _pairs(entry["groups"], groups)]
-        codes = [_code_from(row, d) for row, d in _pairs(entry["codes"], [
-            *(PointwiseDecision(s) for s in pointwise), *(StoredDecision(s) for s in stored)])]
-        base = entry["baseline"]
-        peak = base.get("peak")
-        baseline = SavedSet({str(k): str(v) for k, v in base["activations"].items()},
-                            {str(k): str(v) for k, v in base["inputs"].items()},
-                            {str(k): int(v) for k, v in base["base_bytes"].items()}, None, None,
-                            known_peak=StepPeak(*(int(peak[k]) for k in ("forward", "backward", "saved")))
-                            if peak is not None else None)
-        saved_bytes, budget = int(entry["saved_bytes"]), entry["budget"]
-        recompute = None if budget is None else float(budget["recompute_budget"])
-        if budget is not None:
-            budget = {"target": int(budget["target"]), "recompute_budget": recompute,
-                      "plans": [dict(p) for p in budget["plans"]], "message": str(budget["message"])}
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        plan_cache.log.debug("velora_fx plan cache: an entry that does not fit this graph (%s: %s); planning",
-                             type(exc).__name__, exc)
-        return None
-    if (budget is None) != (budget_target is None) or (budget is not None and baseline.known_peak is None):
-        plan_cache.log.debug("velora_fx plan cache: the entry has no memory_budget plan; planning")
-        return None
-    if budget is not None and budget_target(baseline) != budget["target"]:
-        plan_cache.log.debug("velora_fx plan cache: the entry was planned for another target; planning")
-        return None
-    rules = _rules(decisions, slots, estimate, binding, config)
-    try:
-        with recompute_budget(recompute if recompute is not None and recompute < 1.0 else None):
-            gm, after, done = _apply(ctx, None, decisions, [d for d in codes if d.compress], slots, rules, binding,
-                                     config)
-    except Exception as exc:  # noqa: BLE001 - decisions this graph cannot take: plan it instead
-        plan_cache.log.debug("velora_fx plan cache: the cached decisions do not apply here (%s: %s); planning",
-                             type(exc).__name__, exc)
-        return None
-    if after.activation_bytes != saved_bytes:
-        plan_cache.log.debug("velora_fx plan cache: the cached plan saves %d bytes here, the entry says %d; planning",
-                             after.activation_bytes, saved_bytes)
-        return None
-    return _Planned(decisions, codes, gm, after, done, baseline, rules, budget, from_cache=True)
-
-
-def _pairs(rows: list, items: list) -> list[tuple[dict, Any]]:
-    if not isinstance(rows, list) or len(rows) != len(items) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{len(rows) if isinstance(rows, list) else rows!r} rows for {len(items)} sites")
-    return list(zip(rows, items))
-
-
-def _decision_from(row: dict, group: ActivationGroup) -> Decision:
-    if row["at"] != group.encode_at or row["codec"] not in ("velora", "rmm"):
-        raise ValueError(f"group {row['at']!r} ({row['codec']!r}) where this graph has {group.encode_at!r}")
-    g = row["g"]
-    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-        raise ValueError(f"sub-token size {g!r}")
-    indices = [int(i) for i in row["sites"]]
-    if any(not 0 <= i < len(group.sites) for i in indices):
-        raise ValueError(f"consumers {indices} of a group of {len(group.sites)}")
-    return Decision(group, [group.sites[i] for i in indices], str(row["reason"]), g,
-                    float(row["error"]), bool(row["sticky"]), row["codec"])
-
-
-def _code_from(row: dict, d: CodecDecision) -> CodecDecision:
-    if row["at"] != d.site.encode_at or row["codec"] != d.codec_name:
-        raise ValueError(f"site {row['at']!r} ({row['codec']!r}) where this graph has {d.site.encode_at!r}")
-    bits = row["bits"]
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)):
-        raise ValueError(f"bits {bits!r}")
-    d.compress, d.reason, d.bits = bool(row["compress"]), str(row["reason"]), bits
-    d.estimated_error, d.sticky = float(row["error"]), bool(row["sticky"])
-    return d
 
 
 def _state_sites(decisions: list[Decision], slots: dict, done: "_Rewritten") -> list[StateSite]:
