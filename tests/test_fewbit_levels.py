@@ -23,6 +23,7 @@ TORCH_FN = {
     "relu": torch.relu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # transformers' QuickGELUActivation
 }
 
 
@@ -126,7 +127,7 @@ def test_relative_error_shrinks_with_bits(name):
     assert all(b < 0.5 * a for a, b in itertools.pairwise(errors)), errors
     assert errors[0] < 0.25, errors
     assert errors[2] < 0.02, errors  # 3 bits: ~0.3-0.9 % for these functions
-    if name in ("gelu", "gelu_tanh", "silu"):
+    if name in ("gelu", "gelu_tanh", "silu", "quick_gelu"):
         assert errors[2] < 0.01, errors
 
 
@@ -244,7 +245,7 @@ def test_output_domain_codes(name, bits):
     assert torch.equal(levels.encode_output(forward(name, x)), levels.encode(x))
 
 
-@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
 def test_output_thresholds_need_monotone_function(name):
     with pytest.raises(ValueError, match="not monotone"):
         fit_levels(name, 2).output_thresholds()

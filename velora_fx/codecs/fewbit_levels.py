@@ -36,7 +36,8 @@ import torch.nn.functional as F
 __all__ = ["FUNCTIONS", "forward", "derivative", "FewBitLevels", "fit_levels", "empirical_error",
            "FewBitFunction", "fewbit_apply"]
 
-FUNCTIONS = ("gelu", "gelu_tanh", "silu", "relu", "sigmoid", "tanh")
+# quick_gelu is ``x * sigmoid(1.702 x)`` (transformers' QuickGELUActivation, CLIP's activation)
+FUNCTIONS = ("gelu", "gelu_tanh", "silu", "relu", "sigmoid", "tanh", "quick_gelu")
 # functions whose PyTorch backward reads the output y; f is non-decreasing on them
 _OUTPUT_DOMAIN = ("relu", "sigmoid", "tanh")
 MAX_BITS = 8  # codes are stored as uint8
@@ -56,6 +57,7 @@ _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_K = math.sqrt(2.0 / math.pi)
 _TANH_A = 0.044715
+_QUICK_GELU_A = 1.702
 
 
 def _check_name(name) -> str:
@@ -86,6 +88,8 @@ def forward(name: str, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x)
     if name == "sigmoid":
         return torch.sigmoid(x)
+    if name == "quick_gelu":
+        return x * torch.sigmoid(_QUICK_GELU_A * x)
     return torch.tanh(x)
 
 
@@ -109,6 +113,9 @@ def derivative(name: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> 
     elif name == "sigmoid":
         s = torch.sigmoid(x)
         d = s * (1.0 - s)
+    elif name == "quick_gelu":
+        s = torch.sigmoid(_QUICK_GELU_A * x)
+        d = s + _QUICK_GELU_A * x * s * (1.0 - s)
     else:
         t = torch.tanh(x)
         d = 1.0 - t * t
@@ -166,7 +173,7 @@ class FewBitLevels:
         output ``y`` (relu, sigmoid, tanh: ``f`` non-decreasing).  Comparing ``y`` with these
         (same ``right_closed`` rule, see :meth:`encode_output`) gives the code of ``x``.  relu's
         thresholds are all ``>= 0`` and kept as they are, so its 1-bit output code is ``y > 0``.
-        Raises ValueError for non-monotone functions (gelu, gelu_tanh, silu)."""
+        Raises ValueError for non-monotone functions (gelu, gelu_tanh, silu, quick_gelu)."""
         if self.name not in _OUTPUT_DOMAIN:
             raise ValueError(f"{self.name} is not monotone, its codes cannot be read from the "
                              f"output; output thresholds exist for {', '.join(_OUTPUT_DOMAIN)}")

@@ -9,6 +9,11 @@ A site is usable when its backward region reads, besides the incoming gradient, 
 the derivative is a function of (``x`` for GELU/SiLU, ``y = f(x)`` for ReLU/sigmoid/tanh, whose
 PyTorch backward reads the output) and computes one gradient.  The few-bit codec then saves a
 code of that tensor and replaces the region's result by ``grad * q(code)``.
+
+Nonlinearities written out of primitive ops (transformers' ``gelu_new``, ``gelu_fast``,
+``quick_gelu``...) have no such op name: ``pointwise_match`` finds them by evaluating candidate
+element-wise regions on a probe grid (``recognised_by="computed"``).  A computed region that
+contains an op-name site (``gelu_new``'s inner ``tanh``) replaces it.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch.fx as fx
 
 from ..naming import module_path_from_source
 from .graph_utils import JointFlags, strip_views, tensor_val, view_forms
+from .pointwise_match import ComputedRegion, find_computed_regions
 
 __all__ = ["PointwiseSite", "find_pointwise_sites", "FORWARD_OPS"]
 
@@ -41,7 +47,7 @@ class PointwiseSite:
     """One nonlinearity call and the backward region computing its input gradient."""
 
     name: str                 # module path of the activation module (or op@node)
-    function: str             # gelu | gelu_tanh | silu | relu | sigmoid | tanh
+    function: str             # a name of fewbit_levels.FUNCTIONS (gelu, gelu_tanh, silu, quick_gelu...)
     encode_at: str            # the tensor the derivative is evaluated from (x or y)
     domain: str               # "input" or "output": which one encode_at is
     grad_in: str              # the incoming gradient (backward region's tangent-side input)
@@ -54,6 +60,7 @@ class PointwiseSite:
     derived: list[str] = field(default_factory=list)  # f'(x) parts of the region (tangent-free): the
                                                       # partitioner may save those instead of x
     unsupported: str | None = None
+    recognised_by: str = "op"  # "op": by its aten op's name; "computed": by evaluating its region
 
     @property
     def kept(self) -> list[str]:
@@ -61,8 +68,10 @@ class PointwiseSite:
         return self.forms + self.input_forms + self.derived
 
 
-def find_pointwise_sites(gm: fx.GraphModule, param_indices: Sequence[int]) -> list[PointwiseSite]:
-    """Every nonlinearity of ``FORWARD_OPS`` with a backward region, in graph order."""
+def find_pointwise_sites(gm: fx.GraphModule, param_indices: Sequence[int],
+                         computed: bool = True) -> list[PointwiseSite]:
+    """Every nonlinearity of ``FORWARD_OPS`` with a backward region, and (``computed``) every
+    element-wise region computing a function of ``fewbit_levels.FUNCTIONS``, in graph order."""
     flags = JointFlags.of(gm, param_indices)
     forward: dict[tuple, list[fx.Node]] = {}
     backward: dict[tuple, list[fx.Node]] = {}
@@ -77,13 +86,19 @@ def find_pointwise_sites(gm: fx.GraphModule, param_indices: Sequence[int]) -> li
             forward.setdefault((op, seq), []).append(node)
         elif op in backward_ops:  # f'(x) itself does not depend on the tangent: only the last mul does
             backward.setdefault((backward_ops[op], seq), []).append(node)
-    sites = []
+    sites, claimed = [], []
     for key, fwd_nodes in forward.items():
         bwd_nodes = backward.get(key)
         if bwd_nodes:
             site = _site(key[0], fwd_nodes, bwd_nodes, flags)
             if site is not None:
                 sites.append(site)
+                claimed.append(fwd_nodes)
+    if computed:
+        regions = find_computed_regions(gm, flags, claimed)
+        replaced = {id(site) for site, nodes in zip(sites, claimed) if any(
+            set(nodes) <= set(r.forward_nodes) for r in regions)}
+        sites = [s for s in sites if id(s) not in replaced] + [_computed_site(r, flags) for r in regions]
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(sites, key=lambda s: order[s.encode_at])
 
@@ -131,6 +146,22 @@ def _site(op, fwd_nodes: list[fx.Node], bwd_nodes: list[fx.Node], flags: JointFl
         site.unsupported = "its gradient and its input differ in shape"
     elif not x_val.is_floating_point():
         site.unsupported = f"unsupported dtype {x_val.dtype}"
+    return site
+
+
+def _computed_site(region: ComputedRegion, flags: JointFlags) -> PointwiseSite:
+    """The site of a region recognised by evaluation: codes of its input x (any function's
+    thresholds are in x's domain)."""
+    x, y = region.x, region.y
+    site = PointwiseSite(name=site_name(y, region.function), function=region.function, encode_at=x.name,
+                         domain="input", grad_in=region.grad_in.name, grad_out=region.grad_out.name,
+                         region=[n.name for n in region.backward_nodes], output=y.name, recognised_by="computed")
+    site.forms = [f.name for f in view_forms(strip_views(x)[0])]
+    # what the baseline may save for f' instead of x: backward's own tangent-free parts and the
+    # forward region's inner values backward reads (gelu_new's tanh, quick_gelu's sigmoid)
+    reads = {i for n in region.backward_nodes for i in n.all_input_nodes}
+    site.derived = [n.name for n in region.backward_nodes if not flags.tangent.get(n, False)] + \
+        [n.name for n in region.forward_nodes if n in reads and n is not y]
     return site
 
 
