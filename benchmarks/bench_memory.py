@@ -98,7 +98,8 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``head``: the chunked loss head alone;
     ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
     exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
-    the least estimated step time, whatever its gradient error); a ``c<rows>`` suffix sets
+    the least estimated step time, whatever its gradient error); ``mb<x>exact``: the exact chunked
+    loss head alone under the budget (exact gradients: recompute closes the rest); a ``c<rows>`` suffix sets
     ``loss_chunk_size`` (``velora_mb0.5c256``).
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
@@ -114,11 +115,12 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     elif regime.preset == "head":    # the exact chunked loss head alone
         options = {"codecs": ["chunked_loss"]}
     elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast, velora_mb0.5c256
-        match = re.fullmatch(r"mb([0-9.]+)(fast)?(?:c(\d+))?", regime.preset)
+        match = re.fullmatch(r"mb([0-9.]+)(fast|exact)?(?:c(\d+))?", regime.preset)
         if match is None:
-            raise ValueError(f"velora_{regime.preset}: expected velora_mb<budget>[fast][c<loss chunk rows>]")
-        options = {"codecs": all_codecs, "memory_budget": float(match.group(1))}
-        if match.group(2):
+            raise ValueError(f"velora_{regime.preset}: expected velora_mb<budget>[fast|exact][c<loss chunk rows>]")
+        exact = match.group(2) == "exact"
+        options = {"codecs": ["chunked_loss"] if exact else all_codecs, "memory_budget": float(match.group(1))}
+        if match.group(2) == "fast":
             options["error_cost"] = 0.0
         if match.group(3):
             options["loss_chunk_size"] = int(match.group(3))

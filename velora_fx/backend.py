@@ -40,6 +40,7 @@ from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes import plan_cache
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
+from .passes.recompute_guard import GuardResult, guard_joint
 from .passes.step_peak import StepPeak, predict_step_peak
 from .report import GraphReport, Report, SiteReport
 from .state import ModelState, StateError
@@ -293,6 +294,8 @@ class VeloraBackend:
             context = {"device": _device_kind(joint_inputs), "held": held, "inductor": _compat.inductor_settings(),
                        "reference": dataclasses.asdict(original) if original else None} \
                 if plan_cache.enabled(self.config) else None
+            guard = guard_joint(gm, joint_inputs, ctx.partition, num_fwd_outputs, kwargs, context is not None) \
+                if self.config.memory_budget is not None else GuardResult()
             result = run_pipeline(ctx, self.config, binding, graph_id,
                                   _budget_target(self.config, original, held, peaks, head_grads), context)
         except ConfigError:
@@ -316,6 +319,7 @@ class VeloraBackend:
                 f"predicted step peak {after.peak} bytes is above the {peaks['want']} asked: what stays above the "
                 f"saved set (gradients, the last transients) is {after.peak - after.saved} bytes")) if m)
         result.report.model, result.report.frame = model.label, frame
+        result.report.message = "; ".join(m for m in (result.report.message, guard.message()) if m)
         if isinstance(self.config.memory_budget, int):
             result.report.message = "; ".join(m for m in (
                 f"memory_budget: {self.config.memory_budget} bytes for the model, of which its other graphs save "

@@ -41,6 +41,8 @@ class SavedSet:
     switches: tuple[float, ...] = ()  # knapsack budgets where this graph's partition jumps (min_cut_memo)
     known_peak: Any = None  # its predicted step peak (``step_peak.StepPeak``) once computed, or read from
                             # the plan cache (``plan_cache``: a baseline stored without its graphs)
+    held: dict[str, int] = field(default_factory=dict)  # storages forward returns to the caller (base ->
+                                                        # bytes): the caller holds them through backward
 
     @property
     def activation_bytes(self) -> int:
@@ -69,14 +71,17 @@ def probe_partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], partitio
     with lazy_graph_modules():
         gm = lazy_clone(joint)
         fwd, bwd = partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-    activations, inputs, base_bytes = {}, {}, {}
+    activations, inputs, base_bytes, held = {}, {}, {}, {}
+    for node in output_values(fwd)[:num_fwd_outputs]:
+        if isinstance(node, fx.Node) and tensor_val(node) is not None and not is_joint_primal(alias_base(node)):
+            held[alias_base(node).name] = nbytes(alias_base(node))
     for node in output_values(fwd)[num_fwd_outputs:]:
         if not isinstance(node, fx.Node) or tensor_val(node) is None:
             continue
         base = alias_base(node)
         base_bytes[base.name] = nbytes(base)
         (inputs if is_joint_primal(base) else activations)[node.name] = base.name
-    return SavedSet(activations, inputs, base_bytes, fwd, bwd)
+    return SavedSet(activations, inputs, base_bytes, fwd, bwd, held=held)
 
 
 def alias_base(node: fx.Node) -> fx.Node:

@@ -11,10 +11,13 @@ fake value.  A tensor is allocated when its node runs and freed after its last r
 keeps its base alive); graph inputs the caller holds (weights, user inputs) are not counted.
 Forward: the outputs (the saved set and the loss) stay alive at its end.  Backward starts with
 the saved set alive and frees each saved tensor after its last use; its outputs (the gradients)
-stay.  Inductor fuses chains of pointwise ops into their pointwise or reduction readers, so a
-pointwise result is counted only where inductor must write it to memory: a graph output, or an
-input of anything else (matmuls, attention, views, custom and collective ops).  An estimate,
-not a simulation of inductor's scheduler; the report shows it next to what a benchmark measures.
+stay, and so does what forward returned to the caller (logits, a KV cache: the caller holds the
+model's output while it calls backward).  Inductor fuses chains of pointwise ops into their
+pointwise or reduction readers, so a pointwise result is counted only where inductor must write
+it to memory: a graph output, an input of anything else (matmuls, attention, views, custom and
+collective ops), or one read again far from where it is computed (``recompute_guard.REACH`` of
+the graph later: a recompute chain across layers, written out for each layer's backward).  An
+estimate, not a simulation of inductor's scheduler; the report shows it next to what a benchmark measures.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import fx
 
 from .graph_utils import nbytes, output_values
 from .partition_probe import SavedSet, alias_base
+from .recompute_guard import REACH
 
 __all__ = ["StepPeak", "predict_step_peak"]
 
@@ -50,7 +54,10 @@ def predict_step_peak(saved: SavedSet) -> StepPeak:
     # backward's placeholders are the saved tensors, under their forward names, and the tangents
     by_name = {n.name: n for n in saved.bwd.graph.find_nodes(op="placeholder")}
     alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items() if name in by_name}
-    backward = _walk(saved.bwd, alive_at_start=alive)
+    # what forward returned to the caller (logits, a KV cache) is held through backward
+    pinned = {by_name[name] for name, base in saved.activations.items() if name in by_name and base in saved.held}
+    held = sum(size for base, size in saved.held.items() if base not in set(saved.activations.values()))
+    backward = held + _walk(saved.bwd, alive_at_start=alive, pinned=pinned)
     return StepPeak(forward, backward, saved.activation_bytes)
 
 
@@ -59,9 +66,11 @@ _UNFUSABLE = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_produ
               "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward"}
 
 
-def _materialised(node: fx.Node, outputs: set[fx.Node]) -> bool:
+def _materialised(node: fx.Node, outputs: set[fx.Node], order: dict[fx.Node, int]) -> bool:
     """Whether inductor writes ``node``'s result to memory (see the module docstring)."""
     if node in outputs or not _has_tag(node, torch.Tag.pointwise):
+        return True
+    if node.users and max(order[u] for u in node.users) - order[node] > REACH * len(order):
         return True
     return not all(_has_tag(user, torch.Tag.pointwise) or _has_tag(user, torch.Tag.reduction)
                    for user in node.users)
@@ -74,8 +83,9 @@ def _has_tag(node: fx.Node, tag: torch.Tag) -> bool:
     return target.overloadpacket.__name__ not in _UNFUSABLE and tag in target.tags
 
 
-def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int]) -> int:
-    """The most bytes alive at once in ``gm``, starting with ``alive_at_start``; outputs stay."""
+def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx.Node] = frozenset()) -> int:
+    """The most bytes alive at once in ``gm``, starting with ``alive_at_start``; outputs and
+    ``pinned`` stay."""
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     outputs = {n for n in output_values(gm) if isinstance(n, fx.Node)}
@@ -88,14 +98,14 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int]) -> int:
     alive = dict(alive_at_start)
     current = peak = sum(alive.values())
     for node in nodes:
-        if node.op == "call_function" and _base(node) is node and _materialised(node, outputs):
+        if node.op == "call_function" and _base(node) is node and _materialised(node, outputs, order):
             size = nbytes(node)
             if size:
                 alive[node] = size
                 current += size
                 peak = max(peak, current)
         for base in {_base(i) for i in node.all_input_nodes}:
-            if base in alive and last_use.get(base) == order[node] and base not in outputs:
+            if base in alive and last_use.get(base) == order[node] and base not in outputs and base not in pinned:
                 current -= alive.pop(base)
     return peak
 
