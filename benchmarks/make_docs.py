@@ -343,7 +343,10 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "results/gpu/v7 run records 3b08013 but ran the working tree of the issue-16 commits: state bound",
              "to the weights at call time, measured on the plain transformers call; the results/gpu/v9 runs",
              "record 18804f9 but ran the working tree of e2acebd: the head's chunks ordered after their loss",
-             "term, and the plan cache). The narrative",
+             "term, and the plan cache; the results/gpu/v10 runs record 59e6267-dirty: guard_first and",
+             "exact_and_0.3 ran 59e6267 plus the recompute guard (the three-plan chooser), merged and lora",
+             "the code of ea93b65: the guard, the per-tensor chooser, few-bit's computed matching;",
+             "results/gpu/v10/README.md). The narrative",
              "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
