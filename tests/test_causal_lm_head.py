@@ -46,6 +46,11 @@ def _head_rows(backend):
     return [s for g in backend.report().graphs for s in g.sites if s.codec == "chunked_loss"]
 
 
+def _cache(out):
+    """The KV cache a transformers output carries (``cache``; ``past_key_values`` before 5.2x)."""
+    return out.get("cache", out.get("past_key_values"))
+
+
 def _eager_step(model, ids, labels):
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
@@ -62,6 +67,7 @@ def test_plain_call_gets_the_head_with_eagers_loss_and_gradients(family):
     backend = velora_fx.backend(codecs=["chunked_loss"], compiler="eager", loss_chunk_size=20)  # 4 chunks, last short
     out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
     assert out.logits is None and "logits" not in out
+    assert _cache(expected) is not None and _cache(out) is None  # no KV cache held through backward either
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
     out.loss.backward()
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
@@ -158,6 +164,7 @@ def test_keep_logits_returns_them_and_the_report_says_why():
     backend = velora_fx.backend(codecs=["chunked_loss"], compiler="eager", keep_logits=True)
     out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
     assert out.logits is not None and out.logits.shape == (BATCH, SEQ, VOCAB)
+    assert _cache(out) is not None  # transformers' outputs as they are, the KV cache too
     (row,) = _head_rows(backend)
     assert row.decision == "skipped" and "keep_logits" in row.reason
 
@@ -182,6 +189,7 @@ def test_evaluation_and_calls_without_labels_keep_their_logits():
     with torch.no_grad():
         out, expected = compiled(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert set(out.keys()) == set(expected.keys())  # the KV cache too
     model.train()
     assert compiled(input_ids=ids).logits.shape == (BATCH, SEQ, VOCAB)  # no labels: no loss to fuse into
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import velora_fx
-from pass_helpers import Stack
 from velora_fx._compat import CheckpointPolicy, aot_autograd, boxed_nop_compiler, recompute_budget, select_decomp_table
 from velora_fx._compat import min_cut_rematerialization_partition as min_cut
 from velora_fx.passes.partition_probe import SavedSet, lazy_clone, probe_partition
-from velora_fx.passes.recompute_guard import BUDGETS, far_recomputed, guard_recompute_chains
+from velora_fx.passes.recompute_guard import BUDGETS, far_recomputed, guard_recompute_chains, save_random_values
 from velora_fx.passes.step_peak import predict_step_peak
 
 LAYERS, D = 4, 16
@@ -38,9 +37,9 @@ def _joint(model, x):
     return seen["gm"], probe
 
 
-def _gpt2():
+def _gpt2(layers=LAYERS):
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=LAYERS, n_embd=64, n_head=2, vocab_size=256, n_positions=64,
+    config = transformers.GPT2Config(n_layer=layers, n_embd=64, n_head=2, vocab_size=256, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)  # transformers' defaults: dropout 0.1
     return transformers.GPT2LMHeadModel(config)
 
@@ -68,12 +67,14 @@ def test_the_guard_marks_the_chain_and_its_budgets_recompute_none_of_it(stack_jo
         default = probe(joint).activation_bytes
     result = guard_recompute_chains(joint, probe)
     assert result.kept and result.bytes > 0 and "recompute guard" in result.message()
+    assert all(n.target == torch.ops.aten.add.Tensor or "mul" in n.name for n in joint.graph.nodes
+               if n.name in result.kept)  # residual sums and dropout products
     marked = {n.name for n in joint.graph.nodes if n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE}
     assert marked == set(result.kept)
     for budget in BUDGETS:
         with recompute_budget(budget):
             saved = probe(joint)
-        assert far_recomputed(saved, joint) == [], budget
+        assert far_recomputed(saved, joint, random_only=True) == [], budget  # no chain through the masks left
         recomputed = {n.name for n in saved.bwd.graph.nodes if n.op == "call_function"}
         assert not recomputed & set(result.kept), budget  # backward reads them, never recomputes them
     with recompute_budget(1.0):
@@ -94,20 +95,58 @@ def test_the_predictor_counts_a_chain_and_what_the_caller_holds(stack_joint):
     assert predict_step_peak(held).forward == peak.forward
 
 
-@pytest.mark.usefixtures("strict_pass")
-def test_a_budget_with_the_guard_keeps_eagers_gradients_and_reports_it():
-    torch.manual_seed(1)
-    model = Stack(D, 2 * D, layers=LAYERS, act="gelu")
-    reference = copy.deepcopy(model)
-    x = torch.randn(4, 8, D)
-    reference(x).square().mean().backward()
-    backend = velora_fx.backend(memory_budget=0.3, codecs=["chunked_loss"], compiler="eager", plan_cache=False)
+def _budget_step(model, ids):
+    backend = velora_fx.backend(memory_budget=0.3, codecs=["chunked_loss"], plan_cache=False)  # inductor
     torch._dynamo.reset()
-    torch.compile(model, backend=backend)(x).square().mean().backward()
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    (graph,) = backend.report().graphs
-    assert "recompute guard: keeps" in graph.message, graph.message
+    torch.manual_seed(3)  # the same dropout masks in both runs
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+    return backend, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("strict_pass")
+def test_the_guard_changes_what_is_saved_not_the_gradients(monkeypatch):
+    """GPT-2 with dropout under a budget, compiled by inductor (whose regenerated masks are
+    forward's: ``compiler="eager"`` saves random values instead, see ``save_random_values``): the
+    guard reports what it keeps, and the gradients equal those of the same budget without it."""
+    torch.manual_seed(1)
+    model, ids = _gpt2(layers=3), torch.randint(0, 256, (2, 32))
+    twin = copy.deepcopy(model)
+    backend, guarded = _budget_step(model, ids)
+    assert any("recompute guard: keeps" in g.message for g in backend.report().graphs), backend.report().table()
+    from velora_fx.passes.recompute_guard import GuardResult
+    import sys
+    monkeypatch.setattr(sys.modules["velora_fx.backend"], "guard_joint", lambda *args, **kwargs: GuardResult())
+    backend, plain = _budget_step(twin, ids)
+    assert not any("recompute guard" in g.message for g in backend.report().graphs)
+    for name, grad in guarded.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eager_runs_save_random_values():
+    """Run without inductor's code generation, a regenerated mask would not be forward's."""
+    joint, probe = _joint(_gpt2(layers=1), torch.randint(0, 256, (2, 32)))
+    joint = lazy_clone(joint)
+    assert save_random_values(joint) > 0
+    random = [n for n in joint.graph.nodes if n.op == "call_function" and hasattr(n.target, "tags")
+              and torch.Tag.nondeterministic_seeded in n.target.tags and n.meta["val"].dim() > 0]
+    assert random and all(n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE for n in random)
+    with recompute_budget(0.25):
+        bwd = probe(joint).bwd
+    assert not [n for n in bwd.graph.nodes if n.name in {r.name for r in random} and n.op == "call_function"]
+
+
+def test_a_chain_without_random_numbers_is_left_to_the_knapsack():
+    """Without dropout the residual chain is cheap pointwise work: nothing is marked."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.GPT2Config(n_layer=LAYERS, n_embd=64, n_head=2, vocab_size=256, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    joint, probe = _joint(transformers.GPT2LMHeadModel(config), torch.randint(0, 256, (2, 32)))
+    with recompute_budget(0.25):
+        assert far_recomputed(probe(joint), joint)  # the chain is there...
+    assert guard_recompute_chains(lazy_clone(joint), probe).kept == []  # ...and left alone
 
 
 def test_the_marks_are_read_back_from_the_plan_cache(tmp_path, monkeypatch, stack_joint):
@@ -125,7 +164,7 @@ def test_the_marks_are_read_back_from_the_plan_cache(tmp_path, monkeypatch, stac
     used = len(partitions)
     second_graph = lazy_clone(joint)
     second = recompute_guard.guard_joint(second_graph, *args, cache=True)
-    assert used == len(BUDGETS) and len(partitions) == used  # the second read the cache
+    assert used == len(BUDGETS) + 1 and len(partitions) == used  # the second read the cache (1: the default)
     assert second.kept == first.kept and second.bytes == first.bytes
     marked = [n.name for n in second_graph.graph.nodes if n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE]
     assert sorted(marked) == sorted(first.kept)

@@ -40,7 +40,7 @@ from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes import plan_cache
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
-from .passes.recompute_guard import GuardResult, guard_joint
+from .passes.recompute_guard import GuardResult, guard_joint, save_random_values
 from .passes.step_peak import StepPeak, predict_step_peak
 from .report import GraphReport, Report, SiteReport
 from .state import ModelState, StateError
@@ -294,6 +294,8 @@ class VeloraBackend:
             context = {"device": _device_kind(joint_inputs), "held": held, "inductor": _compat.inductor_settings(),
                        "reference": dataclasses.asdict(original) if original else None} \
                 if plan_cache.enabled(self.config) else None
+            if self.compiler == "eager":
+                save_random_values(gm)  # inductor's random prims regenerate other numbers when run eagerly
             guard = guard_joint(gm, joint_inputs, ctx.partition, num_fwd_outputs, kwargs, context is not None) \
                 if self.config.memory_budget is not None else GuardResult()
             result = run_pipeline(ctx, self.config, binding, graph_id,

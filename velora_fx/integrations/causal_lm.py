@@ -15,14 +15,18 @@ backends and velora_fx backends without the head see transformers' own behaviour
 
 - ``ModelOutput.__post_init__``: a causal-LM output (its class name has ``CausalLM``) whose
   ``loss`` requires grad (a backward will follow) gets ``logits=None``, as if the model had been
-  written that way.  Evaluation (``torch.no_grad()``) and calls without labels keep their logits.
+  written that way, and no KV cache (``cache``, ``past_key_values`` in older transformers):
+  transformers builds one whenever the config's ``use_cache`` is on, training included, and a
+  returned cache keeps every layer's keys and values alive until the caller drops the output,
+  through all of backward (Llama 12 x 1024, batch 8 x 1024: 24 blocks of 16 MiB at the measured
+  peak, H200).  Evaluation (``torch.no_grad()``) and calls without labels keep both.
 - ``PreTrainedModel.loss_function``: a model whose class name maps to no loss type
   (``GPT2LMHeadModel``) gets transformers' own fallback, ``ForCausalLMLoss``, without the
   ``logger.warning_once`` call that would split lm_head and the loss into two graphs (a graph
   break; the head must see both in one graph).
 
 Opt out with ``velora_fx.backend(..., keep_logits=True)``: the model then returns its logits and
-the report says why the head did not apply.
+its cache as transformers does, and the report says why the head did not apply.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ import torch
 __all__ = ["install", "install_when_imported", "installed", "drops_logits_now"]
 
 _LOCK = threading.Lock()
+# what a causal LM's output drops in training with labels: the logits, and the KV cache ("cache" since
+# transformers 5.2x, "past_key_values" before)
+_DROPPED = ("logits", "cache", "past_key_values")
 _INSTALLED: dict[str, Any] = {}  # what was replaced, by name (the originals)
 
 
@@ -126,9 +133,11 @@ def _wrap_post_init(post_init):
             loss, logits = self.__dict__.get("loss"), self.__dict__.get("logits")
             if isinstance(loss, torch.Tensor) and isinstance(logits, torch.Tensor) and loss.requires_grad \
                     and drops_logits_now():
-                # the dataclass __init__ already put the field in the dict (ModelOutput.__setattr__)
-                object.__setattr__(self, "logits", None)
-                OrderedDict.__delitem__(self, "logits")  # ModelOutput's own __delitem__ refuses
+                # the dataclass __init__ already put the fields in the dict (ModelOutput.__setattr__)
+                for name in _DROPPED:
+                    if self.__dict__.get(name) is not None:
+                        object.__setattr__(self, name, None)
+                        OrderedDict.__delitem__(self, name)  # ModelOutput's own __delitem__ refuses
         post_init(self)
     __post_init__.__wrapped__ = post_init
     return __post_init__

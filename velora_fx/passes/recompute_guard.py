@@ -1,28 +1,36 @@
-"""Keep the knapsack from recomputing chains that run across layers (the residual stream).
+"""Keep the knapsack from recomputing chains that run across layers through regenerated random numbers.
 
 Why: under a low ``activation_memory_budget`` the min-cut partitioner may drop every layer's
 residual ``h_i`` and recompute it in backward from the embeddings and every layer's output.  That
 is one chain, and backward must run it at its start (the last layer needs ``h_L`` first, which
 needs every ``h_i`` before it), so every ``h_i`` is materialised at once and stays alive until its
-own layer's backward reads it: the memory the knapsack meant to free is back, and the chain costs
-time (GPT-2 12 x 1024 with dropout, H200: one 13 ms backward kernel regenerating 25 dropout masks,
-and a measured peak 1.3 GiB above the prediction).  Torch's own ``ban_recompute_used_far_apart``
-heuristic is meant for this, but the partitioner turns it off when a memory budget is set.
+own layer's backward reads it.  With dropout on the residual branches the chain also regenerates
+every dropout mask, work the knapsack prices at nothing (its runtime estimate counts FLOPs of
+matmuls): GPT-2 12 x 1024 with transformers' default dropout, H200, one 13 ms backward kernel
+regenerating 25 masks, and a measured peak 1.3 GiB above the prediction.  Torch's own
+``ban_recompute_used_far_apart`` heuristic is meant for this, but the partitioner turns it off
+when a memory budget is set.
 
 How: partition at a few falling knapsack budgets (``BUDGETS``), find the forward values that
-backward recomputes far from where it reads them last (more than ``REACH`` of the backward graph
-apart), and mark their storages ``MUST_SAVE`` in the joint graph, so every budget keeps them and
-recomputes the rest next to its readers.  Falling budgets mark the fewest: at 0.5 the chain is the
-residual stream alone; at budget 0 everything is recomputed from the inputs and everything is far.
-Only floating-point values computed from tensors are marked (masks and constants are cheap to
-regenerate next to their readers once the chain is cut).  The marks are kept in the plan cache
-(``plan_cache``) under the graph's fingerprint, so a second process partitions nothing for them.
+backward recomputes from regenerated random numbers and reads again far from where it computes
+them (more than ``REACH`` of the backward graph later), and mark their storages ``MUST_SAVE`` in
+the joint graph, so every budget keeps them and recomputes the rest next to its readers.  Falling
+budgets mark the fewest: at 0.5 the chain is the residual stream alone; at budget 0 everything is
+recomputed from the inputs and everything is far.  Only floating-point values computed from
+tensors are marked (masks and constants are cheap to regenerate next to their readers once the
+chain is cut), and nothing the default partition (budget 1) already recomputes far away.  A chain
+without random numbers (Llama) is left to the knapsack: it costs pointwise work, and its memory is
+in the step-peak prediction (``step_peak``: a value read far from where it is computed is counted);
+keeping it would cost that memory at every budget (Llama, H200: 336 MiB, 0.53x -> 0.60x of the peak
+for 1.14x -> 1.08x of the time).  The marks are kept in the plan cache (``plan_cache``) under the
+graph's fingerprint, so a second process partitions nothing for them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
 from .._compat import CheckpointPolicy, is_joint_primal, recompute_budget
@@ -30,7 +38,8 @@ from . import plan_cache
 from .graph_utils import nbytes, tensor_val
 from .partition_probe import PartitionFn, SavedSet, alias_base, probe_partition
 
-__all__ = ["REACH", "BUDGETS", "GuardResult", "far_recomputed", "guard_recompute_chains", "guard_joint"]
+__all__ = ["REACH", "BUDGETS", "GuardResult", "far_recomputed", "guard_recompute_chains", "guard_joint",
+           "save_random_values"]
 
 # a recomputed value whose last backward reader is further than this share of the backward graph
 # from where backward computes it spans layers (a layer of a 12-layer model is ~8 % of it)
@@ -50,20 +59,26 @@ class GuardResult:
                 "recompute in one chain across layers, alive at once in backward")
 
 
-def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH) -> list[fx.Node]:
+def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH,
+                   random_only: bool = False) -> list[fx.Node]:
     """The joint graph's storages that ``saved``'s backward recomputes and reads again more than
-    ``reach`` of its length later (floating-point, computed from tensors), in graph order."""
+    ``reach`` of its length later (floating-point, computed from tensors), in graph order;
+    ``random_only``: only those it recomputes from regenerated random numbers."""
     bwd = list(saved.bwd.graph.nodes)
     position = {n: i for i, n in enumerate(bwd)}
     tangent: set[fx.Node] = set()
+    random: set[fx.Node] = set()
     for node in bwd:
         if (node.op == "placeholder" and node.name.startswith("tangents")) or \
                 any(a in tangent for a in node.all_input_nodes):
             tangent.add(node)
+        if _is_random(node) or any(a in random for a in node.all_input_nodes):
+            random.add(node)
     joint_nodes = {n.name: n for n in joint.graph.nodes}
     far: dict[fx.Node, None] = {}
     for node in bwd:
-        if node.op != "call_function" or node in tangent or not node.users or node.name not in joint_nodes:
+        if node.op != "call_function" or node in tangent or not node.users or node.name not in joint_nodes or \
+                (random_only and node not in random):
             continue
         if max(position[u] for u in node.users) - position[node] <= reach * len(bwd):
             continue
@@ -77,14 +92,26 @@ def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH)
     return sorted(far, key=order.__getitem__)
 
 
+def _is_random(node: fx.Node) -> bool:
+    """A random op (aten's seeded ones, or inductor's seed and philox prims)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.nondeterministic_seeded in target.tags or target.namespace == "prims" and \
+        target.__name__.split(".")[0] in ("inductor_random", "inductor_randint", "inductor_seeds",
+                                          "inductor_lookup_seed")
+
+
 def guard_recompute_chains(joint: fx.GraphModule, probe: Callable[[fx.GraphModule], SavedSet]) -> GuardResult:
     """Mark, in ``joint``, what ``far_recomputed`` finds at each of ``BUDGETS`` ``MUST_SAVE``
     (``probe(gm)`` partitions ``gm`` under the ambient budget)."""
     result = GuardResult()
+    with recompute_budget(1.0):  # what the default partition already recomputes far away stays as it is
+        default = set(far_recomputed(probe(joint), joint, random_only=True))
     for budget in BUDGETS:
         with recompute_budget(budget):
-            far = [n for n in far_recomputed(probe(joint), joint)
-                   if n.meta.get("recompute") != CheckpointPolicy.MUST_SAVE]
+            far = [n for n in far_recomputed(probe(joint), joint, random_only=True)
+                   if n.meta.get("recompute") != CheckpointPolicy.MUST_SAVE and n not in default]
         for node in far:
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             result.kept.append(node.name)
@@ -112,3 +139,16 @@ def guard_joint(joint: fx.GraphModule, joint_inputs: Sequence[Any], partition: P
     if key:
         plan_cache.store("guard", key, {"kept": result.kept})
     return result
+
+
+def save_random_values(joint: fx.GraphModule) -> int:
+    """Mark every random value of ``joint`` ``MUST_SAVE``; returns how many.  For graphs run
+    without inductor's code generation (``compiler="eager"``): there inductor's random prims
+    ignore their seed, so a mask the partition regenerates in backward is not forward's (a wrong
+    gradient through dropout); saved, backward reads forward's."""
+    marked = 0
+    for node in joint.graph.nodes:
+        if _is_random(node) and isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim() > 0:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            marked += 1
+    return marked
