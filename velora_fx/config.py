@@ -101,8 +101,8 @@ class VeloraConfig:
         "help": "chunked_loss: rows of logits alive at once (H200, vocabulary 32000: 2048 rows cost 1.07x the "
                 "unchunked head's time, 1024 rows 1.19x; benchmarks/bench_head.py)"})
     keep_logits: bool = field(default=False, metadata={
-        "help": "chunked_loss on transformers causal LMs: keep returning the logits when the loss will be "
-                "backpropagated (the head then cannot apply on the plain model call; see docs/codecs.md)"})
+        "help": "chunked_loss on transformers causal LMs: keep returning the logits (and the KV cache) when the "
+                "loss will be backpropagated (the head then cannot apply on the plain model call; see docs/codecs.md)"})
     plan_cache: bool = field(default=True, metadata={
         "help": "reuse the planner's decisions for the same graph and options from an earlier process (a JSON "
                 "per graph under the inductor cache dir's velora_fx/; also off with VELORA_FX_PLAN_CACHE=0 or "
