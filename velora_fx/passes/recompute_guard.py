@@ -93,13 +93,17 @@ def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH,
 
 
 def _is_random(node: fx.Node) -> bool:
-    """A random op (aten's seeded ones, or inductor's seed and philox prims)."""
+    """A random op: aten's seeded ones (dropout, rand...) or inductor's seed and philox prims.
+    Not attention: its ops carry the seeded tag for their ``dropout_p``, and a chain through them
+    regenerates no mask here (a model without dropout, Llama, would count as random)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
+    name = target.__name__.split(".")[0]
+    if "attention" in name:
+        return False
     return torch.Tag.nondeterministic_seeded in target.tags or target.namespace == "prims" and \
-        target.__name__.split(".")[0] in ("inductor_random", "inductor_randint", "inductor_seeds",
-                                          "inductor_lookup_seed")
+        name in ("inductor_random", "inductor_randint", "inductor_seeds", "inductor_lookup_seed")
 
 
 def guard_recompute_chains(joint: fx.GraphModule, probe: Callable[[fx.GraphModule], SavedSet]) -> GuardResult:
