@@ -64,6 +64,11 @@ class RmmCodec:
     def uuid(self) -> str:
         return f"rmm:{self.ratio}:{self.salt}"
 
+    def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """What forward saves for an activation of ``shape``: ``k`` sketched rows and the seed row."""
+        tokens = math.prod(int(s) for s in shape[:-1])
+        return (sketch_rows(tokens, self.ratio) + 1) * int(shape[-1]) * dtype.itemsize
+
     def _sketch(self, graph: fx.Graph, seed: fx.Node, rows: int, cols: int, dtype, device) -> fx.Node:
         idx = _emit(graph, prims.iota.default, rows * cols, start=0, step=1, dtype=torch.int64, device=device,
                     requires_grad=False)

@@ -73,8 +73,9 @@ def probe_partition(joint: fx.GraphModule, joint_inputs: Sequence[Any], partitio
         fwd, bwd = partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
     activations, inputs, base_bytes, held = {}, {}, {}, {}
     for node in output_values(fwd)[:num_fwd_outputs]:
-        if isinstance(node, fx.Node) and tensor_val(node) is not None and not is_joint_primal(alias_base(node)):
-            held[alias_base(node).name] = nbytes(alias_base(node))
+        base = alias_base(node) if isinstance(node, fx.Node) and tensor_val(node) is not None else None
+        if base is not None and not is_joint_primal(base):
+            held[base.name] = nbytes(base)
     for node in output_values(fwd)[num_fwd_outputs:]:
         if not isinstance(node, fx.Node) or tensor_val(node) is None:
             continue

@@ -19,12 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import math
-
 import torch
 
 from ..codecs.base import get_codec
-from ..codecs.rmm import sketch_rows
 from ..config import AUTO_SUB_TOKEN_SIZES, ConfigError, VeloraConfig
 from .partition_probe import SavedSet
 from .sites import ActivationGroup, Site
@@ -74,11 +71,9 @@ class Decision:
     def code_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, config: VeloraConfig) -> int:
         """What forward saves instead of an activation of ``shape``: VeLoRA's coefficients and v,
         or RMM's sketch (``k`` rows of the flattened activation plus its seed row)."""
-        if self.codec == "rmm":
-            tokens = math.prod(int(s) for s in shape[:-1])
-            return (sketch_rows(tokens, config.rmm_ratio) + 1) * int(shape[-1]) * dtype.itemsize
-        return get_codec("velora", sub_token_size=self.sub_token_size,
-                         coeff_dtype=config.coeff_dtype).saved_bytes(shape, dtype)
+        codec = get_codec("rmm", ratio=config.rmm_ratio, salt=self.group.name) if self.codec == "rmm" else \
+            get_codec("velora", sub_token_size=self.sub_token_size, coeff_dtype=config.coeff_dtype)
+        return codec.saved_bytes(shape, dtype)
 
     def error_reach(self, producers: Callable[[str], list]) -> list:
         """Whose gradients its error reaches: its sites' weights (``producers`` is for codes of a

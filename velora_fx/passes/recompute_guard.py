@@ -33,12 +33,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .._compat import CheckpointPolicy, is_joint_primal, recompute_budget
+from .._compat import CheckpointPolicy, is_joint_primal, is_joint_tangent, recompute_budget
 from . import plan_cache
 from .graph_utils import nbytes, tensor_val
 from .partition_probe import PartitionFn, SavedSet, alias_base, probe_partition
 
-__all__ = ["REACH", "BUDGETS", "GuardResult", "far_recomputed", "guard_recompute_chains", "guard_joint",
+__all__ = ["REACH", "BUDGETS", "GuardResult", "reads_far", "far_recomputed", "guard_recompute_chains", "guard_joint",
            "save_random_values"]
 
 # a recomputed value whose last backward reader is further than this share of the backward graph
@@ -59,6 +59,12 @@ class GuardResult:
                 "recompute in one chain across layers, alive at once in backward")
 
 
+def reads_far(node: fx.Node, position: dict[fx.Node, int], reach: float = REACH) -> bool:
+    """Whether ``node``'s last reader is more than ``reach`` of its graph (``position``: every
+    node's index) after it."""
+    return bool(node.users) and max(position[u] for u in node.users) - position[node] > reach * len(position)
+
+
 def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH,
                    random_only: bool = False) -> list[fx.Node]:
     """The joint graph's storages that ``saved``'s backward recomputes and reads again more than
@@ -69,18 +75,15 @@ def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH,
     tangent: set[fx.Node] = set()
     random: set[fx.Node] = set()
     for node in bwd:
-        if (node.op == "placeholder" and node.name.startswith("tangents")) or \
-                any(a in tangent for a in node.all_input_nodes):
+        if is_joint_tangent(node) or any(a in tangent for a in node.all_input_nodes):
             tangent.add(node)
         if _is_random(node) or any(a in random for a in node.all_input_nodes):
             random.add(node)
     joint_nodes = {n.name: n for n in joint.graph.nodes}
     far: dict[fx.Node, None] = {}
     for node in bwd:
-        if node.op != "call_function" or node in tangent or not node.users or node.name not in joint_nodes or \
-                (random_only and node not in random):
-            continue
-        if max(position[u] for u in node.users) - position[node] <= reach * len(bwd):
+        if node.op != "call_function" or node in tangent or node.name not in joint_nodes or \
+                (random_only and node not in random) or not reads_far(node, position, reach):
             continue
         base = alias_base(joint_nodes[node.name])
         val = tensor_val(base)

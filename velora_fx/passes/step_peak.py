@@ -15,9 +15,10 @@ stay, and so does what forward returned to the caller (logits, a KV cache: the c
 model's output while it calls backward).  Inductor fuses chains of pointwise ops into their
 pointwise or reduction readers, so a pointwise result is counted only where inductor must write
 it to memory: a graph output, an input of anything else (matmuls, attention, views, custom and
-collective ops), or one read again far from where it is computed (``recompute_guard.REACH`` of
-the graph later: a recompute chain across layers, written out for each layer's backward).  An
-estimate, not a simulation of inductor's scheduler; the report shows it next to what a benchmark measures.
+collective ops), or one read again far from where it is computed (``recompute_guard.reads_far``,
+more than ``REACH`` of the graph later: a recompute chain across layers, written out for each
+layer's backward).  An estimate, not a simulation of inductor's scheduler; the report shows it
+next to what a benchmark measures.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch import fx
 
 from .graph_utils import nbytes, output_values
 from .partition_probe import SavedSet, alias_base
-from .recompute_guard import REACH
+from .recompute_guard import reads_far
 
 __all__ = ["StepPeak", "predict_step_peak"]
 
@@ -56,7 +57,8 @@ def predict_step_peak(saved: SavedSet) -> StepPeak:
     alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items() if name in by_name}
     # what forward returned to the caller (logits, a KV cache) is held through backward
     pinned = {by_name[name] for name, base in saved.activations.items() if name in by_name and base in saved.held}
-    held = sum(size for base, size in saved.held.items() if base not in set(saved.activations.values()))
+    saved_bases = set(saved.activations.values())
+    held = sum(size for base, size in saved.held.items() if base not in saved_bases)
     backward = held + _walk(saved.bwd, alive_at_start=alive, pinned=pinned)
     return StepPeak(forward, backward, saved.activation_bytes)
 
@@ -70,7 +72,7 @@ def _materialised(node: fx.Node, outputs: set[fx.Node], order: dict[fx.Node, int
     """Whether inductor writes ``node``'s result to memory (see the module docstring)."""
     if node in outputs or not _has_tag(node, torch.Tag.pointwise):
         return True
-    if node.users and max(order[u] for u in node.users) - order[node] > REACH * len(order):
+    if reads_far(node, order):
         return True
     return not all(_has_tag(user, torch.Tag.pointwise) or _has_tag(user, torch.Tag.reduction)
                    for user in node.users)
