@@ -230,6 +230,7 @@ STEPS = {
     "erf": lambda v, x, c: torch.erf(v),
     "gauss": lambda v, x, c: torch.exp(-0.5 * v * v),
 }
+KNOWN_STEPS = {"sigmoid", "tanh"}  # known functions of their own (scaled) input, whatever the constant
 CONSTANTS = [-1.5, -0.5, 0.25, 0.5, 1.0, 1.702, 2.0, 0.7978845608028654]
 
 
@@ -254,10 +255,12 @@ def _far_from_every_function(fn) -> bool:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # shrinking recompiles
-@given(steps=st.lists(st.tuples(st.sampled_from(sorted(STEPS)), st.sampled_from(CONSTANTS)), min_size=1, max_size=5))
+@given(steps=st.lists(st.tuples(st.sampled_from(sorted(set(STEPS) - KNOWN_STEPS)), st.sampled_from(CONSTANTS)),
+                      min_size=1, max_size=5))
 def test_random_chains_that_are_no_known_function_are_never_recognised(strict_pass, found_sites, steps):
-    """No part of the chain is a known function of its own input (``sigmoid(x - 1.5)`` inside a longer
-    chain is a sigmoid site on ``x - 1.5``, rightly), so nothing may be recognised."""
+    """No part of the chain is a known function of its own input, so nothing may be recognised.
+    (A sigmoid or tanh step is one of its own scaled input wherever it stands: ``sigmoid(1.702 x)``
+    is a sigmoid site on ``1.702 x``, rightly; those steps are left to the matcher-only property.)"""
     fn = _chain(steps)
     assume(all(_far_from_every_function(_chain(steps[i:j]))
                for i in range(len(steps)) for j in range(i + 1, len(steps) + 1)
