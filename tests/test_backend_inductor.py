@@ -52,11 +52,13 @@ def test_inductor_backend_matches_the_eager_reference_and_frees_saved_bytes():
 def test_named_backend_uses_the_shared_default_backend_and_stays_within_max_error():
     """backend="velora" = velora_fx.backend() shared across compiles: default "auto" compresses only
     sites whose estimated error is within max_error (at g chosen per site), and its gradients are
-    the eager reference's with the same v; every other gradient stays exact."""
+    the eager reference's with the same v; every other gradient stays exact.  VeLoRA alone
+    (``options``): the default's near-exact codecs have no eager reference twin."""
+    assert velora_fx.default_backend().config.codecs == ("velora", "fewbit", "gated")
     model, ids = _tiny_llama(intermediate=32), torch.randint(0, 64, (2, 16))
     torch._dynamo.reset()
-    _loss(torch.compile(model, backend="velora"), ids).backward()
-    backend = velora_fx.default_backend()
+    _loss(torch.compile(model, backend="velora", options={"codecs": ["velora"]}), ids).backward()
+    backend = velora_fx.default_backend(codecs=["velora"])
     report = backend.report(model)
     assert report.sites and report.compressed
     assert all(0 < s.estimated_error <= backend.config.max_error and s.sub_token_size for s in report.compressed)

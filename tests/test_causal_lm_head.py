@@ -104,7 +104,8 @@ def test_bf16_plain_call_is_within_bf16_rounding():
 def test_memory_budget_brings_the_head_on_the_plain_call():
     config = velora_fx.VeloraConfig(memory_budget=0.5)
     assert config.codecs == ("velora", "chunked_loss")
-    assert velora_fx.VeloraConfig().codecs == ("velora",)
+    assert velora_fx.VeloraConfig().codecs == ("velora", "fewbit", "gated")  # auto: the near-exact codecs
+    assert velora_fx.VeloraConfig(mode="max_memory").codecs == velora_fx.VeloraConfig(mode="all").codecs == ("velora",)
     assert velora_fx.VeloraConfig(memory_budget=0.5, codecs=["velora"]).codecs == ("velora",)  # explicit wins
 
     model = FAMILIES["llama"]()

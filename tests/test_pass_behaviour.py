@@ -319,13 +319,16 @@ def _efficiencies(report, model) -> dict[str, float]:
 def test_min_efficiency_skips_sites_that_free_little_per_approximated_weight():
     torch.manual_seed(0)
     model, x = NormFanOutMLP(), torch.randn(4, 64, 32)
-    unbounded = velora_fx.explain(model, x, sub_token_size=2, mode="auto", max_error=1.0, min_efficiency=0.0)
+    # VeLoRA's own rule: without the default's near-exact codecs, which change what the partition saves
+    unbounded = velora_fx.explain(model, x, sub_token_size=2, mode="auto", max_error=1.0, min_efficiency=0.0,
+                                  codecs=["velora"])
     eff = _efficiencies(unbounded, model)
     assert set(eff) == {"{q,k,v}", "fc", "down"}, eff  # all free bytes when nothing bounds them
     # three weights approximated to free one norm output; fc's weight is 4x down's input width
     assert max(eff["{q,k,v}"], eff["fc"]) < eff["down"]
     bound = (max(eff["{q,k,v}"], eff["fc"]) + eff["down"]) / 2
-    bounded = velora_fx.explain(model, x, sub_token_size=2, mode="auto", max_error=1.0, min_efficiency=bound)
+    bounded = velora_fx.explain(model, x, sub_token_size=2, mode="auto", max_error=1.0, min_efficiency=bound,
+                                codecs=["velora"])
     sites = {s.name: s for s in bounded.graphs[-1].sites}
     assert sites["down"].decision == "compressed"
     for name in ("{q,k,v}", "fc"):
@@ -338,7 +341,8 @@ def test_min_efficiency_skips_sites_that_free_little_per_approximated_weight():
 def test_min_efficiency_skipped_site_keeps_its_weight_gradients_exact():
     torch.manual_seed(0)
     model, x = NormFanOutMLP(), torch.randn(4, 64, 32)
-    backend = velora_fx.backend(sub_token_size=2, compiler="eager", max_error=1.0, min_efficiency=1e6)
+    backend = velora_fx.backend(sub_token_size=2, compiler="eager", max_error=1.0, min_efficiency=1e6,
+                                codecs=["velora"])
     _, _, grads = train_step(model, x, backend)
     assert all(s.decision == "skipped" for s in backend.report().sites)
     _, _, exact = train_step(reference_twin(model, velora_fx.backend(sub_token_size=1)), x)

@@ -14,6 +14,7 @@ __all__ = ["VeloraConfig", "ConfigError", "RECIPES"]
 
 _INIT_RE = re.compile(r"^(first_batch|batch|random|ema:(0?\.\d+|0|1|0\.|1\.0*))$")
 _MODES = ("auto", "max_memory", "all")
+_ESTIMATES = ("gradient", "activation")
 # Sub-token sizes "auto" chooses from (powers of two that divide the feature size)
 AUTO_SUB_TOKEN_SIZES = (2, 4, 8, 16, 32, 64)
 # Default bound on a site's estimated weight-gradient error in "auto" (see docs/quality.md)
@@ -26,9 +27,14 @@ DEFAULT_MAX_ERROR = 0.6
 DEFAULT_MIN_EFFICIENCY = 0.2
 # What the planner may use, by name (each one a file under codecs/; see docs/codecs.md)
 CODECS = ("velora", "fewbit", "rmm", "gated", "chunked_loss")
-# ``codecs`` when not given, without / with a memory_budget: the exact loss head frees the largest
-# tensors of a causal LM's step (the logits) at no gradient error, so a budget gets it by default
-DEFAULT_CODECS = {False: ("velora",), True: ("velora", "chunked_loss")}
+# ``codecs`` when not given.  With a memory_budget: VeLoRA and the exact loss head, which frees the
+# largest tensors of a causal LM's step (the logits) at no gradient error.  Without one, in "auto":
+# VeLoRA plus the near-exact codecs (few-bit nonlinearity backward, int8 gate/up storage), whose
+# gradient error is ~1 % of VeLoRA's (estimated_error ~0.006) and which free a GELU MLP's
+# pre-activation or a gated MLP's gate and up (H200, 12 x 1024: peak 0.92x -> 0.79x GPT-2, 0.95x ->
+# 0.85x Llama; docs/quality.md).  "max_memory" and "all" are VeLoRA's own modes: VeLoRA alone
+DEFAULT_CODECS = {"budget": ("velora", "chunked_loss"), "auto": ("velora", "fewbit", "gated"),
+                  "max_memory": ("velora",), "all": ("velora",)}
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,6 +82,10 @@ class VeloraConfig:
     num_groups: int | None = field(default=None, metadata={"help": "sub-tokens per token (g = D / num_groups)"})
     sub_token_size: int | None = field(default=None, metadata={"help": "size g of each sub-token"})
     init: str = field(default="first_batch", metadata={"help": "first_batch | batch | ema:<decay> | random"})
+    estimate: str = field(default="gradient", metadata={
+        "help": "how estimated_error is measured on the first batch: gradient (one calibration backward: the weight "
+                "gradients' own error with the real output gradients) or activation (the activation energy the "
+                "projection drops; no backward, less compile-time memory)"})
     scale: float = field(default=1.0, metadata={"help": "multiplier (> 0) on the reconstructed weight gradient"})
     mode: str = field(default="auto", metadata={
         "help": "auto: sites that free saved bytes within max_error; max_memory: every site that frees bytes; "
@@ -88,8 +98,9 @@ class VeloraConfig:
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
     codecs: tuple[str, ...] | None = field(default=None, metadata={
-        "help": f"what the planner may use: any of {CODECS} (default: VeLoRA, plus the exact chunked_loss "
-                "head when memory_budget is set)"})
+        "help": f"what the planner may use: any of {CODECS} (default: in mode='auto' VeLoRA with the near-exact "
+                "fewbit and gated codecs; in 'max_memory' and 'all' VeLoRA alone; with memory_budget, VeLoRA and "
+                "the exact chunked_loss head)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
@@ -119,6 +130,8 @@ class VeloraConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.init, str) or not _INIT_RE.match(self.init):
             raise ConfigError(f"init must be 'first_batch', 'batch', 'ema:<decay in [0, 1]>' or 'random', got {self.init!r}")
+        if self.estimate not in _ESTIMATES:
+            raise ConfigError(f"estimate must be one of {_ESTIMATES}, got {self.estimate!r}")
         if self.mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {self.mode!r}")
         for name in ("scale", "max_error", "min_efficiency", "error_cost"):
@@ -139,7 +152,7 @@ class VeloraConfig:
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))
         set_(self, "memory_budget", _as_budget(self.memory_budget))
         set_(self, "codecs", _as_codecs(self.codecs if self.codecs is not None else DEFAULT_CODECS[
-            self.memory_budget is not None]))
+            "budget" if self.memory_budget is not None else self.mode]))
         for name in ("keep_logits", "plan_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -96,12 +96,15 @@ class SiteReport:
     reason: str
     sub_token_size: int | None = None
     approximated: list[str] = field(default_factory=list)  # consumers whose weight grads are approximated
-    estimated_error: float = 0.0     # relative energy of the activation VeLoRA drops (0: exact)
+    estimated_error: float = 0.0     # the planner's bound (velora: see error_source; fewbit/gated: the codec's)
     state: str | None = None         # state_dict key of the v it uses
     codec: str = "velora"            # velora | fewbit | rmm | chunked_loss
     bits: int | None = None          # fewbit: bits per element
     predicted_bytes_after: int | None = None  # what the planner expected the codec to store (None:
                                               # skipped, or a codec without a prediction)
+    error_source: str | None = None  # velora: gradient | activation | structural, the larger (passes/estimate.py)
+    gradient_error: float | None = None  # velora: its weight gradients' measured relative squared error
+    update_share: float | None = None  # velora: share of a sign step's first-order loss decrease it loses
 
     @property
     def setting(self) -> str:

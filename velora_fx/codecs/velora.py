@@ -172,9 +172,14 @@ class VeloraCodec:
         return _emit(graph, aten.where.self, initialised, kept, fresh)
 
     def _emit_store(self, graph: fx.Graph, state: StateRow, row: fx.Node, v: fx.Node, pin: fx.Node) -> fx.Node:
-        """The state tensor with this row replaced by ``[1, v, (unused...), pin]``."""
+        """The state tensor with this row replaced by ``[1, v, (unused...), pin]``; with v fixed
+        (rule "none": the flag is set and v unchanged) only the pin is written, one element, which
+        inductor reinplaces into the state input instead of rebuilding and copying the row."""
         g = self.sub_token_size
         width = int(row.meta["val"].shape[0])
+        if state.update == "none":
+            new_row = _emit(graph, aten.select_scatter.default, row, pin, 0, width - 1)
+            return _emit(graph, aten.select_scatter.default, state.tensor, new_row, 0, state.orientation)
         device = v.meta["val"].device
         one = _emit(graph, aten.full.default, [1], 1.0, dtype=torch.float32, device=device, pin_memory=False)
         parts = [one, v]

@@ -2,23 +2,24 @@
 and for compile-time initialisation of v.
 
 Dynamo hands the backend the real inputs of the call it compiles (the first batch) and the real
-weights.  Running the forward part of the joint graph on them, eagerly and only as far as the
-site activations, costs about one eager forward pass per compile and gives the planner data
-instead of a guess.  The RNG state is restored afterwards, so training randomness is unchanged.
+weights.  Running the joint graph on them eagerly — the forward part as far as the site
+activations, or forward and backward for the gradient estimate (``estimate.py``) — costs one eager
+pass per compile and gives the planner data instead of a guess.  The RNG state is restored
+afterwards, so training randomness is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
-from .._compat import is_joint_primal
+from .._compat import is_joint_primal, is_joint_tangent
 from .graph_utils import ancestors
 
-__all__ = ["activation_values", "calibration_graph"]
+__all__ = ["activation_values", "calibration_graph", "evaluate"]
 
 
 def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Sequence[str]) -> dict[str, Tensor]:
@@ -26,13 +27,27 @@ def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Se
     Raises if a needed node cannot run eagerly (the caller then falls back to no data)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     targets = [nodes[n] for n in names]
-    needed = ancestors(targets)
+    env = evaluate(gm, real_primals, None, ancestors(targets), set(targets))
+    return {t.name: env[t] for t in targets}
+
+
+def evaluate(gm: fx.GraphModule, real_primals: Sequence[Any], real_tangents: Sequence[Any] | None,
+             needed: set[fx.Node], keep: set[fx.Node],
+             visit: Callable[[fx.Node, dict[fx.Node, Any]], None] | None = None) -> dict[fx.Node, Any]:
+    """Run the ``needed`` nodes of a joint graph eagerly, in graph order, on real primals (and
+    tangents, for backward nodes), freeing each value after its last needed use unless it is in
+    ``keep``; ``visit(node, env)`` sees every computed node while its inputs are still alive.
+    Returns the values left (``keep`` among them).  No autograd, no autocast, RNG state restored."""
     primals = [n for n in gm.graph.nodes if is_joint_primal(n)]
     if len(primals) != len(real_primals):
         raise ValueError(f"{len(primals)} primals but {len(real_primals)} real inputs")
     env: dict[fx.Node, Any] = dict(zip(primals, real_primals))
+    if real_tangents is not None:
+        tangents = [n for n in gm.graph.nodes if is_joint_tangent(n)]
+        if len(tangents) != len(real_tangents):
+            raise ValueError(f"{len(tangents)} tangents but {len(real_tangents)} values")
+        env.update(zip(tangents, real_tangents))
     last_use = _last_uses(gm, needed)
-    keep = set(targets)
     devices = sorted({t.device.index for t in real_primals if isinstance(t, Tensor) and t.device.type == "cuda"
                       and t.device.index is not None})
     with torch.no_grad(), torch.random.fork_rng(devices=devices), _no_autocast():
@@ -44,10 +59,12 @@ def activation_values(gm: fx.GraphModule, real_primals: Sequence[Any], names: Se
                 continue
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
             env[node] = node.target(*args, **kwargs)
+            if visit is not None:
+                visit(node, env)
             for dead in last_use.get(node, ()):
                 if dead not in keep:
                     env.pop(dead, None)
-    return {t.name: env[t] for t in targets}
+    return env
 
 
 def calibration_graph(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:

@@ -15,18 +15,18 @@ from .._compat import int_hint, is_joint_primal, real_tensors
 from ..codecs.base import get_codec
 from ..codecs.rmm import sketch_rows
 from ..codecs.rmm import structural_error as rmm_structural_error
-from ..codecs.velora import StateRow, reconstruction_error
+from ..codecs.velora import StateRow
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
-from ..state import initial_vector, random_seed, random_vector
 from . import plan_cache
-from .calibrate import activation_values, calibration_graph
+from .calibrate import calibration_graph
 from .chooser import plan_under_budget
 from .codec_plan import CodecDecision, codec_report, rewrite_codes
+from .estimate import SiteEstimator
 from .graph_utils import near_inputs, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, ProbeCache, SavedSet, lazy_clone, probe_partition
 from .plan_replay import Planned, plan_key, replay
-from .planner import RMM_PLAN, Decision, plan_groups, structural_error
+from .planner import RMM_PLAN, Decision, plan_groups
 from .pointwise_plan import plan_pointwise
 from .pointwise_sites import find_pointwise_sites
 from .rewrite import rewrite_group, store_states
@@ -137,15 +137,20 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     if entry is not None:  # the decisions of an earlier process: calibrate only what sets v
         keep = {row.get("at") for row in entry.get("groups", []) if isinstance(row, dict) and row.get("sites")
                 and row.get("codec") == "velora"} if isinstance(entry.get("groups"), list) else set()
-        estimate = _Estimator(ctx.gm, [g for g in groups if g.encode_at in keep], binding.real_primals, config, names)
+        estimate = SiteEstimator(ctx.gm, [g for g in groups if g.encode_at in keep], binding.real_primals, config,
+                                 names)
         planned = replay(entry, groups, pointwise, stored, budget_target,
                          lambda ds: _rules(ds, slots, estimate, binding, config),
                          lambda ds, codes, rules: _apply(ctx, None, ds, codes, slots, rules, binding, config))
     if planned is None:
-        estimate = _Estimator(ctx.gm, groups, binding.real_primals, config, names,
-                              [s.encode_at for s in [*pointwise, *stored]])
+        estimate = SiteEstimator(ctx.gm, groups, binding.real_primals, config, names,
+                                 [s.encode_at for s in [*pointwise, *stored]],
+                                 gradient_sizes=_measured_sizes(config, features, slots, binding.plan),
+                                 num_fwd_outputs=ctx.num_fwd_outputs, param_indices=ctx.param_indices)
         planned = _plan(ctx, config, binding, groups, pointwise, stored, nodes, features, slots, estimate,
                         budget_target)
+        for d in planned.decisions:
+            _note_error_origin(d, estimate)
         if key:
             plan_cache.store("plan", key, planned.entry())
     decisions, pointwise_plan, after, done = planned.decisions, planned.pointwise, planned.after, planned.done
@@ -165,8 +170,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
     rewritten = done.encode_nodes or done.pointwise
     report = GraphReport(graph_id=graph_id, status="rewritten" if rewritten else "unchanged",
                          saved_bytes_before=baseline.activation_bytes, saved_bytes_after=after.activation_bytes,
-                         message=f"estimated_error is structural (1 - 1/g): calibration failed ({estimate.failure})"
-                         if estimate.failure else "", plan_source="cache" if planned.from_cache else "planned")
+                         message=_estimate_message(estimate), plan_source="cache" if planned.from_cache else "planned")
     if planned.budget is not None:
         budget = planned.budget
         report.budget_target, report.recompute_budget = budget["target"], budget["recompute_budget"]
@@ -185,7 +189,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
 
 def _plan(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups: list[ActivationGroup],
           pointwise: list, stored: list, nodes: dict[str, fx.Node], features: dict, slots: dict,
-          estimate: "_Estimator", budget_target: Callable[[SavedSet], int] | None) -> Planned:
+          estimate: SiteEstimator, budget_target: Callable[[SavedSet], int] | None) -> Planned:
     """Plan the graph: baseline partition, the codecs' plans verified on the real partition (reverting
     what frees nothing), and under ``memory_budget`` the cheapest of exact recompute and the codecs."""
     baseline = ctx.probe(ctx.gm)
@@ -236,7 +240,7 @@ def _plan(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups
     return Planned(decisions, pointwise_plan, result_gm, after, done, baseline, rules, budget)
 
 
-def _rules(decisions: list[Decision], slots: dict, estimate: "_Estimator", binding: GraphBinding,
+def _rules(decisions: list[Decision], slots: dict, estimate: SiteEstimator, binding: GraphBinding,
            config: VeloraConfig) -> dict[int, str]:
     return {id(d): _update_rule(config, slots[id(d.group)], estimate.has_data(d.group), binding.sets_v_at_call)
             for d in decisions}
@@ -253,6 +257,21 @@ def _state_sites(decisions: list[Decision], slots: dict, done: "_Rewritten") -> 
         out.setdefault((index, slot.orientation), StateSite(index, slot.orientation, slot.features,
                                                             d.sub_token_size, d.group.encode_at, slot.name))
     return list(out.values())
+
+
+def _measured_sizes(config: VeloraConfig, features: dict, slots: dict,
+                    sticky: dict[str, int]) -> Callable[[ActivationGroup], list[int]]:
+    """The sub-token sizes the calibration backward measures for a group: those the planner may
+    choose, its state's, and an earlier plan's."""
+    def sizes(group: ActivationGroup) -> list[int]:
+        d = features[id(group)]
+        chosen = set(config.candidate_sizes(d))
+        slot = slots[id(group)]
+        if slot is not None and slot.sub_token_size:
+            chosen.add(slot.sub_token_size)
+        chosen.add(sticky.get(group.name, 0))
+        return sorted(g for g in chosen if g > 1 and d % g == 0)
+    return sizes
 
 
 def _weight_shares(ctx: JointContext) -> Callable[[list[Site]], float]:
@@ -434,7 +453,8 @@ def _revert_unpaid(nodes: dict[str, fx.Node], chosen: list[Decision], baseline: 
     return dropped
 
 
-def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Estimator", binding: GraphBinding) -> None:
+def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: SiteEstimator,
+            binding: GraphBinding) -> None:
     """Record the plan (sticky for later graphs of the model) and set v now where it is known
     (else the binder sets it before the first call, or the graph's rule in its first call)."""
     for d in decisions:
@@ -449,51 +469,6 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: "_Est
         if rules[id(d)] == "none" and known and not _initialised(slot):
             with real_tensors():
                 slot.set_vector(estimate.initial(d.group, d.sub_token_size))
-
-
-class _Estimator:
-    """``estimated_error`` of a group at a sub-token size: the relative energy VeLoRA drops from
-    its activation on the calibration batch (structural 1 - 1/g without data), with the v the init
-    rule would install (``names``: the state key of each group, which seeds ``init="random"``)."""
-
-    def __init__(self, gm: fx.GraphModule, groups: list[ActivationGroup], real_primals, config: VeloraConfig,
-                 names: dict[int, str], extra: Sequence[str] = ()):
-        self.config, self.names, self._cache = config, names, {}
-        self.values: dict[str, torch.Tensor] = {}
-        self.failure = ""  # why there is no calibration data, if there is none
-        wanted = sorted({g.encode_at for g in groups} | set(extra))
-        if real_primals is not None and wanted:
-            try:
-                with real_tensors():
-                    self.values = activation_values(gm, real_primals, wanted)
-            except Exception as exc:  # noqa: BLE001 - no data: structural estimate
-                self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-    def has_data(self, group: ActivationGroup) -> bool:
-        return group.encode_at in self.values
-
-    def initial(self, group: ActivationGroup, g: int) -> torch.Tensor:
-        """The v the init rule installs for ``group`` at sub-token size ``g`` (fp32)."""
-        with real_tensors():
-            if self.config.init == "random":
-                return random_vector(g, random_seed(self.names[id(group)]))
-            return initial_vector(self.values[group.encode_at], g)
-
-    def __call__(self, group: ActivationGroup, g: int) -> float:
-        key = (group.encode_at, g)
-        if key not in self._cache:
-            x = self.values.get(group.encode_at)
-            if g == 1:
-                self._cache[key] = 0.0
-            elif x is None:
-                self._cache[key] = structural_error(g)
-            else:
-                v = self.initial(group, g)
-                with real_tensors():
-                    measured = reconstruction_error(x, v)
-                # an all-zero (or non-finite) batch says nothing about later ones: the structural bound
-                self._cache[key] = structural_error(g) if measured is None else measured
-        return self._cache[key]
 
 
 def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
@@ -514,4 +489,24 @@ def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: Sa
         state=slot.name if slot is not None and d.compress and d.codec == "velora" else None,
         predicted_bytes_after=get_codec("velora", sub_token_size=d.sub_token_size, coeff_dtype=config.coeff_dtype)
         .saved_bytes(tuple(int_hint(s) for s in val.shape), val.dtype)
-        if d.compress and d.codec == "velora" and all(isinstance(int_hint(s), int) for s in val.shape) else None)
+        if d.compress and d.codec == "velora" and all(isinstance(int_hint(s), int) for s in val.shape) else None,
+        error_source=d.error_source if d.compress else None, update_share=d.update_share if d.compress else None,
+        gradient_error=d.gradient_error if d.compress else None)
+
+
+def _estimate_message(estimate: SiteEstimator) -> str:
+    if estimate.failure:
+        return f"estimated_error is structural (1 - 1/g): calibration failed ({estimate.failure})"
+    if estimate.gradient_raised:
+        return f"estimated_error from the activations alone: no calibration backward ({estimate.gradient_failure})"
+    return ""
+
+
+def _note_error_origin(d: Decision, estimate: SiteEstimator) -> None:
+    """Where a compressed VeLoRA site's estimated_error comes from, and its update share."""
+    if d.compress and d.codec == "velora" and d.sub_token_size:
+        g = d.sub_token_size
+        share, gradient = estimate.update_share(d.group, g), estimate.gradient_error(d.group, g)
+        d.error_source = estimate.source(d.group, g)
+        d.update_share = None if share is None else round(share, 6)
+        d.gradient_error = None if gradient is None else round(gradient, 6)

@@ -48,6 +48,7 @@ class Planned:
             "groups": [{"at": d.group.encode_at, "sites": [i for i, s in enumerate(d.group.sites)
                                                             if any(s is t for t in d.sites)],
                         "codec": d.codec, "g": d.sub_token_size, "error": float(d.estimated_error),
+                        "source": d.error_source, "share": d.update_share, "gradient": d.gradient_error,
                         "reason": d.reason, "sticky": d.sticky} for d in self.decisions],
             "codes": [{"at": d.site.encode_at, "codec": d.codec_name, "compress": d.compress, "bits": d.bits,
                        "error": float(d.estimated_error), "reason": d.reason, "sticky": d.sticky}
@@ -139,8 +140,11 @@ def _decision_from(row: dict, group: ActivationGroup) -> Decision:
     indices = [int(i) for i in row["sites"]]
     if any(not 0 <= i < len(group.sites) for i in indices):
         raise ValueError(f"consumers {indices} of a group of {len(group.sites)}")
+    source, share, gradient = row.get("source"), row.get("share"), row.get("gradient")
     return Decision(group, [group.sites[i] for i in indices], str(row["reason"]), g,
-                    float(row["error"]), bool(row["sticky"]), row["codec"])
+                    float(row["error"]), bool(row["sticky"]), row["codec"],
+                    str(source) if source is not None else None,
+                    float(gradient) if gradient is not None else None, float(share) if share is not None else None)
 
 
 def _code_from(row: dict, d: CodecDecision) -> CodecDecision:

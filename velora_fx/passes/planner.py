@@ -23,18 +23,13 @@ import torch
 
 from ..codecs.base import get_codec
 from ..config import AUTO_SUB_TOKEN_SIZES, ConfigError, VeloraConfig
+from .estimate import structural_error
 from .partition_probe import SavedSet
 from .sites import ActivationGroup, Site
 
 __all__ = ["Decision", "plan_groups", "structural_error"]
 
 ErrorFn = Callable[[ActivationGroup, int], float]
-
-
-def structural_error(g: int) -> float:
-    """The estimate without data: sub-tokens spread evenly over all directions keep 1/g of their
-    energy on any fixed unit vector."""
-    return 1.0 - 1.0 / g
 
 
 @dataclass
@@ -46,6 +41,9 @@ class Decision:
     estimated_error: float = 0.0
     sticky: bool = False                              # decided by an earlier graph of the model
     codec: str = "velora"                             # velora | rmm
+    error_source: str | None = None                   # velora: gradient | activation | structural (the larger)
+    gradient_error: float | None = None               # velora: the weight gradients' own error (measured)
+    update_share: float | None = None                 # velora: sign-step loss decrease lost (measured)
 
     @property
     def compress(self) -> bool:
