@@ -95,7 +95,8 @@ def parse_regime(name: str) -> Regime:
 def velora_options(regime: Regime, model_name: str, args, include: list[str] | None = None) -> dict:
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
-    ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``head``: the chunked loss head alone;
+    ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``nearexact``: the same without
+    the head; ``head``: the chunked loss head alone;
     ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
     exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
     the least estimated step time, whatever its gradient error); ``mb<x>exact``: the exact chunked
@@ -112,6 +113,8 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
         options: dict = {}
     elif regime.preset == "codecs":  # every lossy-or-exact codec that is built, default planning
         options = {"codecs": all_codecs}
+    elif regime.preset == "nearexact":  # VeLoRA's default planning plus the near-exact codecs (few-bit, int8 gated)
+        options = {"codecs": ["velora", "fewbit", "gated"]}
     elif regime.preset == "head":    # the exact chunked loss head alone
         options = {"codecs": ["chunked_loss"]}
     elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast, velora_mb0.5c256
@@ -689,22 +692,29 @@ def attribute_step(runner: Runner, record: dict) -> None:
 
 def profile_step(runner: Runner, record: dict, top: int = 30) -> None:
     """One profiled step after the rounds: the CUDA kernels that take the most time (where a
-    regime's step time goes, kernel by kernel, against inductor's)."""
+    regime's step time goes, kernel by kernel, against inductor's), how many kernels and launch
+    calls the step makes, and the host ops with the most self CPU time (a launch-bound step)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with runner.context():
             runner.step()
             sync(runner.device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 runner.step()
                 sync(runner.device)
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        averages = prof.key_averages()
+        events = [e for e in averages if e.device_time_total > 0]
         total = sum(e.self_device_time_total for e in events)
         events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        launches = [e for e in averages if "LaunchKernel" in e.key or "cudaMemcpy" in e.key or "cudaMemset" in e.key]
+        host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
         record["profile"] = {"cuda_ms": total / 1e3, "top": [
             {"kernel": e.key[:140], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count}
-            for e in events[:top]]}
+            for e in events[:top]],
+            "kernels": sum(e.count for e in events), "launch_calls": {e.key: e.count for e in launches},
+            "host_top": [{"op": e.key[:140], "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count}
+                         for e in host[:top]]}
     except Exception as exc:  # noqa: BLE001 - a diagnostic
         record["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -827,7 +837,8 @@ def parse_args(argv=None):
     ap.add_argument("--attribute", action="store_true",
                     help="CUDA: after the rounds, one more step per regime naming the blocks alive at its peak")
     ap.add_argument("--profile", action="store_true",
-                    help="CUDA: after the rounds, one profiled step per regime (top kernels by device time)")
+                    help="CUDA: after the rounds, one profiled step per regime (top kernels by device time, kernel "
+                         "and launch counts, top host ops by self CPU time)")
     ap.add_argument("--transformers-defaults", action="store_true",
                     help="transformers' own config defaults where the builders differ (GPT-2: dropout 0.1, gelu_new)")
     ap.add_argument("--keep-grads", action="store_true",

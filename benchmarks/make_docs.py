@@ -346,7 +346,10 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "term, and the plan cache; the results/gpu/v10 runs record 59e6267-dirty: guard_first and",
              "exact_and_0.3 ran 59e6267 plus the recompute guard (the three-plan chooser), merged and lora",
              "the code of ea93b65: the guard, the per-tensor chooser, few-bit's computed matching;",
-             "results/gpu/v10/README.md). The narrative",
+             "results/gpu/v10/README.md; the results/gpu/v11 runs record aab5f63-dirty: the issue-18 working",
+             "tree, where `velora_auto` in v11/default is the v11 default (velora + fewbit + gated, the",
+             "gradient-aware estimate) and `velora_nearexact` in v11/profile_* the same codecs under the",
+             "earlier estimate; results/gpu/v11/README.md). The narrative",
              "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
