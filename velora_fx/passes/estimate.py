@@ -42,9 +42,6 @@ from .sites import ActivationGroup, Site
 
 __all__ = ["SiteEstimator", "structural_error", "unseen_directions"]
 
-SOURCES = ("gradient", "activation", "structural")
-
-
 def structural_error(g: int) -> float:
     """The estimate without data: sub-tokens spread evenly over all directions keep 1/g of their
     energy on any fixed unit vector."""
@@ -81,7 +78,6 @@ class SiteEstimator:
         self.gradient_raised = False  # it failed (not: this graph has no loss, a zero gradient)
         self._cache: dict[tuple, float] = {}
         self._measured: dict[tuple[str, int], tuple[float, float]] = {}  # (error, update share)
-        self._groups = {g.encode_at: g for g in groups}
         wanted = sorted({g.encode_at for g in groups} | set(extra))
         if real_primals is None or not wanted:
             return
@@ -186,6 +182,8 @@ class SiteEstimator:
                 for g in sizes(grp):
                     per_site.setdefault((grp.encode_at, g), []).append(
                         _site_error(site, node, nodes, env, grp.encode_at, x, self.initial(grp, g)))
+            if node in weight_grads and all(u.op == "output" for u in node.users):
+                env.pop(node)  # counted: no need to hold every weight gradient to the end
 
         env = evaluate(gm, real_primals, tangents, needed, keep, visit)
         self.values = {name: env[nodes[name]] for name in wanted}
@@ -203,7 +201,7 @@ def _why(exc: Exception) -> str:
 
 def _loss_tangents(gm: fx.GraphModule) -> list[Tensor] | None:
     """Real tangents for the joint graph: 1 for every scalar floating output (the loss), 0 for the
-    others; None when there is no scalar output or a tangent's size is not static."""
+    others (symbolic sizes at their hints: this batch's); None when there is no scalar output."""
     values, found = [], False
     for node in gm.graph.nodes:
         if not is_joint_tangent(node):
@@ -212,8 +210,6 @@ def _loss_tangents(gm: fx.GraphModule) -> list[Tensor] | None:
         if not isinstance(val, torch.Tensor):
             return None
         shape = [int_hint(s) for s in val.shape]
-        if not all(isinstance(s, int) for s in shape):
-            return None
         scalar = val.dim() == 0 and val.dtype.is_floating_point
         found |= scalar
         device = torch.device(val.device.type, val.device.index) if val.device.index is not None else val.device
