@@ -166,7 +166,7 @@ def test_a_failing_calibration_backward_falls_back_to_the_activation_estimate(mo
     def broken(*args, **kwargs):
         raise RuntimeError("cannot run this op eagerly")
 
-    monkeypatch.setattr(estimate, "_site_error", broken)
+    monkeypatch.setattr(estimate, "_site_errors", broken)
     model = WithLoss(Stack(32, 64, layers=1))
     backend = velora_fx.backend(compiler="eager", mode="all", include=["*.fc2"], sub_token_size=4, codecs=["velora"])
     torch._dynamo.reset()

@@ -77,6 +77,7 @@ class SiteEstimator:
         self.gradient_failure = ""   # why the gradient measurement is missing, if it is
         self.gradient_raised = False  # it failed (not: this graph has no loss, a zero gradient)
         self._cache: dict[tuple, float] = {}
+        self._vectors: dict[tuple[str, int], Tensor] = {}
         self._measured: dict[tuple[str, int], tuple[float, float]] = {}  # (error, update share)
         wanted = sorted({g.encode_at for g in groups} | set(extra))
         if real_primals is None or not wanted:
@@ -87,7 +88,7 @@ class SiteEstimator:
                     self._calibrate_backward(gm, real_primals, groups, wanted, gradient_sizes,
                                              num_fwd_outputs, param_indices)
             except Exception as exc:  # noqa: BLE001 - no gradient data: the activation estimate
-                self.values, self._measured = {}, {}
+                self.values, self._measured, self._vectors = {}, {}, {}
                 self.gradient_failure, self.gradient_raised = _why(exc), True
         if not self.values:
             try:
@@ -118,11 +119,14 @@ class SiteEstimator:
         return None if measured is None else measured[1]
 
     def initial(self, group: ActivationGroup, g: int) -> Tensor:
-        """The v the init rule installs for ``group`` at sub-token size ``g`` (fp32)."""
-        with real_tensors():
-            if self.config.init == "random":
-                return random_vector(g, random_seed(self.names[id(group)]))
-            return initial_vector(self.values[group.encode_at], g)
+        """The v the init rule installs for ``group`` at sub-token size ``g`` (fp32; computed once:
+        each site of a group, the activation estimate and the planner's commit ask for it)."""
+        key = (group.encode_at, g)
+        if key not in self._vectors:
+            with real_tensors():
+                self._vectors[key] = random_vector(g, random_seed(self.names[id(group)])) \
+                    if self.config.init == "random" else initial_vector(self.values[group.encode_at], g)
+        return self._vectors[key]
 
     def __call__(self, group: ActivationGroup, g: int) -> float:
         key = (group.encode_at, g)
@@ -179,9 +183,9 @@ class SiteEstimator:
                 x = env[nodes[grp.encode_at]]
                 if grp.encode_at not in self.values:
                     self.values[grp.encode_at] = x
-                for g in sizes(grp):
-                    per_site.setdefault((grp.encode_at, g), []).append(
-                        _site_error(site, node, nodes, env, grp.encode_at, x, self.initial(grp, g)))
+                vectors = {g: self.initial(grp, g) for g in sizes(grp)}
+                for g, result in _site_errors(site, node, nodes, env, grp.encode_at, x, vectors).items():
+                    per_site.setdefault((grp.encode_at, g), []).append(result)
             if node in weight_grads and all(u.op == "output" for u in node.users):
                 env.pop(node)  # counted: no need to hold every weight gradient to the end
 
@@ -212,21 +216,19 @@ def _loss_tangents(gm: fx.GraphModule) -> list[Tensor] | None:
         shape = [int_hint(s) for s in val.shape]
         scalar = val.dim() == 0 and val.dtype.is_floating_point
         found |= scalar
-        device = torch.device(val.device.type, val.device.index) if val.device.index is not None else val.device
-        values.append(torch.ones((), dtype=val.dtype, device=device) if scalar
-                      else torch.zeros(shape, dtype=val.dtype, device=device))
+        values.append(torch.ones((), dtype=val.dtype, device=val.device) if scalar
+                      else torch.zeros(shape, dtype=val.dtype, device=val.device))
     return values if found else None
 
 
-def _site_error(site: Site, mm: fx.Node, nodes: dict[str, fx.Node], env: dict[fx.Node, Any], encode_at: str,
-                x: Tensor, v: Tensor) -> tuple[float, float] | None:
-    """(relative squared error of the site's weight gradient, the sign-step loss decrease it loses,
-    unnormalised) with ``x``'s reconstruction from v in place of x; None when the exact weight
-    gradient has no energy (a zero output gradient says nothing)."""
+def _site_errors(site: Site, mm: fx.Node, nodes: dict[str, fx.Node], env: dict[fx.Node, Any], encode_at: str,
+                 x: Tensor, vectors: dict[int, Tensor]) -> dict[int, tuple[float, float] | None]:
+    """Per g (with its v): (relative squared error of the site's weight gradient, the sign-step loss
+    decrease it loses, unnormalised) with ``x``'s reconstruction in place of x; None when the exact
+    weight gradient has no energy (a zero output gradient says nothing).  The exact weight gradient
+    is computed once for every g."""
     x32 = x.float()
-    x_hat = reconstruct(project(x32, v.to(x.device)), v.to(x.device), torch.float32)
-    other = mm.args[1 - site.operand_index]
-    other32 = env[other].float()
+    other32 = env[mm.args[1 - site.operand_index]].float()
 
     def weight_grad(activation: Tensor) -> Tensor:
         previous, value = nodes[encode_at], activation
@@ -241,12 +243,13 @@ def _site_error(site: Site, mm: fx.Node, nodes: dict[str, fx.Node], env: dict[fx
         return mm.target(*operands, *mm.args[2:])
 
     exact = weight_grad(x32)
-    delta = weight_grad(x32 - x_hat)
     energy = float((exact * exact).sum())
     if not (0.0 < energy < float("inf")):
-        return None
-    error = float((delta * delta).sum()) / energy
-    flips = torch.sign(exact - delta) != torch.sign(exact)
-    lost = 2.0 * float((exact.abs() * flips).sum())
-    return min(1.0, error), lost
-
+        return dict.fromkeys(vectors)
+    out: dict[int, tuple[float, float] | None] = {}
+    for g, v in vectors.items():
+        v = v.to(x.device)
+        delta = weight_grad(x32 - reconstruct(project(x32, v), v, torch.float32))
+        flips = torch.sign(exact - delta) != torch.sign(exact)
+        out[g] = (min(1.0, float((delta * delta).sum()) / energy), 2.0 * float((exact.abs() * flips).sum()))
+    return out
