@@ -107,7 +107,8 @@ def test_to_dict_is_unchanged():
     g = report.to_dict()["graphs"][0]
     assert list(g) == ["graph_id", "model", "frame", "status", "message", "saved_bytes_before",
                        "saved_bytes_after", "budget_target", "recompute_budget", "budget_plans", "budget_candidates",
-                       "predicted_peak", "plan_source", "sites"]
+                       "predicted_peak", "plan_source", "offload", "sites"]
+    assert g["offload"] is None  # set only with offload=True (tests/test_offload.py)
     assert g["message"] == MESSAGE
     assert list(report.to_dict()) == ["saved_bytes_before", "saved_bytes_after", "predicted_peak_before",
                                       "predicted_peak_after", "totals_count", "graphs"]

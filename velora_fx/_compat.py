@@ -295,6 +295,11 @@ def _cuda_roofline(index: int, dtype: torch.dtype) -> tuple[float, float]:
     return _FALLBACK_ROOFLINE
 
 
+def cuda_graphs_on() -> bool:
+    """Whether inductor compiles the current graph for CUDA graphs (``mode="reduce-overhead"``)."""
+    return bool(inductor_config.triton.cudagraphs)
+
+
 def current_recompute_budget() -> float:
     return float(torch._functorch.config.activation_memory_budget)
 

@@ -36,6 +36,7 @@ from .binding import Lifted, StateBinder, lift_state, make_binding, primal_label
 from .config import ConfigError, VeloraConfig
 from .integrations import causal_lm
 from .naming import ParamNames, find_compiled_root, unwrap_model
+from .offload import OffloadStep
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes import plan_cache
 from .passes.partition_probe import probe_partition
@@ -291,15 +292,19 @@ class VeloraBackend:
                 if isinstance(self.config.memory_budget, int) else 0  # only a budget in bytes is shared
             peaks: dict[str, Any] = {}
             original = partitioner.original
+            offload = OffloadStep(self.config, joint_inputs, num_fwd_outputs)
             context = {"device": _device_kind(joint_inputs), "held": held, "inductor": _compat.inductor_settings(),
                        "reference": dataclasses.asdict(original) if original else None} \
-                if plan_cache.enabled(self.config) else None
+                if plan_cache.enabled(self.config) and not offload.active else None  # offload: planned each time
             if self.compiler == "eager":
                 save_random_values(gm)  # inductor's random prims regenerate other numbers when run eagerly
             guard = guard_joint(gm, joint_inputs, ctx.partition, num_fwd_outputs, kwargs, context is not None) \
                 if self.config.memory_budget is not None else GuardResult()
             result = run_pipeline(ctx, self.config, binding, graph_id,
-                                  _budget_target(self.config, original, held, peaks, head_grads), context)
+                                  _budget_target(self.config, original, held, peaks, head_grads, offload), context)
+            offloaded = offload.apply(result.saved, peaks["goal"]) if offload.active and "goal" in peaks else None
+            if self.config.offload and not offload.active:
+                self.warn_once(f"velora_fx: offload skipped: {offload.reason}")
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
@@ -313,6 +318,11 @@ class VeloraBackend:
             distributed.share_plan(model, graph_key)
         original = partitioner.original
         _add_loss_heads(result, partitioner.loss_heads, original.saved if original else None, head_grads)
+        if offloaded is not None:
+            result.report.offload = offload.report(offloaded)
+            result.report.saved_bytes_after -= offloaded.bytes
+        result.report.message = "; ".join(m for m in (result.report.message, offload.message(
+            offloaded, peaks.get("goal"), result.saved.activation_bytes)) if m)
         before, after = original or peaks.get("reference"), predict_step_peak(result.saved)
         result.report.predicted_peak = {"before": before.to_dict() if before else None, "after": after.to_dict(),
                                         "target": peaks.get("want")}
@@ -326,7 +336,7 @@ class VeloraBackend:
             result.report.message = "; ".join(m for m in (
                 f"memory_budget: {self.config.memory_budget} bytes for the model, of which its other graphs save "
                 f"{held}", result.report.message) if m)
-        if not result.report.sites:
+        if not result.report.sites and not self.config.offload:  # offload's own plan is its report
             self.warn_once(f"velora_fx: {model.label} has no site any codec of {list(self.config.codecs)} "
                            "can compress")
         model.reports.append(result.report)
@@ -353,7 +363,7 @@ def _state_sites(state: Any) -> dict[str, Any]:
 
 
 def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhere: int = 0,
-                   seen: dict[str, Any] | None = None, keep: Sequence[str] = ()):
+                   seen: dict[str, Any] | None = None, keep: Sequence[str] = (), offload: OffloadStep | None = None):
     """``memory_budget`` as the saved bytes one graph may keep, from its baseline partition.
 
     The budget is on the step's activation peak (``passes/step_peak.py``), not on saved bytes: a
@@ -363,7 +373,10 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
     taken as they are, so the graph may save the target peak less those.  ``seen`` receives the
     reference's predicted peak and the peak asked for (for the report).  The
     target is never below the bytes of ``keep`` (the loss head's gradients): asking for less drives
-    the knapsack to 0, where inductor recomputes everything, the head's whole chunk loop included."""
+    the knapsack to 0, where inductor recomputes everything, the head's whole chunk loop included.
+    With ``offload``, the bytes the baseline can offload under cover of compute are credited: the
+    chooser meets the target plus that credit, and offload takes the rest (``seen["goal"]``: the
+    target without it)."""
     if config.memory_budget is None:
         return None
     budget = config.memory_budget
@@ -374,9 +387,12 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
         base = baseline.known_peak
         reference = original or base
         want = int(budget * reference.peak if isinstance(budget, float) else budget - held_elsewhere)
+        goal = max(baseline.bytes_of(list(keep), inputs=False), want - (base.peak - base.saved))
         if seen is not None:
-            seen.update(reference=reference, want=want)
-        return max(baseline.bytes_of(list(keep), inputs=False), want - (base.peak - base.saved))
+            seen.update(reference=reference, want=want, goal=goal)
+        if offload is not None and offload.active:
+            return min(baseline.activation_bytes, goal + offload.credit(baseline, baseline.activation_bytes - goal))
+        return goal
     return target
 
 

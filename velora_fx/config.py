@@ -33,7 +33,9 @@ CODECS = ("velora", "fewbit", "rmm", "gated", "chunked_loss")
 # estimated_error is ~0.006-0.007 against ~0.5 for VeLoRA at g = 2, and which free a GELU MLP's
 # pre-activation or a gated MLP's gate and up (H200, 12 x 1024: peak 0.92x -> 0.79x GPT-2, 0.95x ->
 # 0.85x Llama; docs/quality.md).  "max_memory" and "all" are VeLoRA's own modes: VeLoRA alone
-DEFAULT_CODECS = {"budget": ("velora", "chunked_loss"), "auto": ("velora", "fewbit", "gated"),
+# With offload=True the default is exact: keep, recompute, offload and the exact loss head only
+DEFAULT_CODECS = {"budget": ("velora", "chunked_loss"), "offload": ("chunked_loss",),
+                  "auto": ("velora", "fewbit", "gated"),
                   "max_memory": ("velora",), "all": ("velora",)}
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,7 +102,7 @@ class VeloraConfig:
     codecs: tuple[str, ...] | None = field(default=None, metadata={
         "help": f"what the planner may use: any of {CODECS} (default: in mode='auto' VeLoRA with the near-exact "
                 "fewbit and gated codecs; in 'max_memory' and 'all' VeLoRA alone; with memory_budget, VeLoRA and "
-                "the exact chunked_loss head)"})
+                "the exact chunked_loss head; with memory_budget and offload, the exact chunked_loss head alone)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
@@ -118,6 +120,14 @@ class VeloraConfig:
         "help": "reuse the planner's decisions for the same graph and options from an earlier process (a JSON "
                 "per graph under the inductor cache dir's velora_fx/; also off with VELORA_FX_PLAN_CACHE=0 or "
                 "torch's force_disable_caches)"})
+    offload: bool = field(default=False, metadata={
+        "help": "memory_budget: also move saved tensors to pinned host memory in forward and back in backward, "
+                "where the copies overlap compute on the step's estimated timeline (exact; CUDA only, skipped with "
+                "a reason elsewhere and under CUDA graphs, mode='reduce-overhead')"})
+    offload_bandwidth: float | None = field(default=None, metadata={
+        "help": "offload: the host link's copy bandwidth in GB/s (default: measured once per device and cached)"})
+    offload_max_bytes: int | None = field(default=None, metadata={
+        "help": "offload: most host bytes one graph may offload (default: no bound beyond the budget's need)"})
     version: int = 4
 
     def __post_init__(self) -> None:
@@ -151,9 +161,10 @@ class VeloraConfig:
         set_(self, "exclude", _as_patterns(self.exclude, "exclude"))
         set_(self, "coeff_dtype", _as_dtype(self.coeff_dtype))
         set_(self, "memory_budget", _as_budget(self.memory_budget))
-        set_(self, "codecs", _as_codecs(self.codecs if self.codecs is not None else DEFAULT_CODECS[
-            "budget" if self.memory_budget is not None else self.mode]))
-        for name in ("keep_logits", "plan_cache"):
+        default = "offload" if self.offload and self.memory_budget is not None else \
+            "budget" if self.memory_budget is not None else self.mode
+        set_(self, "codecs", _as_codecs(self.codecs if self.codecs is not None else DEFAULT_CODECS[default]))
+        for name in ("keep_logits", "plan_cache", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, high in (("bits", 1, 8), ("loss_chunk_size", 1, None)):
@@ -161,6 +172,18 @@ class VeloraConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
                 bound = f"an integer in [{low}, {high}]" if high else f"an integer >= {low}"
                 raise ConfigError(f"{name} must be {bound}, got {value!r}")
+        if self.offload and self.memory_budget is None:
+            raise ConfigError("offload=True needs a memory_budget: the planner offloads what the budget asks for "
+                              "beyond what it keeps (e.g. velora_fx.backend(memory_budget=0.5, offload=True))")
+        bandwidth = self.offload_bandwidth
+        if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))
+                                      or not math.isfinite(bandwidth) or bandwidth <= 0):
+            raise ConfigError(f"offload_bandwidth must be a positive number of GB/s, got {bandwidth!r}")
+        if bandwidth is not None:
+            set_(self, "offload_bandwidth", float(bandwidth))
+        limit = self.offload_max_bytes
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ConfigError(f"offload_max_bytes must be a number of bytes >= 0, got {limit!r}")
         ratio = self.rmm_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ConfigError(f"rmm_ratio must be a number in (0, 1] (sketch rows per token), got {ratio!r}")

@@ -155,6 +155,9 @@ class GraphReport:
     # where the plan came from: "planned" (this process planned it), "cache" (an earlier process's
     # decisions from the plan cache, checked on this process's partition), "" (no pipeline ran)
     plan_source: str = ""
+    # offload=True: the plan (bandwidth, timeline, each offloaded tensor with its module and planned
+    # copy times, why others were not); saved_bytes_after then counts only what stays on the GPU
+    offload: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph_id": self.graph_id, "model": self.model, "frame": self.frame, "status": self.status,
@@ -162,7 +165,7 @@ class GraphReport:
                 "saved_bytes_after": self.saved_bytes_after, "budget_target": self.budget_target,
                 "recompute_budget": self.recompute_budget, "budget_plans": list(self.budget_plans),
                 "budget_candidates": list(self.budget_candidates),
-                "predicted_peak": self.predicted_peak, "plan_source": self.plan_source,
+                "predicted_peak": self.predicted_peak, "plan_source": self.plan_source, "offload": self.offload,
                 "sites": [s.to_dict() for s in self.sites]}
 
 

@@ -31,7 +31,7 @@ from .._compat import device_roofline, int_hint
 from .graph_utils import nbytes, tensor_val
 from .partition_probe import alias_base
 
-__all__ = ["StepCost", "estimate_step", "graph_cost"]
+__all__ = ["StepCost", "estimate_step", "graph_cost", "node_seconds"]
 
 
 @dataclass(frozen=True)
@@ -51,23 +51,40 @@ def estimate_step(fwd: fx.GraphModule, bwd: fx.GraphModule) -> StepCost:
 def graph_cost(gm: fx.GraphModule) -> StepCost:
     device, dtype = _device_and_dtype(gm)
     flops_per_s, bytes_per_s = device_roofline(device, dtype)
+    flops, moved = _work(gm)
+    total_flops, total_bytes = sum(flops.values()), sum(moved.values())
+    return StepCost(total_flops, total_bytes, total_flops / flops_per_s + total_bytes / bytes_per_s)
+
+
+def node_seconds(gm: fx.GraphModule, rates: tuple[float, float] | None = None) -> dict[fx.Node, float]:
+    """``graph_cost``'s estimate split over the nodes, in graph order (a timeline for overlapping
+    transfers with compute): a matmul-like node its FLOPs, a materialised tensor its bytes (charged
+    at the node that owns the storage).  ``rates``: (matmul FLOP/s, memory bytes/s) measured on the
+    device, for absolute times (default: the roofline's)."""
+    device, dtype = _device_and_dtype(gm)
+    flops_per_s, bytes_per_s = rates or device_roofline(device, dtype)
+    flops, moved = _work(gm)
+    return {n: flops.get(n, 0) / flops_per_s + moved.get(n, 0) / bytes_per_s for n in gm.graph.nodes}
+
+
+def _work(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """Per node: matmul FLOPs, and bytes written and read again (at the storage's owner)."""
     outputs: set[fx.Node] = set()
     fx.node.map_arg(gm.graph.find_nodes(op="output")[0].args, outputs.add)
-    flops, reads, matmuls = 0, {}, set()
+    flops, reads = {}, {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is operator.getitem:
             continue
         counted = _flops(node)
         if counted is not None:
-            flops += counted
-            matmuls.add(node)
+            flops[node] = counted
         readers = sum(1 for u in node.users if _flops_formula(u) is not None) + (node in outputs)
         if readers:
             base = alias_base(node)  # a view costs its base's storage
             reads[base] = reads.get(base, 0) + readers
-    moved = sum(nbytes(b) * (1 + n) for b, n in reads.items()  # written once, read by each reader
-                if b.op == "call_function" and b not in matmuls)  # matmul outputs: in their FLOPs
-    return StepCost(flops, moved, flops / flops_per_s + moved / bytes_per_s)
+    moved = {b: nbytes(b) * (1 + n) for b, n in reads.items()  # written once, read by each reader
+             if b.op == "call_function" and b not in flops}  # matmul outputs: in their FLOPs
+    return flops, moved
 
 
 def _flops_formula(node: fx.Node):

@@ -54,13 +54,28 @@ def predict_step_peak(saved: SavedSet) -> StepPeak:
     forward = _walk(saved.fwd, alive_at_start={})
     # backward's placeholders are the saved tensors, under their forward names, and the tangents
     by_name = {n.name: n for n in saved.bwd.graph.find_nodes(op="placeholder")}
-    alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items() if name in by_name}
+    on_host = {name for name, n in by_name.items() if any(_offload_op(u) for u in n.users)}  # offloaded
+    alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items()
+             if name in by_name and name not in on_host}
     # what forward returned to the caller (logits, a KV cache) is held through backward
     pinned = {by_name[name] for name, base in saved.activations.items() if name in by_name and base in saved.held}
     saved_bases = set(saved.activations.values())
     held = sum(size for base, size in saved.held.items() if base not in saved_bases)
     backward = held + _walk(saved.bwd, alive_at_start=alive, pinned=pinned)
-    return StepPeak(forward, backward, saved.activation_bytes)
+    on_gpu = saved.activation_bytes - sum(saved.base_bytes[saved.activations[n]] for n in on_host
+                                          if n in saved.activations)
+    return StepPeak(forward, backward, on_gpu)
+
+
+# velora_fx's transfer ops (velora_fx/offload/ops.py): their results are host tensors or tickets (the
+# reloaded tensor counts at ``reload_finish``)
+_OFFLOAD_OPS = {"offload_start", "offload_finish", "reload_start"}
+
+
+def _offload_op(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "velora_fx" and \
+        target.overloadpacket.__name__ in _OFFLOAD_OPS
 
 
 _UNFUSABLE = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
@@ -100,7 +115,8 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx
     alive = dict(alive_at_start)
     current = peak = sum(alive.values())
     for node in nodes:
-        if node.op == "call_function" and _base(node) is node and _materialised(node, outputs, order):
+        if node.op == "call_function" and _base(node) is node and not _offload_op(node) and \
+                _materialised(node, outputs, order):
             size = nbytes(node)
             if size:
                 alive[node] = size
