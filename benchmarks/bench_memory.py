@@ -63,7 +63,7 @@ class Regime:
     ``velora_<preset>[_budget_<x>][+ro]``."""
 
     name: str
-    family: str                  # eager | eager_reference | inductor | velora
+    family: str                  # eager | eager_reference | eager_offload | inductor | velora
     preset: str | None = None    # velora: paper | auto | any other backend mode (max_memory, all, ...)
     budget: float | None = None  # torch._functorch.config.activation_memory_budget while it compiles and runs
     cudagraphs: bool = False     # "+ro": mode="reduce-overhead" (CUDA graphs)
@@ -78,7 +78,7 @@ class Regime:
 def parse_regime(name: str) -> Regime:
     """Parse a regime name; raises ValueError for names no rule covers (modes are the backend's to judge)."""
     base, ro = (name[:-len(CUDA_GRAPHS)], True) if name.endswith(CUDA_GRAPHS) else (name, False)
-    if base in ("eager", "eager_reference"):
+    if base in ("eager", "eager_reference", "eager_offload"):
         if ro:
             raise ValueError(f"{name!r}: reduce-overhead needs a compiled regime")
         return Regime(name, base)
@@ -100,7 +100,8 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
     exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
     the least estimated step time, whatever its gradient error); ``mb<x>exact``: the exact chunked
-    loss head alone under the budget (exact gradients: recompute closes the rest); a ``c<rows>`` suffix sets
+    loss head alone under the budget (exact gradients: recompute closes the rest); ``mb<x>offload``: the
+    budget with ``offload=True`` and the backend's defaults for it (exact); a ``c<rows>`` suffix sets
     ``loss_chunk_size`` (``velora_mb0.5c256``).
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
@@ -118,11 +119,14 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     elif regime.preset == "head":    # the exact chunked loss head alone
         options = {"codecs": ["chunked_loss"]}
     elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast, velora_mb0.5c256
-        match = re.fullmatch(r"mb([0-9.]+)(fast|exact)?(?:c(\d+))?", regime.preset)
+        match = re.fullmatch(r"mb([0-9.]+)(fast|exact|offload)?(?:c(\d+))?", regime.preset)
         if match is None:
-            raise ValueError(f"velora_{regime.preset}: expected velora_mb<budget>[fast|exact][c<loss chunk rows>]")
+            raise ValueError(f"velora_{regime.preset}: expected "
+                             "velora_mb<budget>[fast|exact|offload][c<loss chunk rows>]")
         exact = match.group(2) == "exact"
         options = {"codecs": ["chunked_loss"] if exact else all_codecs, "memory_budget": float(match.group(1))}
+        if match.group(2) == "offload":  # the backend's defaults with offload (exact: keep, recompute, offload, head)
+            options = {"memory_budget": float(match.group(1)), "offload": True}
         if match.group(2) == "fast":
             options["error_cost"] = 0.0
         if match.group(3):
@@ -144,6 +148,8 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args,
     ``REFERENCE_INCLUDE`` (benchmarks/run.py passes the LoRA A projections of those sites)."""
     if regime.family == "eager":
         return model, None, {}
+    if regime.family == "eager_offload":  # PyTorch's eager offload: every saved tensor to pinned host memory
+        return model, None, {"saved_tensors_hooks": "torch.autograd.graph.save_on_cpu(pin_memory=True)"}
     if regime.family == "eager_reference":
         include = list(include or REFERENCE_INCLUDE[model_name])
         options = {} if args.num_groups is None else {"num_groups": args.num_groups}
@@ -353,7 +359,10 @@ class Runner:
         return compile_model(self.regime, self.model, model_name, self.args)
 
     def context(self):
-        """Entered around the warm-up and around each timed block (the regime's memory budget)."""
+        """Entered around the warm-up and around each timed block (the regime's memory budget;
+        ``eager_offload``: PyTorch's ``save_on_cpu`` hooks)."""
+        if self.regime.family == "eager_offload":
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
         return budget_patch(self.regime)
 
     def step(self, check=None) -> torch.Tensor:

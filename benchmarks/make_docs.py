@@ -349,7 +349,9 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "results/gpu/v10/README.md; the results/gpu/v11 runs record aab5f63-dirty: the issue-18 working",
              "tree, where `velora_auto` in v11/default is the v11 default (velora + fewbit + gated, the",
              "gradient-aware estimate) and `velora_nearexact` in v11/profile_* the same codecs under the",
-             "earlier estimate; results/gpu/v11/README.md). The narrative",
+             "earlier estimate; results/gpu/v11/README.md; the results/gpu/v12 runs record 6e9d5cd-dirty: the",
+             "issue-19 working tree, offload (`velora_mb<x>offload`: memory_budget=x, offload=True) and PyTorch's",
+             "eager `save_on_cpu` (`eager_offload`); results/gpu/v12/README.md). The narrative",
              "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
