@@ -43,7 +43,7 @@ from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
 from .passes.recompute_guard import GuardResult, guard_joint, save_random_values
 from .passes.step_peak import StepPeak, predict_step_peak
-from .report import GraphReport, Report, SiteReport
+from .report import GraphReport, Report, SiteReport, exception_line
 from .state import ModelState, StateError
 
 __all__ = ["VeloraBackend", "backend", "default_backend"]
@@ -310,7 +310,7 @@ class VeloraBackend:
         except Exception as exc:  # noqa: BLE001 - never crash a compile: fall back to plain inductor
             if os.environ.get("VELORA_FX_STRICT") == "1":  # tests: surface pass bugs instead of falling back
                 raise
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = exception_line(exc)
             self.warn_once(f"velora_fx: a graph compiled without the rewrite, as plain inductor ({reason})")
             model.reports.append(GraphReport(graph_id, "fallback", reason, model=model.label, frame=frame))
             return plain()

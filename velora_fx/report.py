@@ -5,13 +5,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SiteReport", "GraphReport", "Report"]
+__all__ = ["SiteReport", "GraphReport", "Report", "exception_line"]
 
 _WIDTH = 120
 
 
 _UNFITTED = {"skipped": "not fitted (cost before recompute at or above the winner's)",
              "given up": "given up (a budget that missed the target already cost more than the winner)"}
+
+
+def exception_line(exc: BaseException) -> str:
+    """An exception as a report or warning says it: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _size(n: int) -> str:

@@ -35,6 +35,7 @@ from torch import Tensor
 from .._compat import int_hint, is_joint_primal, is_joint_tangent, real_tensors
 from ..codecs.velora import project, reconstruct, reconstruction_error
 from ..config import VeloraConfig
+from ..report import exception_line
 from ..state import initial_vector, random_seed, random_vector, subtokens
 from .calibrate import activation_values, evaluate
 from .graph_utils import CASTS, ancestors, output_values, tensor_val
@@ -89,13 +90,13 @@ class SiteEstimator:
                                              num_fwd_outputs, param_indices)
             except Exception as exc:  # noqa: BLE001 - no gradient data: the activation estimate
                 self.values, self._measured, self._vectors = {}, {}, {}
-                self.gradient_failure, self.gradient_raised = _why(exc), True
+                self.gradient_failure, self.gradient_raised = exception_line(exc), True
         if not self.values:
             try:
                 with real_tensors():
                     self.values = activation_values(gm, real_primals, wanted)
             except Exception as exc:  # noqa: BLE001 - no data: structural estimate
-                self.failure = _why(exc)
+                self.failure = exception_line(exc)
 
     # -- what the planner asks -----------------------------------------------------------------
     def has_data(self, group: ActivationGroup) -> bool:
@@ -197,10 +198,6 @@ class SiteEstimator:
         for key, rows in per_site.items():
             if rows and all(r is not None for r in rows):
                 self._measured[key] = (max(r[0] for r in rows), sum(r[1] for r in rows) / total_l1[0])
-
-
-def _why(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _loss_tangents(gm: fx.GraphModule) -> list[Tensor] | None:
