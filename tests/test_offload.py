@@ -134,6 +134,8 @@ def test_offload_is_chosen_when_the_copies_fit_and_gradients_stay_exact(strict_p
     plan = graph.offload
     assert plan is not None and plan["tensors"], graph.message
     assert plan["offloaded_bytes"] == sum(t["bytes"] for t in plan["tensors"])
+    import os
+    assert plan["host_limit_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     assert "to host memory at 1e+06 GB/s" in graph.message and "meets" in graph.message
     ends = [t["d2h_end_ms"] for t in plan["tensors"]]
     assert ends == sorted(ends) and ends[-1] <= plan["forward_ms"]
@@ -143,6 +145,18 @@ def test_offload_is_chosen_when_the_copies_fit_and_gradients_stay_exact(strict_p
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_host_bound_caps_what_is_offloaded(strict_pass, any_device):
+    """``offload_max_bytes`` bounds the host bytes: below the smallest candidate nothing goes, and the
+    skipped candidates say the bound is why."""
+    model, x = MLPStack(), torch.randn(8, 256, 64)
+    backend = velora_fx.backend(memory_budget=0.5, offload=True, offload_bandwidth=1e6, offload_max_bytes=1 << 20,
+                                compiler="eager")
+    _grads(model, x, backend, steps=1)
+    plan = backend.report().graphs[-1].offload
+    assert plan["host_limit_bytes"] == 1 << 20 and plan["offloaded_bytes"] == 0 and plan["credit_bytes"] == 0
+    assert "the host memory bound (offload_max_bytes) is reached" in plan["credit_skipped"].values()
 
 
 def test_offload_is_not_chosen_when_the_link_is_too_slow(strict_pass, any_device):

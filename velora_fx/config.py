@@ -127,7 +127,7 @@ class VeloraConfig:
     offload_bandwidth: float | None = field(default=None, metadata={
         "help": "offload: the host link's copy bandwidth in GB/s (default: measured once per device and cached)"})
     offload_max_bytes: int | None = field(default=None, metadata={
-        "help": "offload: most host bytes one graph may offload (default: no bound beyond the budget's need)"})
+        "help": "offload: most host bytes one graph may offload (default: half of the machine's physical memory)"})
     version: int = 4
 
     def __post_init__(self) -> None:

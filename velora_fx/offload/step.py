@@ -8,6 +8,7 @@ chooser returns, ``plan_offload`` takes off what is left above the real target.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +43,7 @@ class OffloadStep:
                            "compile without it to offload")
         self.active = config.offload and self.reason is None
         self.device = device
+        self.host_limit = config.offload_max_bytes if config.offload_max_bytes is not None else _half_host_memory()
         self.bandwidth = 0.0
         if self.active:
             self.bandwidth = config.offload_bandwidth * 1e9 if config.offload_bandwidth else host_bandwidth(device)
@@ -52,13 +54,14 @@ class OffloadStep:
         if not self.active or need <= 0 or baseline.fwd is None:
             return 0
         self.credit_plan = plan_offload(baseline, self.num_fwd_outputs, need, self.bandwidth,
-                                        self.config.offload_max_bytes, rates=self._rates(baseline))
+                                        self.host_limit, rates=self._rates(baseline))
         return self.credit_plan.bytes
 
     def report(self, plan: OffloadPlan) -> dict[str, Any]:
         """The report's ``offload``: the plan on the final partition, and the credit the chooser got
         from the baseline partition (with why the baseline's other tensors could not go)."""
         out = plan.to_dict()
+        out["host_limit_bytes"] = self.host_limit
         credit = self.credit_plan
         out["credit_bytes"] = credit.bytes if credit is not None else 0
         out["credit_skipped"] = dict(credit.skipped) if credit is not None else {}
@@ -67,7 +70,7 @@ class OffloadStep:
     def apply(self, saved: SavedSet, goal: int) -> OffloadPlan:
         """Offload from ``saved`` (its graphs, in place) what it holds above ``goal`` bytes."""
         plan = plan_offload(saved, self.num_fwd_outputs, saved.activation_bytes - goal, self.bandwidth,
-                            self.config.offload_max_bytes, rates=self._rates(saved))
+                            self.host_limit, rates=self._rates(saved))
         if plan.chosen:
             apply_offload(saved.fwd, saved.bwd, plan)
         return plan
@@ -99,6 +102,15 @@ class OffloadStep:
         return (f"offload: {plan.bytes} bytes in {len(plan.chosen)} tensors to host memory at "
                 f"{plan.bandwidth / 1e9:.3g} GB/s, copies planned inside compute; {left} bytes stay saved on the "
                 f"GPU ({met} the {goal} asked)")
+
+
+def _half_host_memory() -> int | None:
+    """Half of this machine's physical memory: the default bound on one graph's offloaded bytes
+    (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _matmul_dtype(gm) -> torch.dtype:
