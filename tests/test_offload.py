@@ -276,3 +276,37 @@ def test_node_seconds_sums_to_the_step_estimate():
     saved, _ = _partition(MLPStack(64, 2), torch.randn(2, 64, 64))
     for gm in (saved.fwd, saved.bwd):
         assert sum(node_seconds(gm).values()) == pytest.approx(graph_cost(gm).seconds, rel=1e-9)
+
+
+# -- the two rate bugs the GPU runs found (results/gpu/v12/failure_modes) --------------------------
+def test_rates_are_measured_on_real_tensors_and_cached(tmp_path, monkeypatch):
+    """The partition step runs under a fake mode, where a timed copy takes no time (the link read
+    650-1370 GB/s on an H200): the measurement must run on real tensors, once, then come from disk."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from velora_fx.offload import bandwidth
+    monkeypatch.setattr(bandwidth, "_cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    calls = []
+
+    def measure():
+        calls.append(torch.empty(4))
+        return 55e9
+
+    device = torch.device("cuda", 0)
+    with FakeTensorMode():
+        assert bandwidth._cached(device, "host_bytes_per_second", measure) == 55e9
+    assert len(calls) == 1 and not isinstance(calls[0], FakeTensor)
+    assert bandwidth._cached(device, "host_bytes_per_second", measure) == 55e9 and len(calls) == 1
+    assert (tmp_path / "device_rates_Test_GPU.json").exists()
+
+
+def test_rates_use_the_dtype_the_matmuls_run_in():
+    """A bf16 model whose first 2-D graph input is fp32 (a state tensor) runs its matmuls in bf16:
+    the timeline's matmul rate is bf16's (fp32's made an H200 forward 12x too long, a 2.5x step)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from velora_fx.offload.step import _matmul_dtype
+    gm = make_fx(lambda state, x, w: (state.sum(), x @ w))(torch.zeros(4, 4), torch.randn(8, 16, dtype=torch.bfloat16),
+                                                            torch.randn(16, 8, dtype=torch.bfloat16))
+    assert _matmul_dtype(gm) == torch.bfloat16
