@@ -39,6 +39,7 @@ from .naming import ParamNames, find_compiled_root, unwrap_model
 from .offload import OffloadStep
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes import plan_cache
+from .passes.graph_utils import tensor_leaves
 from .passes.partition_probe import probe_partition
 from .passes.pipeline import GraphBinding, JointContext, PipelineResult, run_pipeline
 from .passes.recompute_guard import GuardResult, guard_joint, save_random_values
@@ -398,14 +399,8 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
 
 def _device_kind(values: Sequence[Any]) -> str:
     """The device a graph runs on, as the plan cache keys it (the first tensor among ``values``)."""
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            found = _device_kind(value)
-            if found:
-                return found
-        elif isinstance(value, Tensor):
-            return _compat.device_name(value.device)
-    return ""
+    first = next(tensor_leaves(values), None)
+    return _compat.device_name(first.device) if first is not None else ""
 
 
 def _held_by_other_graphs(model: ModelState, frame: str, modules: set[str]) -> int:

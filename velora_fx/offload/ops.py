@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["offload_start", "offload_finish", "reload_start", "reload_finish", "OFFLOAD_OPS"]
+__all__ = ["offload_start", "offload_finish", "reload_start", "reload_finish"]
 
 _streams: dict[torch.device, Any] = {}
 _pending: dict[int, tuple] = {}  # ticket -> (result, event, device, source kept alive until the copy ends)
@@ -124,7 +124,3 @@ def reload_finish(ticket: Tensor, like: Tensor, device: torch.device) -> Tensor:
 @reload_finish.register_fake
 def _(ticket: Tensor, like: Tensor, device: torch.device) -> Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=device)
-
-
-OFFLOAD_OPS = (torch.ops.velora_fx.offload_start.default, torch.ops.velora_fx.offload_finish.default,
-               torch.ops.velora_fx.reload_start.default, torch.ops.velora_fx.reload_finish.default)

@@ -22,9 +22,9 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 
+from ..naming import module_path_from_source
 from ..passes.graph_utils import nbytes, output_values, tensor_val
 from ..passes.partition_probe import SavedSet, alias_base
 from ..passes.step_cost import node_seconds
@@ -84,19 +84,19 @@ def plan_offload(saved: SavedSet, num_fwd_outputs: int, need: int, bandwidth: fl
     copies the compute covers at ``bandwidth`` bytes/s, at most ``host_limit`` bytes in all.
     ``rates``: the device's measured (matmul FLOP/s, memory bytes/s) for the timeline."""
     fwd, bwd = saved.fwd, saved.bwd
-    fwd_end = _ends(fwd, rates)
-    bwd_end = _ends(bwd, rates)
-    bwd_times = node_seconds(bwd, rates)
+    fwd_end, bwd_times = _ends(node_seconds(fwd, rates)), node_seconds(bwd, rates)
+    bwd_end = _ends(bwd_times)
+    bwd_start = {n: bwd_end[n] - bwd_times[n] for n in bwd_times}
     plan = OffloadPlan(bandwidth, max(fwd_end.values(), default=0.0), max(bwd_end.values(), default=0.0), need)
     if need <= 0 or bandwidth <= 0:
         return plan
     candidates = _candidates(fwd, bwd, num_fwd_outputs, min_bytes, plan.skipped)
     fwd_order = {n: i for i, n in enumerate(fwd.graph.nodes)}
-    fwd_nodes = list(fwd.graph.nodes)
-    fwd_ends = [fwd_end[n] for n in fwd_nodes]
-    bwd_nodes = list(bwd.graph.nodes)
-    bwd_starts = [bwd_end[n] - bwd_times[n] for n in bwd_nodes]
-    taken: list[tuple[fx.Node, fx.Node, fx.Node, int]] = []  # (fwd node, last fwd reader, first bwd reader, bytes)
+    bwd_order = {n: i for i, n in enumerate(bwd.graph.nodes)}
+    fwd_nodes, bwd_nodes = list(fwd.graph.nodes), list(bwd.graph.nodes)
+    fwd_ends, bwd_starts = [fwd_end[n] for n in fwd_nodes], [bwd_start[n] for n in bwd_nodes]
+    taken: list[tuple[fx.Node, fx.Node, fx.Node, int, float]] = []  # (+ the planned end of its copy out)
+    schedule: dict[str, float] = {}
     copy_free, total = 0.0, 0
     for node, last, first, size in sorted(candidates, key=lambda c: (fwd_order[c[1]], fwd_order[c[0]])):
         if total >= need:
@@ -104,41 +104,32 @@ def plan_offload(saved: SavedSet, num_fwd_outputs: int, need: int, bandwidth: fl
         if host_limit is not None and total + size > host_limit:
             plan.skipped[node.name] = "the host memory bound (offload_max_bytes) is reached"
             continue
-        duration = size * MARGIN / bandwidth
-        end = max(fwd_end[last], copy_free) + duration
+        end = max(fwd_end[last], copy_free) + size * MARGIN / bandwidth
         if end > plan.forward_seconds:
             plan.skipped[node.name] = "its copy to the host would not end before forward does"
             continue
-        schedule = _reload_schedule([*taken, (node, last, first, size)], bwd_end, bwd_times, bandwidth)
-        if schedule is None:
+        tried = _reload_schedule([*taken, (node, last, first, size, end)], bwd_start, bandwidth)
+        if tried is None:
             plan.skipped[node.name] = "its copy back would not end before backward reads it"
             continue
-        taken.append((node, last, first, size))
-        copy_free, total = end, total + size
-    schedule = _reload_schedule(taken, bwd_end, bwd_times, bandwidth) or {}
-    copy_free = 0.0
-    for node, last, first, size in taken:
-        end = max(fwd_end[last], copy_free) + size * MARGIN / bandwidth
-        copy_free = end
+        taken.append((node, last, first, size, end))
+        schedule, copy_free, total = tried, end, total + size
+    for node, last, first, size, end in taken:
         wait_at = fwd_nodes[min(max(bisect.bisect_left(fwd_ends, end), fwd_order[last]), len(fwd_nodes) - 2)]
         start = schedule[node.name]
-        before = bwd_nodes[min(bisect.bisect_left(bwd_starts, start), _index(bwd_nodes, first))]
+        before = bwd_nodes[min(bisect.bisect_left(bwd_starts, start), bwd_order[first])]
         plan.chosen.append(OffloadChoice(node.name, size, _module(node), last.name, wait_at.name, before.name,
                                          first.name, end, start))
     return plan
 
 
-def _ends(gm: fx.GraphModule, rates) -> dict[fx.Node, float]:
-    """Each node's end on the graph's roofline timeline."""
+def _ends(seconds: dict[fx.Node, float]) -> dict[fx.Node, float]:
+    """Each node's end on a graph's timeline, from its nodes' times in graph order."""
     clock, out = 0.0, {}
-    for node, seconds in node_seconds(gm, rates).items():
-        clock += seconds
+    for node, spent in seconds.items():
+        clock += spent
         out[node] = clock
     return out
-
-
-def _index(nodes: list[fx.Node], node: fx.Node) -> int:
-    return nodes.index(node)
 
 
 def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, min_bytes: int,
@@ -183,15 +174,13 @@ def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, 
     return found
 
 
-def _reload_schedule(taken, bwd_end: dict[fx.Node, float], bwd_times: dict[fx.Node, float],
-                     bandwidth: float) -> dict[str, float] | None:
+def _reload_schedule(taken, bwd_start: dict[fx.Node, float], bandwidth: float) -> dict[str, float] | None:
     """Start time of each copy back (latest first, each ending before its reader starts and before
     the next copy starts); None if one would have to start before backward does."""
     starts: dict[str, float] = {}
     nxt = float("inf")
-    for node, _, first, size in sorted(taken, key=lambda t: bwd_end[t[2]] - bwd_times[t[2]], reverse=True):
-        end = min(bwd_end[first] - bwd_times[first], nxt)
-        start = end - size * MARGIN / bandwidth
+    for node, _, first, size, _ in sorted(taken, key=lambda t: bwd_start[t[2]], reverse=True):
+        start = min(bwd_start[first], nxt) - size * MARGIN / bandwidth
         if start < 0:
             return None
         starts[node.name] = nxt = start
@@ -199,17 +188,6 @@ def _reload_schedule(taken, bwd_end: dict[fx.Node, float], bwd_times: dict[fx.No
 
 
 def _module(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1]
-    return path[0] if isinstance(path, tuple) else str(path)
-
-
-def is_cuda(saved: SavedSet) -> bool:
-    """Whether the partition's saved activations live on a CUDA device (offload moves only those)."""
-    for node in output_values(saved.fwd):
-        val = tensor_val(node) if isinstance(node, fx.Node) else None
-        if isinstance(val, torch.Tensor) and val.is_floating_point():
-            return val.device.type == "cuda"
-    return False
+    """The module path of the module that produced ``node`` (as site names spell it), or ""."""
+    stack = node.meta.get("nn_module_stack")
+    return module_path_from_source(str(list(stack.values())[-1][0])) if stack else ""

@@ -15,6 +15,7 @@ import torch
 
 from .. import _compat
 from ..config import VeloraConfig
+from ..passes.graph_utils import FORWARD_MATMULS, tensor_leaves
 from ..passes.partition_probe import SavedSet
 from .bandwidth import device_rates, host_bandwidth
 from .plan import OffloadPlan, plan_offload
@@ -116,22 +117,13 @@ def _half_host_memory() -> int | None:
 def _matmul_dtype(gm) -> torch.dtype:
     """The dtype of the first matmul's result in ``gm`` (under autocast not the weights' dtype)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _MATMULS:
+        if node.target in FORWARD_MATMULS:
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 return val.dtype
     return torch.float32
 
 
-_MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
-
-
 def _device(values: Sequence[Any]) -> torch.device | None:
-    for value in values:
-        if isinstance(value, (list, tuple)):
-            found = _device(value)
-            if found is not None:
-                return found
-        elif isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.device
-    return None
+    """The device of the first floating tensor among ``values`` (a weight or an activation)."""
+    return next((t.device for t in tensor_leaves(values) if t.is_floating_point()), None)

@@ -156,7 +156,7 @@ def create_node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None =
     if target is operator.getitem:
         node.meta["val"] = fake_args[0][fake_args[1]]
         return node
-    mode = fake_mode_of(list(_leaves((fake_args, fake_kwargs)))) or _graph_fake_mode(graph)
+    mode = fake_mode_of(list(tensor_leaves((fake_args, fake_kwargs)))) or _graph_fake_mode(graph)
     with mode if mode is not None else contextlib.nullcontext():
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
@@ -173,13 +173,14 @@ def _graph_fake_mode(graph: fx.Graph):
     return fake_mode_of([v for v in values if isinstance(v, torch.Tensor)])
 
 
-def _leaves(tree: Any):
+def tensor_leaves(tree: Any):
+    """The tensors in a nest of lists, tuples and dicts, in order."""
     if isinstance(tree, (list, tuple)):
         for t in tree:
-            yield from _leaves(t)
+            yield from tensor_leaves(t)
     elif isinstance(tree, dict):
         for t in tree.values():
-            yield from _leaves(t)
+            yield from tensor_leaves(t)
     elif isinstance(tree, torch.Tensor):
         yield tree
 
