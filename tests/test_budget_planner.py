@@ -296,3 +296,20 @@ def test_budget_search_scales_below_a_switch_and_stops_close_to_the_target(
     calls.clear()
     fit = budget.fit_recompute_budget(probe, current, target)
     assert fit.met and fit.recompute_budget == answer / 32 and len(calls) < len(before) and calls[0] == 9
+
+
+def test_budget_search_fits_what_the_kept_measure_leaves():
+    """With a ``kept`` measure (offload: what a partition keeps on the device once offload took what
+    its compute covers), the search fits recompute to that measure on each partition: here offload
+    takes up to 300 bytes of any partition, so a target of 600 needs partitions of 900 bytes, not 600."""
+    def probe():
+        return _saved(int(1000 * _compat.current_recompute_budget()), None)
+
+    def kept(saved):
+        return max(600, saved.activation_bytes - 300)
+    fit = budget.fit_recompute_budget(probe, _saved(1000, None), 600, kept=kept)
+    assert fit.met and fit.recompute_budget == 28 / 32 and fit.kept_bytes == 600
+    assert fit.saved.activation_bytes == 875 and "600 <= 600 bytes" in fit.message()
+    alone = budget.fit_recompute_budget(probe, _saved(1000, None), 600)
+    assert alone.recompute_budget == 19 / 32 and alone.kept_bytes == alone.saved.activation_bytes
+    assert budget.fit_recompute_budget(probe, _saved(1000, None), 600, kept=lambda s: 0).recompute_budget == 1.0

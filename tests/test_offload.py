@@ -156,27 +156,49 @@ def test_host_bound_caps_what_is_offloaded(strict_pass, any_device):
                                 compiler="eager")
     _grads(model, x, backend, steps=1)
     plan = backend.report().graphs[-1].offload
-    assert plan["host_limit_bytes"] == 1 << 20 and plan["offloaded_bytes"] == 0 and plan["credit_bytes"] == 0
-    assert "the host memory bound (offload_max_bytes) is reached" in plan["credit_skipped"].values()
+    assert plan["host_limit_bytes"] == 1 << 20 and plan["offloaded_bytes"] == 0
+    assert plan["before_recompute"]["offloadable_bytes"] == 0
+    assert "the host memory bound (offload_max_bytes) is reached" in plan["before_recompute"]["skipped"].values()
 
 
 def test_offload_is_not_chosen_when_the_link_is_too_slow(strict_pass, any_device):
-    """A link so slow that no copy fits inside the step's compute: no credit, nothing offloaded, each
+    """A link so slow that no copy fits inside the step's compute: nothing offloaded before or after recompute, each
     candidate says why, and the plan is the exact plan without offload."""
     model, x = MLPStack(), torch.randn(8, 256, 64)
     backend = velora_fx.backend(memory_budget=0.5, offload=True, offload_bandwidth=1e-6, compiler="eager")
     _grads(model, x, backend, steps=1)
     graph = backend.report().graphs[-1]
     plan = graph.offload
-    assert plan is not None and not plan["tensors"] and plan["offloaded_bytes"] == 0 and plan["credit_bytes"] == 0
+    assert plan is not None and not plan["tensors"] and plan["offloaded_bytes"] == 0
+    assert plan["before_recompute"]["offloadable_bytes"] == 0
     assert "offload: none needed on the final partition" in graph.message
-    assert plan["credit_skipped"] and any("would not end before forward does" in why
-                                          for why in plan["credit_skipped"].values())
+    skipped = plan["before_recompute"]["skipped"]
+    assert skipped and any("would not end before forward does" in why for why in skipped.values())
     exact = velora_fx.backend(memory_budget=0.5, codecs=("chunked_loss",), compiler="eager")
     _grads(model, x, exact, steps=1)
     assert exact.report().graphs[-1].saved_bytes_after == graph.saved_bytes_after
     assert exact.report().graphs[-1].recompute_budget == graph.recompute_budget
 
+
+
+def test_offload_and_recompute_are_fitted_together(strict_pass, any_device):
+    """Offload is measured on each partition the knapsack search tries, so recompute covers only what
+    offload cannot move: the more host memory offload may use, the less recompute (a higher knapsack
+    budget), and every plan meets the target with what stays on the device."""
+    model, x = MLPStack(), torch.randn(8, 256, 64)  # hidden activations of 2 MiB each
+    budgets = []
+    for limit in (0, 2 << 20, 4 << 20, None):
+        backend = velora_fx.backend(memory_budget=0.3, offload=True, offload_bandwidth=1e6,
+                                    offload_max_bytes=limit, compiler="eager")
+        _grads(model, x, backend, steps=1)
+        graph = backend.report().graphs[-1]
+        plan = graph.offload
+        assert graph.saved_bytes_after <= graph.budget_target, graph.message
+        assert graph.saved_bytes_after == graph.predicted_peak["after"]["saved"]
+        assert limit is None or plan["offloaded_bytes"] <= limit
+        budgets.append((graph.recompute_budget, plan["offloaded_bytes"]))
+    assert budgets == sorted(budgets), budgets  # more host memory: more offloaded and less recompute
+    assert budgets[0][1] == 0 and budgets[-1][0] > budgets[0][0] and budgets[-1][1] > 2 << 20
 
 # -- the planner on a partition ------------------------------------------------------------------
 class _Capture(_compat.CustomPartitionerFn):

@@ -302,8 +302,9 @@ class VeloraBackend:
             guard = guard_joint(gm, joint_inputs, ctx.partition, num_fwd_outputs, kwargs, context is not None) \
                 if self.config.memory_budget is not None else GuardResult()
             result = run_pipeline(ctx, self.config, binding, graph_id,
-                                  _budget_target(self.config, original, held, peaks, head_grads, offload), context)
-            offloaded = offload.apply(result.saved, peaks["goal"]) if offload.active and "goal" in peaks else None
+                                  _budget_target(self.config, original, held, peaks, head_grads, offload), context,
+                                  offload.kept)
+            offloaded = offload.apply(result.saved) if offload.active else None
             if self.config.offload and not offload.active:
                 self.warn_once(f"velora_fx: offload skipped: {offload.reason}")
         except ConfigError:
@@ -375,9 +376,8 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
     reference's predicted peak and the peak asked for (for the report).  The
     target is never below the bytes of ``keep`` (the loss head's gradients): asking for less drives
     the knapsack to 0, where inductor recomputes everything, the head's whole chunk loop included.
-    With ``offload``, the bytes the baseline can offload under cover of compute are credited: the
-    chooser meets the target plus that credit, and offload takes the rest (``seen["goal"]``: the
-    target without it)."""
+    ``offload`` is told the target: it measures each partition the chooser weighs by what stays on
+    the device (``OffloadStep.kept``)."""
     if config.memory_budget is None:
         return None
     budget = config.memory_budget
@@ -391,8 +391,8 @@ def _budget_target(config: VeloraConfig, original: StepPeak | None, held_elsewhe
         goal = max(baseline.bytes_of(list(keep), inputs=False), want - (base.peak - base.saved))
         if seen is not None:
             seen.update(reference=reference, want=want, goal=goal)
-        if offload is not None and offload.active:
-            return min(baseline.activation_bytes, goal + offload.credit(baseline, baseline.activation_bytes - goal))
+        if offload is not None:
+            offload.goal = goal
         return goal
     return target
 

@@ -1,10 +1,12 @@
-"""``memory_budget`` with ``offload=True`` on one graph: offload's credit to the chooser, then the plan.
+"""``memory_budget`` with ``offload=True`` on one graph: how the chooser measures a partition, then the plan.
 
 The chooser (``passes/chooser.py``) meets a saved-bytes target with recompute and codecs.  Offload
-frees bytes at no error and, when its copies overlap compute, no time, so it goes first: the bytes
-the baseline partition can offload under cover of compute are credited to the target the chooser
-meets (with enough credit it keeps everything: no recompute, no codec), and on the partition the
-chooser returns, ``plan_offload`` takes off what is left above the real target.
+frees bytes at no error and, when its copies overlap compute, no time, so it goes first on every
+partition the chooser weighs: a partition is measured by what stays on the device once
+``plan_offload`` has taken, under cover of that partition's own compute, what it holds above the
+target (``kept``).  The knapsack search then fits recompute only for what offload cannot move, on
+the partition recompute actually leaves (whose tensors and timeline differ from the baseline's),
+and the codecs' plans are measured the same way.  On the partition chosen, the same plan is applied.
 """
 from __future__ import annotations
 
@@ -48,32 +50,47 @@ class OffloadStep:
         self.bandwidth = 0.0
         if self.active:
             self.bandwidth = config.offload_bandwidth * 1e9 if config.offload_bandwidth else host_bandwidth(device)
-        self.credit_plan: OffloadPlan | None = None
+        self.goal: int | None = None          # the saved bytes the target leaves this graph (set by the backend)
+        self.first: OffloadPlan | None = None  # the plan on the first partition measured (before recompute)
+        self._plans: dict[int, tuple[SavedSet, OffloadPlan]] = {}
 
-    def credit(self, baseline: SavedSet, need: int) -> int:
-        """Bytes of ``baseline`` that could be offloaded under cover of compute, up to ``need``."""
-        if not self.active or need <= 0 or baseline.fwd is None:
-            return 0
-        self.credit_plan = plan_offload(baseline, self.num_fwd_outputs, need, self.bandwidth,
-                                        self.host_limit, rates=self._rates(baseline))
-        return self.credit_plan.bytes
+    def kept(self, saved: SavedSet) -> int:
+        """The chooser's measure of a partition: its saved bytes less what offload can take of what
+        it holds above the goal, under cover of its compute."""
+        plan = self.plan(saved)
+        return saved.activation_bytes - (plan.bytes if plan is not None else 0)
+
+    def plan(self, saved: SavedSet) -> OffloadPlan | None:
+        """The offload plan for a partition (computed once per partition; None: offload is off or
+        there is no goal)."""
+        if not self.active or self.goal is None or saved.fwd is None:
+            return None
+        hit = self._plans.get(id(saved))
+        if hit is not None and hit[0] is saved:
+            return hit[1]
+        plan = plan_offload(saved, self.num_fwd_outputs, saved.activation_bytes - self.goal, self.bandwidth,
+                            self.host_limit, rates=self._rates(saved))
+        self._plans[id(saved)] = (saved, plan)  # holding the partition keeps its id from being reused
+        if self.first is None:
+            self.first = plan
+        return plan
 
     def report(self, plan: OffloadPlan) -> dict[str, Any]:
-        """The report's ``offload``: the plan on the final partition, and the credit the chooser got
-        from the baseline partition (with why the baseline's other tensors could not go)."""
+        """The report's ``offload``: the plan on the final partition, and what offload could take from
+        the first partition measured, before any recompute (with why its other tensors could not go)."""
         out = plan.to_dict()
         out["host_limit_bytes"] = self.host_limit
-        credit = self.credit_plan
-        out["credit_bytes"] = credit.bytes if credit is not None else 0
-        out["credit_skipped"] = dict(credit.skipped) if credit is not None else {}
+        first = self.first
+        out["before_recompute"] = {"offloadable_bytes": first.bytes if first is not None else 0,
+                                   "skipped": dict(first.skipped) if first is not None else {}}
         return out
 
-    def apply(self, saved: SavedSet, goal: int) -> OffloadPlan:
-        """Offload from ``saved`` (its graphs, in place) what it holds above ``goal`` bytes."""
-        plan = plan_offload(saved, self.num_fwd_outputs, saved.activation_bytes - goal, self.bandwidth,
-                            self.host_limit, rates=self._rates(saved))
-        if plan.chosen:
+    def apply(self, saved: SavedSet) -> OffloadPlan | None:
+        """Offload from ``saved`` (its graphs, in place) the plan its measure counted on."""
+        plan = self.plan(saved)
+        if plan is not None and plan.chosen:
             apply_offload(saved.fwd, saved.bwd, plan)
+        self._plans.clear()
         return plan
 
     def _rates(self, saved: SavedSet):
@@ -92,9 +109,9 @@ class OffloadStep:
             return "offload: nothing to offload (no memory_budget target for this graph)"
         if not plan.chosen:
             if plan.need <= 0:
-                credit = self.credit_plan.bytes if self.credit_plan is not None else 0
-                return (f"offload: none needed on the final partition (recompute and codecs met the target; the "
-                        f"baseline could offload {credit} bytes under cover of compute at "
+                first = self.first.bytes if self.first is not None else 0
+                return (f"offload: none needed on the final partition (recompute and codecs met the target; "
+                        f"before recompute offload could take {first} bytes under cover of compute at "
                         f"{plan.bandwidth / 1e9:.3g} GB/s)")
             return (f"offload: nothing offloaded (no saved tensor's copies fit inside the step's compute at "
                     f"{plan.bandwidth / 1e9:.3g} GB/s)")

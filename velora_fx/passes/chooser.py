@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 
 from ..config import VeloraConfig
-from .budget import PlanOption, choose_plan, fit_recompute_budget
+from .budget import PlanOption, activation_bytes, choose_plan, fit_recompute_budget
 from .candidates import Candidate, error_weights, propose
 from .partition_probe import SavedSet
 from .step_cost import estimate_step
@@ -73,12 +73,14 @@ def select(candidates: Sequence[Candidate], recompute: float, needed: int, error
     return [out[i] for i in range(len(candidates))]
 
 
-def recompute_price(unfitted: SavedSet, fitted: SavedSet, met: bool, base_seconds: float) -> float:
+def recompute_price(unfitted: SavedSet, fitted: SavedSet, met: bool, base_seconds: float,
+                    kept: Callable[[SavedSet], int] = activation_bytes) -> float:
     """Recompute's marginal price: the estimated step-time ratio the exact plan's fit added, per
-    saved byte it removed (0: no recompute was needed; inf: recompute alone cannot meet the target)."""
+    byte it removed from the device (``kept``; 0: no recompute was needed; inf: recompute alone
+    cannot meet the target)."""
     if not met:
         return math.inf
-    removed = unfitted.activation_bytes - fitted.activation_bytes
+    removed = kept(unfitted) - kept(fitted)
     if removed <= 0:
         return 0.0
     added = estimate_step(fitted.fwd, fitted.bwd).seconds - estimate_step(unfitted.fwd, unfitted.bwd).seconds
@@ -87,11 +89,13 @@ def recompute_price(unfitted: SavedSet, fitted: SavedSet, met: bool, base_second
 
 def plan_under_budget(ctx, baseline: SavedSet, planning: SavedSet, decisions: list, pointwise_plan: list,
                       planned: tuple, weight_share, nodes: dict[str, fx.Node], target: int, config: VeloraConfig,
-                      apply: Callable[[set[int]], tuple]) -> tuple:
+                      apply: Callable[[set[int]], tuple],
+                      kept: Callable[[SavedSet], int] = activation_bytes) -> tuple:
     """``memory_budget`` on one graph.  ``ctx``: the pipeline's JointContext; ``planning``: the
     partition the VeLoRA/RMM decisions were planned against (with the few-bit codes chosen);
     ``planned``: (graph, partition, rewrite) with every planned codec; ``apply(ids)`` builds the
-    same for a subset of decisions (by ``id``).  Decisions not in the winning plan are skipped and
+    same for a subset of decisions (by ``id``); ``kept(partition)``: its bytes measured against
+    ``target`` (``budget.py``).  Decisions not in the winning plan are skipped and
     say why.  Returns the winner's graph, fitted partition and rewrite, and (winner, every plan as
     evaluated, every candidate's report row)."""
     chosen = [d for d in [*decisions, *pointwise_plan] if d.compress]
@@ -106,11 +110,11 @@ def plan_under_budget(ctx, baseline: SavedSet, planning: SavedSet, decisions: li
     exact_built = build(sticky)
     exact = PlanOption(_name(sticky, sticky, chosen), exact_built[0], exact_built[1], error(sticky),
                        (sticky, exact_built))
-    fit = fit_recompute_budget(lambda: ctx.probe(exact.gm), exact.saved, target)
-    price = recompute_price(exact.saved, fit.saved, fit.met, base_seconds)
+    fit = fit_recompute_budget(lambda: ctx.probe(exact.gm), exact.saved, target, kept=kept)
+    price = recompute_price(exact.saved, fit.saved, fit.met, base_seconds, kept)
     proposed = propose([d for d in chosen if not d.sticky],
                        lambda d: planning if id(d) in matmul else baseline, nodes, config, base_seconds, weight)
-    needed = exact.saved.activation_bytes - target
+    needed = kept(exact.saved) - target
     selections = select(proposed, price, needed, config.error_cost)
     subset = sticky | {id(s.candidate.decision) for s in selections if s.selected}
     if subset == sticky and needed > 0:  # none priced below recompute: check that on the real partition
@@ -123,7 +127,7 @@ def plan_under_budget(ctx, baseline: SavedSet, planning: SavedSet, decisions: li
     if subset != sticky:
         built = build(subset)
         options.append(PlanOption(_name(subset, sticky, chosen), built[0], built[1], error(subset), (subset, built)))
-    best, evaluated = choose_plan(options, target, ctx.probe, baseline, config.error_cost)
+    best, evaluated = choose_plan(options, target, ctx.probe, baseline, config.error_cost, kept)
     won, (gm, _, done) = best.option.payload
     for s in selections:
         d = s.candidate.decision

@@ -19,6 +19,7 @@ from ..codecs.velora import StateRow
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
 from . import plan_cache
+from .budget import activation_bytes
 from .calibrate import calibration_graph
 from .chooser import plan_under_budget
 from .codec_plan import CodecDecision, codec_report, rewrite_codes
@@ -111,9 +112,11 @@ class _Rewritten:
 
 def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, graph_id: int = 0,
                  budget_target: Callable[[SavedSet], int] | None = None,
-                 plan_context: dict[str, Any] | None = None) -> PipelineResult:
+                 plan_context: dict[str, Any] | None = None,
+                 kept: Callable[[SavedSet], int] = activation_bytes) -> PipelineResult:
     """``budget_target(baseline partition)``: the saved bytes ``memory_budget`` asks for (None: no
-    budget); the plan is then chosen among exact recompute and the codecs (``budget.py``).
+    budget); the plan is then chosen among exact recompute and the codecs (``budget.py``), each
+    partition measured by ``kept`` (what of its saved set stays on the device: offload).
     ``plan_context``: with the plan cache on, what else decides this graph's plan (the backend's
     part of the key, ``plan_cache.py``); None: the plan cache is off."""
     ctx = dataclasses.replace(ctx, gm=lazy_clone(ctx.gm, cse=True), cache=ProbeCache())  # the partitioner's view
@@ -148,7 +151,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
                                  gradient_sizes=_measured_sizes(config, features, slots, binding.plan),
                                  num_fwd_outputs=ctx.num_fwd_outputs, param_indices=ctx.param_indices)
         planned = _plan(ctx, config, binding, groups, pointwise, stored, nodes, features, slots, estimate,
-                        budget_target)
+                        budget_target, kept)
         for d in planned.decisions:
             _note_error_origin(d, estimate)
         if key:
@@ -189,7 +192,8 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
 
 def _plan(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups: list[ActivationGroup],
           pointwise: list, stored: list, nodes: dict[str, fx.Node], features: dict, slots: dict,
-          estimate: SiteEstimator, budget_target: Callable[[SavedSet], int] | None) -> Planned:
+          estimate: SiteEstimator, budget_target: Callable[[SavedSet], int] | None,
+          kept: Callable[[SavedSet], int] = activation_bytes) -> Planned:
     """Plan the graph: baseline partition, the codecs' plans verified on the real partition (reverting
     what frees nothing), and under ``memory_budget`` the cheapest of exact recompute and the codecs."""
     baseline = ctx.probe(ctx.gm)
@@ -233,7 +237,8 @@ def _plan(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, groups
             ctx, baseline, planning, decisions, pointwise_plan, (result_gm, after, done), weight_share, nodes,
             budget_target(baseline), config,
             lambda subset: _apply(ctx, baseline, [d for d in decisions if id(d) in subset],
-                                  [d for d in pointwise_plan if id(d) in subset], slots, rules, binding, config))
+                                  [d for d in pointwise_plan if id(d) in subset], slots, rules, binding, config),
+            kept)
         budget = {"target": best.fit.target, "recompute_budget": best.fit.recompute_budget,
                   "plans": [c.to_dict(c is best) for c in evaluated], "candidates": candidates,
                   "message": best.fit.message(best.option.name)}
