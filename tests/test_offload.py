@@ -294,6 +294,29 @@ def test_plan_rewrite_runs_exactly_and_the_peak_counts_only_the_gpu():
     assert all(torch.equal(a, b) for a, b in zip(grads_want, grads_got) if isinstance(a, torch.Tensor))
 
 
+def test_a_reloaded_tensor_counts_from_its_reload_start():
+    """The peak counts a reloaded tensor from ``reload_start``, which allocates its device buffer
+    (counting it from ``reload_finish`` read GPT-2's backward peak low).  With every copy back started
+    at the top of backward, the backward peak is the one without offload; started later, it is no
+    higher, and the forward's is unchanged."""
+    import dataclasses
+    torch.manual_seed(0)
+    saved, num_fwd_outputs = _partition(MLPStack(64, 3), torch.randn(2, 128, 64))
+    before = predict_step_peak(saved)
+    plan = plan_offload(saved, num_fwd_outputs, saved.activation_bytes, 1e15, min_bytes=1 << 14)
+    assert plan.chosen
+    top = next(n.name for n in saved.bwd.graph.nodes if n.op != "placeholder")
+    import copy
+    early = copy.copy(saved)
+    early.fwd, early.bwd = copy.deepcopy(saved.fwd), copy.deepcopy(saved.bwd)
+    apply_offload(early.fwd, early.bwd, dataclasses.replace(
+        plan, chosen=[dataclasses.replace(c, reload_before=top) for c in plan.chosen]))
+    apply_offload(saved.fwd, saved.bwd, plan)
+    at_top, planned = predict_step_peak(early), predict_step_peak(saved)
+    assert at_top.backward == before.backward and at_top.forward == planned.forward
+    assert planned.backward <= at_top.backward
+
+
 def test_node_seconds_sums_to_the_step_estimate():
     from velora_fx.passes.step_cost import graph_cost
     saved, _ = _partition(MLPStack(64, 2), torch.randn(2, 64, 64))
@@ -324,12 +347,16 @@ def test_rates_are_measured_on_real_tensors_and_cached(tmp_path, monkeypatch):
     assert (tmp_path / "device_rates_Test_GPU.json").exists()
 
 
-def test_rates_use_the_dtype_the_matmuls_run_in():
-    """A bf16 model whose first 2-D graph input is fp32 (a state tensor) runs its matmuls in bf16:
-    the timeline's matmul rate is bf16's (fp32's made an H200 forward 12x too long, a 2.5x step)."""
+def test_each_matmul_is_timed_at_its_own_dtypes_rate():
+    """A bf16 model runs a small fp32 matmul first (Llama's rotary frequencies) and an fp32 state
+    input: each matmul is timed at its own result's dtype's rate.  Timing every matmul at the first
+    one's dtype (fp32) made an H200 Llama forward 12x too long and the step 2.55x slower (v13)."""
     from torch.fx.experimental.proxy_tensor import make_fx
-
-    from velora_fx.offload.step import _matmul_dtype
-    gm = make_fx(lambda state, x, w: (state.sum(), x @ w))(torch.zeros(4, 4), torch.randn(8, 16, dtype=torch.bfloat16),
-                                                            torch.randn(16, 8, dtype=torch.bfloat16))
-    assert _matmul_dtype(gm) == torch.bfloat16
+    gm = make_fx(lambda state, f, x, w: (state.sum(), f @ f, x @ w))(
+        torch.zeros(4, 4), torch.randn(4, 4), torch.randn(64, 128, dtype=torch.bfloat16),
+        torch.randn(128, 64, dtype=torch.bfloat16))
+    rates = {torch.float32: (1e12, 1e12), torch.bfloat16: (1e14, 1e12)}
+    seconds = node_seconds(gm, rates.__getitem__)
+    mms = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default]
+    assert seconds[mms[0]] == pytest.approx(2 * 4**3 / 1e12 + 0)  # its result is read by nobody: FLOPs only
+    assert seconds[mms[1]] == pytest.approx(2 * 64 * 128 * 64 / 1e14)

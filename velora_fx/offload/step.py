@@ -17,7 +17,7 @@ import torch
 
 from .. import _compat
 from ..config import VeloraConfig
-from ..passes.graph_utils import FORWARD_MATMULS, tensor_leaves
+from ..passes.graph_utils import tensor_leaves
 from ..passes.partition_probe import SavedSet
 from .bandwidth import device_rates, host_bandwidth
 from .plan import OffloadPlan, plan_offload
@@ -94,11 +94,11 @@ class OffloadStep:
         return plan
 
     def _rates(self, saved: SavedSet):
-        """The device's measured rates in the dtype the forward's matmuls run in (None off CUDA:
-        the roofline's)."""
+        """The device's measured rates, per matmul dtype (None off CUDA: the roofline's)."""
         if self.device is None or self.device.type != "cuda":
             return None
-        return device_rates(self.device, _matmul_dtype(saved.fwd))
+        device = self.device
+        return lambda dtype: device_rates(device, dtype)
 
     def message(self, plan: OffloadPlan | None, goal: int | None, saved: int) -> str:
         if not self.config.offload:
@@ -129,16 +129,6 @@ def _half_host_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def _matmul_dtype(gm) -> torch.dtype:
-    """The dtype of the first matmul's result in ``gm`` (under autocast not the weights' dtype)."""
-    for node in gm.graph.nodes:
-        if node.target in FORWARD_MATMULS:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                return val.dtype
-    return torch.float32
 
 
 def _device(values: Sequence[Any]) -> torch.device | None:

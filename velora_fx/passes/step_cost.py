@@ -5,7 +5,8 @@ matmuls and pointwise work in backward) and codecs (encode in forward, decode in
 recompute).  Both show up as nodes of the partitioned graphs, so one estimate prices both:
 
 * matmul-like ops (everything torch's flop counter has a formula for: mm, addmm, bmm, attention)
-  cost their FLOPs at the device's matmul rate;
+  cost their FLOPs at the device's matmul rate in their own result's dtype (a bf16 model still runs
+  small fp32 matmuls, e.g. Llama's rotary frequencies, at a tenth of the bf16 rate);
 * every other op costs the bytes it writes to memory at the device's bandwidth, counted only where
   inductor cannot fuse the write away: a graph output (a saved tensor or a gradient), or an input
   of a matmul-like op; each such reader (and, for an output, the graph that reads it) pays the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -48,23 +50,37 @@ def estimate_step(fwd: fx.GraphModule, bwd: fx.GraphModule) -> StepCost:
     return graph_cost(fwd) + graph_cost(bwd)
 
 
+Rates = Callable[[torch.dtype], "tuple[float, float]"]  # dtype -> (matmul FLOP/s, memory bytes/s)
+
+
 def graph_cost(gm: fx.GraphModule) -> StepCost:
-    device, dtype = _device_and_dtype(gm)
-    flops_per_s, bytes_per_s = device_roofline(device, dtype)
     flops, moved = _work(gm)
-    total_flops, total_bytes = sum(flops.values()), sum(moved.values())
-    return StepCost(total_flops, total_bytes, total_flops / flops_per_s + total_bytes / bytes_per_s)
+    return StepCost(sum(flops.values()), sum(moved.values()), sum(_seconds(gm, flops, moved, None).values()))
 
 
-def node_seconds(gm: fx.GraphModule, rates: tuple[float, float] | None = None) -> dict[fx.Node, float]:
+def node_seconds(gm: fx.GraphModule, rates: Rates | None = None) -> dict[fx.Node, float]:
     """``graph_cost``'s estimate split over the nodes, in graph order (a timeline for overlapping
     transfers with compute): a matmul-like node its FLOPs, a materialised tensor its bytes (charged
-    at the node that owns the storage).  ``rates``: (matmul FLOP/s, memory bytes/s) measured on the
-    device, for absolute times (default: the roofline's)."""
-    device, dtype = _device_and_dtype(gm)
-    flops_per_s, bytes_per_s = rates or device_roofline(device, dtype)
+    at the node that owns the storage).  ``rates(dtype)``: (matmul FLOP/s, memory bytes/s) measured
+    on the device, for absolute times (default: the roofline's)."""
     flops, moved = _work(gm)
-    return {n: flops.get(n, 0) / flops_per_s + moved.get(n, 0) / bytes_per_s for n in gm.graph.nodes}
+    return _seconds(gm, flops, moved, rates)
+
+
+def _seconds(gm: fx.GraphModule, flops: dict[fx.Node, int], moved: dict[fx.Node, int],
+             rates: Rates | None) -> dict[fx.Node, float]:
+    """Each node's time: its FLOPs at the matmul rate of its result's dtype, its bytes at the
+    memory rate (of the graph's dtype)."""
+    device, dtype = _device_and_dtype(gm)
+    rates = rates or (lambda d: device_roofline(device, d))
+    bytes_per_s = rates(dtype)[1]
+
+    def matmul_seconds(node: fx.Node, count: int) -> float:
+        val = node.meta.get("val")
+        node_dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else dtype
+        return count / rates(node_dtype)[0]
+    return {n: (matmul_seconds(n, flops[n]) if n in flops else 0.0) + moved.get(n, 0) / bytes_per_s
+            for n in gm.graph.nodes}
 
 
 def _work(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:

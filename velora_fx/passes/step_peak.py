@@ -67,15 +67,16 @@ def predict_step_peak(saved: SavedSet) -> StepPeak:
     return StepPeak(forward, backward, on_gpu)
 
 
-# velora_fx's transfer ops (velora_fx/offload/ops.py): their results are host tensors or tickets (the
-# reloaded tensor counts at ``reload_finish``)
-_OFFLOAD_OPS = {"offload_start", "offload_finish", "reload_start"}
+# velora_fx's transfer ops (velora_fx/offload/ops.py): in forward their results are tickets and host
+# tensors; in backward ``reload_start`` allocates the reloaded tensor's device buffer (counted from
+# there: the copy fills it before compute reaches ``reload_finish``, which returns that same buffer)
+_OFFLOAD_OPS = {"offload_start", "offload_finish", "reload_start", "reload_finish"}
 
 
-def _offload_op(node: fx.Node) -> bool:
+def _offload_op(node: fx.Node, *names: str) -> bool:
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "velora_fx" and \
-        target.overloadpacket.__name__ in _OFFLOAD_OPS
+        target.overloadpacket.__name__ in (names or _OFFLOAD_OPS)
 
 
 _UNFUSABLE = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
@@ -115,13 +116,17 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx
     alive = dict(alive_at_start)
     current = peak = sum(alive.values())
     for node in nodes:
-        if node.op == "call_function" and _base(node) is node and not _offload_op(node) and \
+        if _offload_op(node, "reload_start"):
+            size = nbytes(node.args[0])  # the device buffer the host tensor is copied into
+        elif node.op == "call_function" and _base(node) is node and not _offload_op(node) and \
                 _materialised(node, outputs, order):
             size = nbytes(node)
-            if size:
-                alive[node] = size
-                current += size
-                peak = max(peak, current)
+        else:
+            size = 0
+        if size:
+            alive[node] = size
+            current += size
+            peak = max(peak, current)
         for base in {_base(i) for i in node.all_input_nodes}:
             if base in alive and last_use.get(base) == order[node] and base not in outputs and base not in pinned:
                 current -= alive.pop(base)
@@ -131,4 +136,5 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx
 def _base(node: fx.Node) -> fx.Node:
     if node.op == "call_function" and node.target is operator.getitem:
         return node  # one output of a multi-output op: its own storage
-    return alias_base(node)
+    base = alias_base(node)
+    return base.args[0] if _offload_op(base, "reload_finish") else base  # reload_start's buffer
