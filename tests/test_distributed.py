@@ -190,6 +190,30 @@ def _case_fsdp(rank: int) -> dict:
             "reported": [s.name for s in backend.report(model=model).compressed]}
 
 
+def _case_fsdp_offload(rank: int) -> dict:
+    """FSDP2 with ``memory_budget=0.9, offload=True`` and without offload, on this rank's own batch.
+    Offload needs CUDA; here the device check is lifted and the ops copy synchronously (the plan and
+    the rewrite per rank, not the overlap)."""
+    import velora_fx.offload.step as offload_step
+    x = torch.randn(2, 512, 256, generator=torch.Generator().manual_seed(7 + rank))  # fc outputs: 2 MiB
+    out = {}
+    check = offload_step.unsupported_reason
+    offload_step.unsupported_reason = lambda device: None
+    try:
+        for name, options in (("offload", dict(offload=True, offload_bandwidth=1e6)), ("exact", {})):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = _fsdp(Stack(256))
+            # 0.9: each FSDP unit is its own small graph, whose peak its gradients' transients dominate
+            backend = velora_fx.backend(memory_budget=0.9, compiler="eager", codecs=("chunked_loss",), **options)
+            torch.compile(model, backend=backend)(x).backward()
+            out[name] = {"grads": _full_grads(model), "offloaded": [
+                g.offload["offloaded_bytes"] for g in backend.report(model=model).graphs if g.offload]}
+    finally:
+        offload_step.unsupported_reason = check
+    return out
+
+
 def _case_resume(rank: int, wrap: str, tmp: str) -> dict:
     """A trains one step and rank 0 saves its state; B loads it on every rank before its compile,
     C after its own compile (on other data); then all take one more step on the same batch."""
@@ -258,6 +282,7 @@ def _worker(rank: int, tmp: str, cases: list) -> None:
             case_dir = os.path.join(tmp, str(i))
             os.makedirs(case_dir, exist_ok=True)
             run = {"rank0": _case_rank0, "ddp_buckets": _case_ddp_buckets, "fsdp": _case_fsdp,
+                   "fsdp_offload": _case_fsdp_offload,
                    "compiled_ddp": _case_compiled_ddp,
                    "resume": lambda r, wrap: _case_resume(r, wrap, case_dir), "rank_mean": _case_rank_mean}[case]
             result = run(rank, *args)
@@ -277,6 +302,7 @@ CASE_OF = {
     "test_ddp_multi_bucket_subgraphs_share_plan_and_v": lambda p: ("ddp_buckets",),
     "test_compiled_ddp_uses_rank0s_v_from_the_first_step": lambda p: ("compiled_ddp", p["order"]),
     "test_fsdp2_gradients_match_one_process_on_the_global_batch": lambda p: ("fsdp",),
+    "test_fsdp2_offload_plans_per_rank_and_keeps_gradients_exact": lambda p: ("fsdp_offload",),
     "test_rank0_state_dict_resumes_every_rank": lambda p: ("resume", p["wrap"]),
     "test_batch_and_ema_average_their_statistic_over_ranks": lambda p: ("rank_mean",),
 }
@@ -409,6 +435,17 @@ def test_fsdp2_gradients_match_one_process_on_the_global_batch(results):
             assert not torch.allclose(p.grad, single[name], rtol=1e-3, atol=1e-5), name
         else:
             torch.testing.assert_close(p.grad, single[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fsdp2_offload_plans_per_rank_and_keeps_gradients_exact(results):
+    """Under FSDP2 each rank plans offload for its own graphs (every FSDP unit is a graph): tensors are
+    offloaded on every rank, and the gathered gradients equal those of the same budget without offload."""
+    for rank in range(WORLD):
+        got = results[rank]
+        assert any(b > 0 for b in got["offload"]["offloaded"]), got["offload"]["offloaded"]
+        assert got["offload"]["offloaded"] == results[0]["offload"]["offloaded"]  # the same plan on every rank
+        _assert_grads(got["offload"]["grads"], got["exact"]["grads"], rtol=1e-5, atol=1e-7)
+    _assert_grads(results[0]["offload"]["grads"], results[1]["offload"]["grads"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])

@@ -142,6 +142,15 @@ def test_offload_is_chosen_when_the_copies_fit_and_gradients_stay_exact(strict_p
     # the report's saved bytes after are what stays on the GPU, as the predicted peak counts them
     assert graph.saved_bytes_after == graph.predicted_peak["after"]["saved"]
     assert graph.saved_bytes_after + plan["offloaded_bytes"] <= graph.saved_bytes_before
+    # measured overlap of the last step: every tensor both ways; a synchronous copy hides nothing
+    measured = plan["measured"]
+    assert set(measured["tensors"]) == {t["tensor"] for t in plan["tensors"]}
+    for row in measured["tensors"].values():
+        assert row["out_copy_ms"] > 0 and row["back_copy_ms"] > 0
+        assert row["out_stall_ms"] == row["out_copy_ms"] and row["back_stall_ms"] == row["back_copy_ms"]
+    assert measured["hidden_share"] == 0.0
+    assert measured["out_copy_ms"] == pytest.approx(sum(r["out_copy_ms"] for r in measured["tensors"].values()),
+                                                    abs=1e-2)
     for (loss, grads), (ref_loss, ref_grads) in zip(got, reference):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
         for a, b in zip(grads, ref_grads):
@@ -170,7 +179,7 @@ def test_offload_is_not_chosen_when_the_link_is_too_slow(strict_pass, any_device
     graph = backend.report().graphs[-1]
     plan = graph.offload
     assert plan is not None and not plan["tensors"] and plan["offloaded_bytes"] == 0
-    assert plan["before_recompute"]["offloadable_bytes"] == 0
+    assert plan["before_recompute"]["offloadable_bytes"] == 0 and plan["measured"] is None
     assert "offload: none needed on the final partition" in graph.message
     skipped = plan["before_recompute"]["skipped"]
     assert skipped and any("would not end before forward does" in why for why in skipped.values())
@@ -232,8 +241,9 @@ def _partition(model, x):
        need_share=st.floats(0.1, 1.0), limit_share=st.one_of(st.none(), st.floats(0.0, 1.0)))
 def test_plan_keeps_its_invariants(layers, width, bandwidth, need_share, limit_share):
     """For random stacks, links and targets: copies to the host run one after another and end before
-    forward does; copies back end before their first reader and start no earlier than backward; the
-    earliest-produced tensors go first; views, non-contiguous and small tensors are never chosen;
+    forward does; copies back end before their first reader, start no earlier than backward and no later
+    than planned (before the node running at the planned start); the
+    earliest-produced tensors go first; partial views, non-contiguous and small tensors are never chosen;
     the host bound and the need are kept (the need overshot by one tensor at most)."""
     torch.manual_seed(0)
     saved, num_fwd_outputs = _partition(MLPStack(width, layers), torch.randn(2, 128, width))
@@ -244,12 +254,18 @@ def test_plan_keeps_its_invariants(layers, width, bandwidth, need_share, limit_s
     order = {n.name: i for i, n in enumerate(saved.fwd.graph.nodes)}
     border = {n.name: i for i, n in enumerate(saved.bwd.graph.nodes)}
     fwd_nodes = {n.name: n for n in saved.fwd.graph.nodes}
+    bwd_seconds = node_seconds(saved.bwd)
+    bwd_start, elapsed = {}, 0.0
+    for n, spent in bwd_seconds.items():
+        bwd_start[n.name], elapsed = elapsed, elapsed + spent
     clock = 0.0
     for c in plan.chosen:
         node = fwd_nodes[c.name]
         assert node.meta["val"].is_contiguous() and c.bytes >= 1 << 14
         assert order[c.start_after] <= order[c.finish_after]
         assert border[c.reload_before] <= border[c.first_use]
+        # the copy back starts before the node running at its planned start, not after it
+        assert bwd_start[c.reload_before] <= c.reload_start + 1e-12
         assert c.d2h_end <= plan.forward_seconds + 1e-12 and c.reload_start >= 0
         assert c.d2h_end >= clock + c.bytes * MARGIN / bandwidth - 1e-12  # one copy after another
         clock = c.d2h_end
@@ -270,15 +286,45 @@ def test_plan_rewrite_runs_exactly_and_the_peak_counts_only_the_gpu():
     before = predict_step_peak(saved)
     plan = plan_offload(saved, num_fwd_outputs, saved.activation_bytes, 1e15, min_bytes=1 << 14)
     assert plan.chosen
-    import copy
-    fwd, bwd = copy.deepcopy(saved.fwd), copy.deepcopy(saved.bwd)
-    apply_offload(saved.fwd, saved.bwd, plan)
+    _assert_rewrite_is_exact(saved, num_fwd_outputs, plan)
     assert sorted(set(_ops_in(saved.fwd))) == ["offload_finish", "offload_start"]
     assert sorted(set(_ops_in(saved.bwd))) == ["reload_finish", "reload_start"]
     assert len(_ops_in(saved.fwd)) == 2 * len(plan.chosen)
     after = predict_step_peak(saved)
     assert after.saved == before.saved - plan.bytes
-    # run both versions on the same real inputs
+
+
+class NormLinear(nn.Module):
+    """Saves the LayerNorm output as a 2-D reshape (a view spanning its whole storage), as
+    transformers' projections on [batch, tokens, hidden] inputs do."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.norm, self.fc, self.out = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return (x + self.out(torch.relu(self.fc(self.norm(x))))).square().mean()
+
+
+def test_a_saved_reshape_of_a_whole_tensor_is_offloaded_exactly():
+    """A saved view that spans its base's whole storage (no other output on it) is offloaded (its
+    memory goes when the copy ends); a view of a graph input is not; the rewrite stays exact."""
+    from velora_fx.passes.partition_probe import alias_base
+    torch.manual_seed(0)
+    saved, num_fwd_outputs = _partition(NormLinear(), torch.randn(2, 256, 64))
+    plan = plan_offload(saved, num_fwd_outputs, saved.activation_bytes, 1e15, min_bytes=1 << 14)
+    nodes = {n.name: n for n in saved.fwd.graph.nodes}
+    views = [c.name for c in plan.chosen if alias_base(nodes[c.name]) is not nodes[c.name]]
+    assert views, (plan.chosen, plan.skipped)
+    _assert_rewrite_is_exact(saved, num_fwd_outputs, plan)
+
+
+def _assert_rewrite_is_exact(saved, num_fwd_outputs, plan):
+    """Rewrite ``saved``'s graphs with ``plan`` (in place) and check that forward and backward compute
+    bitwise what the originals do on the same real inputs."""
+    import copy
+    fwd, bwd = copy.deepcopy(saved.fwd), copy.deepcopy(saved.bwd)
+    apply_offload(saved.fwd, saved.bwd, plan)
     inputs = [torch.randn(n.meta["val"].shape, dtype=n.meta["val"].dtype) if n.meta["val"].is_floating_point()
               else torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype)
               for n in fwd.graph.find_nodes(op="placeholder")]

@@ -36,7 +36,7 @@ from .binding import Lifted, StateBinder, lift_state, make_binding, primal_label
 from .config import ConfigError, VeloraConfig
 from .integrations import causal_lm
 from .naming import ParamNames, find_compiled_root, unwrap_model
-from .offload import OffloadStep
+from .offload import OffloadStep, measured_overlap
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes import plan_cache
 from .passes.graph_utils import tensor_leaves
@@ -250,6 +250,9 @@ class VeloraBackend:
     def report(self, model: nn.Module | None = None) -> Report:
         """Per compiled graph (with its id), for ``model`` or for every model compiled."""
         graphs = [g for s in self._states(model) for g in s.reports]
+        for g in graphs:
+            if g.offload is not None:
+                g.offload["measured"] = measured_overlap(g.offload)  # the latest step's transfers
         return Report(sorted(graphs, key=lambda g: g.graph_id))
 
     def uuid(self, model: ModelState | None = None) -> str:
@@ -304,7 +307,7 @@ class VeloraBackend:
             result = run_pipeline(ctx, self.config, binding, graph_id,
                                   _budget_target(self.config, original, held, peaks, head_grads, offload), context,
                                   offload.kept)
-            offloaded = offload.apply(result.saved) if offload.active else None
+            offloaded = offload.apply(result.saved, graph_key) if offload.active else None
             if self.config.offload and not offload.active:
                 self.warn_once(f"velora_fx: offload skipped: {offload.reason}")
         except ConfigError:
@@ -321,7 +324,7 @@ class VeloraBackend:
         original = partitioner.original
         _add_loss_heads(result, partitioner.loss_heads, original.saved if original else None, head_grads)
         if offloaded is not None:
-            result.report.offload = offload.report(offloaded)
+            result.report.offload = offload.report(offloaded, graph_key)
             result.report.saved_bytes_after -= offloaded.bytes
         result.report.message = "; ".join(m for m in (result.report.message, offload.message(
             offloaded, peaks.get("goal"), result.saved.activation_bytes)) if m)

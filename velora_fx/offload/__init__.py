@@ -6,6 +6,6 @@ from __future__ import annotations
 
 from .plan import OffloadPlan, plan_offload  # noqa: F401
 from .rewrite import apply_offload  # noqa: F401
-from .step import OffloadStep, unsupported_reason  # noqa: F401
+from .step import OffloadStep, measured_overlap, unsupported_reason  # noqa: F401
 
-__all__ = ["OffloadPlan", "OffloadStep", "plan_offload", "apply_offload", "unsupported_reason"]
+__all__ = ["OffloadPlan", "OffloadStep", "plan_offload", "apply_offload", "unsupported_reason", "measured_overlap"]

@@ -117,7 +117,11 @@ def plan_offload(saved: SavedSet, num_fwd_outputs: int, need: int, bandwidth: fl
     for node, last, first, size, end in taken:
         wait_at = fwd_nodes[min(max(bisect.bisect_left(fwd_ends, end), fwd_order[last]), len(fwd_nodes) - 2)]
         start = schedule[node.name]
-        before = bwd_nodes[min(bisect.bisect_left(bwd_starts, start), bwd_order[first])]
+        # the node running at the planned start (the last one starting at or before it): the copy
+        # starts before it, so compute reaches the copy's reader at least the copy's time later (the
+        # first node starting after the planned start is late by up to a node, e.g. by a whole matmul
+        # whose reader is the tensor's first reader: measured on an H200, the copy then overlapped nothing)
+        before = bwd_nodes[min(max(bisect.bisect_right(bwd_starts, start) - 1, 0), bwd_order[first])]
         plan.chosen.append(OffloadChoice(node.name, size, _module(node), last.name, wait_at.name, before.name,
                                          first.name, end, start))
     return plan
@@ -134,13 +138,19 @@ def _ends(seconds: dict[fx.Node, float]) -> dict[fx.Node, float]:
 
 def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, min_bytes: int,
                 skipped: dict[str, str]) -> list[tuple[fx.Node, fx.Node, fx.Node, int]]:
-    """Saved activations that own their storage, are contiguous, large enough, and read in backward:
-    (forward node, its last forward reader or itself, its first backward reader, bytes)."""
+    """Saved activations whose storage the copy frees, contiguous, large enough, and read in backward:
+    (forward node, the last forward reader of its storage or itself, its first backward reader, bytes).
+    A saved view qualifies when it spans its base's whole storage (a reshape of a matmul's output,
+    as transformers' projections save them) and no other output shares that storage."""
     outputs = output_values(fwd)
     held = {alias_base(n) for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
     placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
     order = {n: i for i, n in enumerate(fwd.graph.nodes)}
     bwd_order = {n: i for i, n in enumerate(bwd.graph.nodes)}
+    sharing: dict[fx.Node, set[fx.Node]] = {}  # storage -> the distinct outputs on it
+    for o in outputs:
+        if isinstance(o, fx.Node):
+            sharing.setdefault(alias_base(o), set()).add(o)
     seen: set[fx.Node] = set()
     found = []
     for node in outputs[num_fwd_outputs:]:
@@ -151,13 +161,17 @@ def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, 
         why = None
         if val is None or node.op != "call_function":
             continue  # a symbolic size, or a graph input (weights live anyway)
-        if alias_base(node) is not node or node.target is operator.getitem and alias_base(node.args[0]) \
-                is not node.args[0]:
+        base = alias_base(node)
+        if node.target is operator.getitem and alias_base(node.args[0]) is not node.args[0]:
             why = "a view of another tensor"
-        elif node in held or sum(1 for o in outputs if o is node) > 1:
+        elif base is not node and base.op != "call_function":
+            why = "a view of a graph input (the caller holds its memory)"
+        elif base is not node and nbytes(base) != nbytes(node):
+            why = "a view of part of another tensor's storage"
+        elif base in held or sum(1 for o in outputs if o is node) > 1:
             why = "forward also returns it to the caller"
-        elif any(o is not node and isinstance(o, fx.Node) and alias_base(o) is node for o in outputs):
-            why = "a view of it is saved too (its memory would stay on the GPU)"
+        elif len(sharing[base]) > 1:
+            why = "another saved tensor shares its storage (its memory would stay on the GPU)"
         elif not val.is_contiguous():
             why = "not contiguous"
         elif nbytes(node) < min_bytes:
@@ -167,8 +181,10 @@ def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, 
         if why:
             skipped[node.name] = why
             continue
-        readers = [u for u in node.users if u.op != "output"]
+        on_storage = [n for n in fwd.graph.nodes if n.op == "call_function" and alias_base(n) is base]
+        readers = [u for n in on_storage for u in n.users if u.op != "output" and alias_base(u) is not base]
         last = max(readers, key=order.__getitem__) if readers else node
+        last = max(last, node, key=order.__getitem__)
         first = min(placeholders[node.name].users, key=bwd_order.__getitem__)
         found.append((node, last, first, nbytes(node)))
     return found

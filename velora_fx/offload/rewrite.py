@@ -15,10 +15,11 @@ from ..passes.graph_utils import create_node, tensor_val
 from . import ops as _ops  # noqa: F401  (registers torch.ops.velora_fx.offload_*)
 from .plan import OffloadPlan
 
-__all__ = ["apply_offload"]
+__all__ = ["apply_offload", "transfer_labels"]
 
 
-def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan) -> None:
+def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan, label: str = "") -> None:
+    """``label``: a prefix naming this graph's transfers (``transfer_labels``) for ``ops.measured``."""
     f_nodes = {n.name: n for n in fwd.graph.nodes}
     b_nodes = {n.name: n for n in bwd.graph.nodes}
     output = fwd.graph.find_nodes(op="output")[0]
@@ -26,7 +27,8 @@ def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan) -
     for choice in plan.chosen:
         node = f_nodes[choice.name]
         with fwd.graph.inserting_after(f_nodes[choice.start_after]):
-            ticket = create_node(fwd.graph, torch.ops.velora_fx.offload_start.default, (node,))
+            ticket = create_node(fwd.graph, torch.ops.velora_fx.offload_start.default,
+                                 (node, transfer_labels(label, choice.name)[0]))
         finish_after = f_nodes[choice.finish_after]
         order = {n: i for i, n in enumerate(fwd.graph.nodes)}
         if order[finish_after] < order[ticket]:
@@ -41,7 +43,8 @@ def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan) -
         placeholder.meta.pop("tensor_meta", None)
         readers = list(placeholder.users)
         with bwd.graph.inserting_before(_after_placeholders(bwd, b_nodes[choice.reload_before])):
-            back = create_node(bwd.graph, torch.ops.velora_fx.reload_start.default, (placeholder, device))
+            back = create_node(bwd.graph, torch.ops.velora_fx.reload_start.default,
+                               (placeholder, device, transfer_labels(label, choice.name)[1]))
         with bwd.graph.inserting_before(b_nodes[choice.first_use]):
             value = create_node(bwd.graph, torch.ops.velora_fx.reload_finish.default, (back, placeholder, device))
         for reader in readers:
@@ -51,6 +54,11 @@ def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan) -
     for gm in (fwd, bwd):
         gm.graph.lint()
         gm.recompile()
+
+
+def transfer_labels(label: str, tensor: str) -> tuple[str, str]:
+    """The labels of a tensor's copy to the host and back (empty without a graph label: unmeasured)."""
+    return (f"{label}/{tensor}/out", f"{label}/{tensor}/back") if label else ("", "")
 
 
 def _after_placeholders(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

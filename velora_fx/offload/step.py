@@ -20,10 +20,11 @@ from ..config import VeloraConfig
 from ..passes.graph_utils import tensor_leaves
 from ..passes.partition_probe import SavedSet
 from .bandwidth import device_rates, host_bandwidth
+from .ops import measured
 from .plan import OffloadPlan, plan_offload
-from .rewrite import apply_offload
+from .rewrite import apply_offload, transfer_labels
 
-__all__ = ["OffloadStep", "unsupported_reason"]
+__all__ = ["OffloadStep", "unsupported_reason", "measured_overlap"]
 
 
 def unsupported_reason(device: torch.device | None) -> str | None:
@@ -75,21 +76,24 @@ class OffloadStep:
             self.first = plan
         return plan
 
-    def report(self, plan: OffloadPlan) -> dict[str, Any]:
+    def report(self, plan: OffloadPlan, label: str = "") -> dict[str, Any]:
         """The report's ``offload``: the plan on the final partition, and what offload could take from
-        the first partition measured, before any recompute (with why its other tensors could not go)."""
+        the first partition measured, before any recompute (with why its other tensors could not go).
+        ``label``: the one ``apply`` got (``measured_overlap`` reads the transfers by it)."""
         out = plan.to_dict()
+        out["label"] = label
         out["host_limit_bytes"] = self.host_limit
         first = self.first
         out["before_recompute"] = {"offloadable_bytes": first.bytes if first is not None else 0,
                                    "skipped": dict(first.skipped) if first is not None else {}}
         return out
 
-    def apply(self, saved: SavedSet) -> OffloadPlan | None:
-        """Offload from ``saved`` (its graphs, in place) the plan its measure counted on."""
+    def apply(self, saved: SavedSet, label: str = "") -> OffloadPlan | None:
+        """Offload from ``saved`` (its graphs, in place) the plan its measure counted on; ``label``
+        names the graph's transfers for ``measured_overlap``."""
         plan = self.plan(saved)
         if plan is not None and plan.chosen:
-            apply_offload(saved.fwd, saved.bwd, plan)
+            apply_offload(saved.fwd, saved.bwd, plan, label)
         self._plans.clear()
         return plan
 
@@ -120,6 +124,31 @@ class OffloadStep:
         return (f"offload: {plan.bytes} bytes in {len(plan.chosen)} tensors to host memory at "
                 f"{plan.bandwidth / 1e9:.3g} GB/s, copies planned inside compute; {left} bytes stay saved on the "
                 f"GPU ({met} the {goal} asked)")
+
+
+def measured_overlap(offload: dict[str, Any]) -> dict[str, Any] | None:
+    """What the latest step's transfers of a graph measured (from its report's ``offload``): per
+    tensor and in all, each direction's copy time and how long compute waited for it, and the share
+    of copy time hidden behind compute.  None before any step ran (or without labels)."""
+    names = [t["tensor"] for t in offload.get("tensors", [])]
+    labels = {name: transfer_labels(offload.get("label", ""), name) for name in names}
+    times = measured([label for pair in labels.values() for label in pair if label])
+    if not times:
+        return None
+    tensors, totals = {}, {"out": [0.0, 0.0], "back": [0.0, 0.0]}
+    for name, pair in labels.items():
+        row = {}
+        for direction, label in zip(("out", "back"), pair):
+            if label in times:
+                copy, stall = times[label]["copy_ms"], times[label]["stall_ms"]
+                row[f"{direction}_copy_ms"], row[f"{direction}_stall_ms"] = round(copy, 3), round(stall, 3)
+                totals[direction][0] += copy
+                totals[direction][1] += stall
+        tensors[name] = row
+    copied = sum(c for c, _ in totals.values())
+    stalled = sum(s for _, s in totals.values())
+    return {**{f"{d}_{k}": round(v[i], 3) for d, v in totals.items() for i, k in enumerate(("copy_ms", "stall_ms"))},
+            "hidden_share": round(1 - stalled / copied, 4) if copied > 0 else None, "tensors": tensors}
 
 
 def _half_host_memory() -> int | None:
