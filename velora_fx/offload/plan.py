@@ -151,6 +151,10 @@ def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, 
     for o in outputs:
         if isinstance(o, fx.Node):
             sharing.setdefault(alias_base(o), set()).add(o)
+    on_storage: dict[fx.Node, list[fx.Node]] = {}  # storage -> the forward nodes on it (itself, its views)
+    for n in fwd.graph.nodes:
+        if n.op == "call_function":
+            on_storage.setdefault(alias_base(n), []).append(n)
     seen: set[fx.Node] = set()
     found = []
     for node in outputs[num_fwd_outputs:]:
@@ -181,8 +185,8 @@ def _candidates(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int, 
         if why:
             skipped[node.name] = why
             continue
-        on_storage = [n for n in fwd.graph.nodes if n.op == "call_function" and alias_base(n) is base]
-        readers = [u for n in on_storage for u in n.users if u.op != "output" and alias_base(u) is not base]
+        views = on_storage[base]
+        readers = [u for n in views for u in n.users if u.op != "output" and u not in views]
         last = max(readers, key=order.__getitem__) if readers else node
         last = max(last, node, key=order.__getitem__)
         first = min(placeholders[node.name].users, key=bwd_order.__getitem__)
