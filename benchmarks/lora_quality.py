@@ -23,6 +23,16 @@ How (everything offline, ``examples/finetune_lora.py``'s pieces, imported, not c
 * ``velora_max_memory``: the same through ``velora_fx.backend(mode="max_memory")`` (every site
   that frees bytes, at 32 groups).
 
+Opt-in regimes (``--regimes``), for the question a large paired difference on one seed raises (bias
+or noise?):
+
+* ``exact_eager``: exact LoRA, uncompiled: the same math with other floating-point rounding.  Its
+  Δ to ``inductor`` is the noise floor of the paired difference (fine-tuning amplifies rounding).
+* ``velora_site=<glob>``: ``velora_fx.backend(mode="all", include=[<glob>])``: one site kind
+  compressed at the default size, e.g. ``velora_site=*q_proj.lora_A*`` (a per-site ablation; under
+  LoRA the sites are the adapters' A and B projections, and B's r-wide input has no room for 32
+  groups: ``mode="all"`` refuses it with a ConfigError)..
+
 Recorded per regime and seed: validation loss before (LoRA at init: the base) and after, the last
 training loss, median step time (first step excluded) and the first step (compile) time, CUDA peak
 memory above what was allocated when the fine-tune started (base + its copy + adapters), trainable
@@ -68,9 +78,12 @@ from _harness import apply_size  # noqa: E402
 import velora_fx  # noqa: E402
 
 REGIMES = ("inductor", "peft_velora", "velora_auto", "velora_max_memory")
+OPT_IN = ("exact_eager",)  # and velora_site=<glob>
+SITE_PREFIX = "velora_site="
 ANCHOR = "inductor"
 DESCRIPTIONS = {
     "inductor": "exact LoRA, torch.compile({plain})",
+    "exact_eager": "exact LoRA, uncompiled (other float rounding: its delta to inductor is the noise floor)",
     "peft_velora": "PEFT VeloraConfig(num_groups={groups}, init_type=batch_average_once), uncompiled (eager)",
     "velora_auto": "velora_fx.backend(mode=auto{compiler})",
     "velora_max_memory": "velora_fx.backend(mode=max_memory{compiler})",
@@ -95,6 +108,10 @@ def regime_backend(regime: str, args: argparse.Namespace) -> tuple[Any, bool]:
         return ("inductor" if args.compiler == "inductor" else "aot_eager"), False
     if regime == "peft_velora":
         return None, True
+    if regime == "exact_eager":
+        return None, False
+    if regime.startswith(SITE_PREFIX):
+        return velora_fx.backend(mode="all", include=[regime.removeprefix(SITE_PREFIX)], compiler=args.compiler), False
     mode = regime.removeprefix("velora_")
     return velora_fx.backend(mode=mode, compiler=args.compiler), False
 
@@ -102,7 +119,17 @@ def regime_backend(regime: str, args: argparse.Namespace) -> tuple[Any, bool]:
 def describe(regime: str, args: argparse.Namespace) -> str:
     plain = "inductor" if args.compiler == "inductor" else "aot_eager"
     compiler = "" if args.compiler == "inductor" else f", compiler={args.compiler}"
+    if regime.startswith(SITE_PREFIX):
+        return f"velora_fx.backend(mode=all, include=['{regime.removeprefix(SITE_PREFIX)}']{compiler})"
     return DESCRIPTIONS[regime].format(plain=plain, compiler=compiler, groups=args.num_groups or 32)
+
+
+def regime_name(value: str) -> str:
+    """``--regimes`` values: the named regimes, or ``velora_site=<glob>``."""
+    if value in REGIMES or value in OPT_IN or (value.startswith(SITE_PREFIX) and len(value) > len(SITE_PREFIX)):
+        return value
+    raise argparse.ArgumentTypeError(f"unknown regime {value!r}: one of {[*REGIMES, *OPT_IN]} or "
+                                     f"{SITE_PREFIX}<glob of site names>")
 
 
 def report_summary(report: velora_fx.Report | None) -> dict | None:
@@ -137,7 +164,7 @@ def expected_seconds(regime: str, runs: list[dict], args: argparse.Namespace, pr
     validations (a forward: ~1/3 of a step each batch)."""
     ok = [r for r in runs if r["status"] == "ok"]
     mine = [r for r in ok if r["regime"] == regime]
-    if regime == "peft_velora":
+    if regime in ("peft_velora", "exact_eager"):
         compile_s = 2.0
     else:
         compiled = [r["first_step_s"] for r in ok if r["compiled"]]
@@ -259,7 +286,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", choices=sorted(SIZES), default="small",
                     help="preset for the model / data / time flags (small: CPU; gpu: one H100, ~4-5 min)")
     ap.add_argument("--out", default="results/lora_quality", help="folder for lora_quality.json and .md")
-    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES, help="in run order")
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), type=regime_name,
+                    help=f"in run order: {', '.join(REGIMES)} (default), or opt-in {', '.join(OPT_IN)}, "
+                         f"{SITE_PREFIX}<glob>")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
                     help="fine-tune seeds (LoRA init, batch order, validation batches); the first also pre-trains")
     ap.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",

@@ -69,3 +69,24 @@ def test_lora_quality_deadline_skips_and_records(tmp_path):
         ("velora_auto", 1, "skipped")]
     assert all("--deadline" in r["note"] for r in doc["runs"])
     assert "skipped 2/2" in (tmp_path / "lora_quality.md").read_text()
+
+
+def test_lora_quality_opt_in_regimes(tmp_path):
+    """The noise-floor regime (exact LoRA, uncompiled) and a per-site ablation regime run, from the
+    same base; the ablation compresses only the sites its glob names; unknown regimes are refused."""
+    pytest.importorskip("peft")
+    lq = load_script(SCRIPT, "_lora_quality")
+    with pytest.raises(SystemExit):
+        lq.parse_args(TINY + ["--regimes", "velora_site="])
+    lq.main(TINY + ["--out", str(tmp_path), "--regimes", "inductor", "exact_eager", "velora_site=*q_proj.lora_A*"])
+    doc = json.loads((tmp_path / "lora_quality.json").read_text())
+    runs = {r["regime"]: r for r in doc["runs"]}
+    assert set(runs) == {"inductor", "exact_eager", "velora_site=*q_proj.lora_A*"}
+    assert all(r["status"] == "ok" for r in runs.values()), [(k, r.get("error")) for k, r in runs.items()]
+    assert not runs["exact_eager"]["compiled"] and runs["exact_eager"]["report"] is None
+    assert runs["exact_eager"]["val_loss_before"] == pytest.approx(runs["inductor"]["val_loss_before"], rel=1e-6)
+    compressed = [s["name"] for s in runs["velora_site=*q_proj.lora_A*"]["report"]["compressed"]]
+    assert compressed and all("q_proj.lora_A" in name for name in compressed), compressed
+    assert "include=['*q_proj.lora_A*']" in doc["regimes"]["velora_site=*q_proj.lora_A*"]
+    rows = {r["regime"]: r for r in doc["summary"]}
+    assert math.isfinite(rows["exact_eager"]["delta_vs_inductor_pct"])
