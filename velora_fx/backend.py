@@ -327,7 +327,7 @@ class VeloraBackend:
             result.report.offload = offload.report(offloaded, graph_key)
             result.report.saved_bytes_after -= offloaded.bytes
         result.report.message = "; ".join(m for m in (result.report.message, offload.message(
-            offloaded, peaks.get("goal"), result.saved.activation_bytes)) if m)
+            offloaded, result.saved.activation_bytes)) if m)
         before, after = original or peaks.get("reference"), predict_step_peak(result.saved)
         result.report.predicted_peak = {"before": before.to_dict() if before else None, "after": after.to_dict(),
                                         "target": peaks.get("want")}

@@ -46,11 +46,13 @@ class OffloadStep:
             self.reason = ("CUDA graphs (mode='reduce-overhead') cannot capture the copies to and from host memory; "
                            "compile without it to offload")
         self.active = config.offload and self.reason is None
-        self.device = device
         self.host_limit = config.offload_max_bytes if config.offload_max_bytes is not None else _half_host_memory()
         self.bandwidth = 0.0
         if self.active:
             self.bandwidth = config.offload_bandwidth * 1e9 if config.offload_bandwidth else host_bandwidth(device)
+        # the timeline's rates: the device's measured ones per matmul dtype (None off CUDA: the roofline's)
+        self.rates = (lambda dtype: device_rates(device, dtype)) if device is not None and device.type == "cuda" \
+            else None
         self.goal: int | None = None          # the saved bytes the target leaves this graph (set by the backend)
         self.first: OffloadPlan | None = None  # the plan on the first partition measured (before recompute)
         self._plans: dict[int, tuple[SavedSet, OffloadPlan]] = {}
@@ -70,7 +72,7 @@ class OffloadStep:
         if hit is not None and hit[0] is saved:
             return hit[1]
         plan = plan_offload(saved, self.num_fwd_outputs, saved.activation_bytes - self.goal, self.bandwidth,
-                            self.host_limit, rates=self._rates(saved))
+                            self.host_limit, rates=self.rates)
         self._plans[id(saved)] = (saved, plan)  # holding the partition keeps its id from being reused
         if self.first is None:
             self.first = plan
@@ -97,14 +99,7 @@ class OffloadStep:
         self._plans.clear()
         return plan
 
-    def _rates(self, saved: SavedSet):
-        """The device's measured rates, per matmul dtype (None off CUDA: the roofline's)."""
-        if self.device is None or self.device.type != "cuda":
-            return None
-        device = self.device
-        return lambda dtype: device_rates(device, dtype)
-
-    def message(self, plan: OffloadPlan | None, goal: int | None, saved: int) -> str:
+    def message(self, plan: OffloadPlan | None, saved: int) -> str:
         if not self.config.offload:
             return ""
         if not self.active:
@@ -120,6 +115,7 @@ class OffloadStep:
             return (f"offload: nothing offloaded (no saved tensor's copies fit inside the step's compute at "
                     f"{plan.bandwidth / 1e9:.3g} GB/s)")
         left = saved - plan.bytes
+        goal = self.goal
         met = "meets" if goal is not None and left <= goal else "misses"
         return (f"offload: {plan.bytes} bytes in {len(plan.chosen)} tensors to host memory at "
                 f"{plan.bandwidth / 1e9:.3g} GB/s, copies planned inside compute; {left} bytes stay saved on the "
