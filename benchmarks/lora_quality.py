@@ -35,7 +35,8 @@ or noise?):
 
 Recorded per regime and seed: validation loss before (LoRA at init: the base) and after, the last
 training loss, median step time (first step excluded) and the first step (compile) time, CUDA peak
-memory above what was allocated when the fine-tune started (base + its copy + adapters), trainable
+memory of the steps after the first above what was allocated after it (base + its copy + adapters +
+optimizer state; the first step, which compiles and calibrates, is recorded apart), trainable
 parameters, and velora_fx's report (sites compressed, saved activation bytes before/after).
 Per regime: means over seeds, validation loss Δ vs exact LoRA, ratios of time and memory to it.
 On CUDA the fp32 matmuls use TF32 (``--matmul-precision high``), the same for every regime.
@@ -263,9 +264,11 @@ def summary_markdown(doc: dict) -> str:
     lines += bm._table(header, rows)
     lines += ["", "Δ vs exact LoRA: mean val loss after over the seeds both ran, relative to `inductor`'s. Loss drop "
                   "vs exact: (before − after) as % of exact LoRA's (100 %: the same improvement). Peak extra: CUDA "
-                  "max_memory_allocated during the fine-tune minus what was allocated when it began (activations, "
-                  "gradients, optimizer state); – on CPU. First step includes the compile (a later seed may hit "
-                  "inductor's caches). Sites and saved bytes: velora_fx's report (`backend.report(module)`)."]
+                  "max_memory_allocated over the fine-tune's steps after the first, minus what was allocated after "
+                  "the first (activations and gradients, above weights and optimizer state; the first step, which "
+                  "compiles and calibrates, is in the JSON as first_step_peak_extra_bytes); – on CPU. First step "
+                  "includes the compile (a later seed may hit inductor's caches). Sites and saved bytes: velora_fx's "
+                  "report (`backend.report(module)`)."]
     if doc.get("aborted"):
         lines += ["", f"**{doc['aborted']}**"]
     return "\n".join(lines) + "\n"

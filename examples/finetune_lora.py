@@ -141,7 +141,9 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
     """LoRA fine-tune a copy of ``base`` through ``torch.compile(..., backend=backend)``, or
     uncompiled when ``backend`` is None.  ``velora``: PEFT's VeLoRA variant (``add_lora``);
     ``val_before``: also the validation loss of the adapted model before its first step.
-    ``resident_bytes``: CUDA memory allocated when the peak counter was reset (None on CPU)."""
+    ``resident_bytes``: CUDA memory allocated when the peak counter was last reset, after the first
+    step (None on CPU); ``first_step_peak_extra_bytes``: the first step's peak above what was allocated
+    before it."""
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)  # same LoRA init for every regime
     model = add_lora(copy.deepcopy(base), args, velora=velora)
@@ -154,6 +156,7 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
                               device=args.device)
     cuda = start_peak(args.device)
     resident = torch.cuda.memory_allocated() if cuda else None
+    first_peak = None
     times, losses = [], []
     with tqdm(range(args.steps), desc=f"{label}: compiling", disable=args.quiet) as bar:
         for step in bar:
@@ -162,10 +165,16 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
             times.append(seconds)
             if step == 0:
                 bar.set_description(f"{label}: fine-tune")
+                if cuda and args.steps > 1:
+                    # the first step compiles and calibrates, and creates the optimizer's state: its peak
+                    # is its own; the peak reported is a training step's, above weights and optimizer state
+                    first_peak = torch.cuda.max_memory_allocated() - resident
+                    start_peak(args.device)
+                    resident = torch.cuda.memory_allocated()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return {**summary(label, times, losses, module, backend, cuda), **before,
             "val_loss": validation_loss(module, data, args), "trainable_params": sum(p.numel() for p in params),
-            "resident_bytes": resident}
+            "resident_bytes": resident, "first_step_peak_extra_bytes": first_peak}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -106,7 +106,8 @@ class VeloraConfig:
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
-        "help": "target saved bytes: a fraction (0, 1] of the baseline partition's, or a number of bytes (int)"})
+        "help": "target activation peak of a step: a fraction (0, 1] of the graph's predicted peak as dynamo gave it, "
+                "or a number of bytes (int) for the whole model"})
     error_cost: float = field(default=1.0, metadata={
         "help": "memory_budget: step-time fraction one unit of weighted gradient error is worth when the planner "
                 "weighs codecs against exact recompute (0: fastest plan, any error; large: exact whenever it fits)"})
@@ -290,7 +291,7 @@ def _as_budget(value: Any) -> float | int | None:
             raise ConfigError(f"memory_budget in bytes must be >= 1, got {value}")
         return value
     if not 0 < value <= 1:
-        raise ConfigError(f"memory_budget as a fraction of the baseline's saved bytes must be in (0, 1], got {value} "
+        raise ConfigError(f"memory_budget as a fraction of the step's activation peak must be in (0, 1], got {value} "
                           "(give bytes as an int)")
     return float(value)
 
