@@ -275,6 +275,23 @@ def counters_since(before: dict) -> dict:
     return {k: now[k] - before[k] for k in now}
 
 
+def pinned_allocs(device: torch.device) -> dict | None:
+    """cudaHostAlloc calls and their time so far (None off CUDA).  A step that offloads should reuse
+    the pinned pool; a call inside a timed block can block the host until the device is idle, so the
+    copies it issues start late (a suspect for copies to the host that stall compute)."""
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    stats = torch.cuda.host_memory_stats()
+    return {"calls": stats.get("num_host_alloc", 0), "us": stats.get("host_alloc_time.total", 0)}
+
+
+def pinned_allocs_since(before: dict | None) -> dict | None:
+    if before is None:
+        return None
+    now = pinned_allocs(torch.device("cuda"))
+    return {k: now[k] - before[k] for k in now}
+
+
 def memory_mark(device: torch.device) -> int | None:
     """Allocated bytes right before a timed block, with the peak counter reset (None off CUDA).
 
@@ -416,7 +433,7 @@ class Runner:
         stops when zero_grad returns, before the closing sync, so it is the CPU cost of launching
         the step, and the wall time after the sync is the step's full time."""
         total, host = [], []
-        before_counters = compile_counters()
+        before_counters, before_pinned = compile_counters(), pinned_allocs(self.device)
         with self.context():
             mem_before = memory_mark(self.device)
             for _ in range(self.args.steps):
@@ -432,6 +449,7 @@ class Runner:
                      "ms_all": total, "host_ms_all": host, "last_loss": loss.item()}
             block.update(memory_peak(self.device, mem_before))
         block["counters"] = counters_since(before_counters)
+        block["pinned_host_allocs"] = pinned_allocs_since(before_pinned)
         return block
 
 
