@@ -17,7 +17,8 @@ def _graph(fn, *args) -> fx.GraphModule:
 def test_liveness_walk_counts_what_is_alive_together():
     """forward: a = x @ w (an mm: materialised), b = relu(a) (pointwise, read by an mm: materialised),
     c = b @ w; outputs c and the saved b.  Backward: the saved b, t @ w.t() (an mm), the mask b > 0
-    (pointwise, fused into the product: not counted) and the product (an output)."""
+    (pointwise, fused into the product: not counted) and the product (an output): the kernel that
+    writes the product reads b through the mask, so b, the mm and the product are alive together."""
     x, w = torch.randn(8, 4), torch.randn(4, 4)
     fwd = _graph(lambda x, w: (lambda b: (b @ w, b))(torch.relu(x @ w)), x, w)
     bwd = _graph(lambda b, t, w: ((t @ w.t()) * (b > 0),), torch.randn(8, 4), torch.randn(8, 4), w)
@@ -29,7 +30,35 @@ def test_liveness_walk_counts_what_is_alive_together():
     assert peak.saved == tile
     # forward: x @ w (freed after relu reads it) overlaps relu's output, then c joins b
     assert peak.forward == 2 * tile  # a and b alive together; then b and c
-    assert peak.backward == 2 * tile  # b and the mm; b is freed after the mask reads it, then mm + product
+    assert peak.backward == 3 * tile  # b and the mm are read by the kernel writing the product
+
+
+def _log_softmax_nll(logits: torch.Tensor, targets: torch.Tensor, keep: bool = False):
+    """transformers' loss as inductor sees it: the upcast logits viewed as rows, a log-softmax from
+    primitive ops, the targets' entries gathered (``keep``: the log-probabilities returned too)."""
+    rows = torch.ops.prims.convert_element_type(logits, torch.float32).view(-1, logits.shape[-1])
+    shifted = rows - rows.amax(1, keepdim=True)
+    logp = shifted - shifted.exp().sum(1, keepdim=True).log()
+    loss = -logp.gather(1, targets.view(-1, 1)).mean()
+    for _ in range(48):  # a graph of model size, so the loss's chain is local (``reads_far``)
+        loss = loss * 1.0
+    return (loss, logp) if keep else (loss,)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_fused_log_softmax_is_not_counted_unless_returned(keep):
+    """The fp32 upcast (read through a view by a reduction) and the log-probabilities (read by the
+    gather) are computed inside inductor's kernels: the forward's peak holds no fp32 copy of the
+    logits (measured on GPT-2: saved set + the bf16 logits' gradient).  Returned, they are written."""
+    logits, targets = torch.randn(4, 16, 1000, dtype=torch.bfloat16), torch.randint(0, 1000, (4, 16))
+    fwd = _graph(lambda x, t: _log_softmax_nll(x, t, keep), logits, targets)
+    bwd = _graph(lambda g: (g * 2,), torch.randn(()))
+    peak = predict_step_peak(SavedSet({}, {}, {}, fwd, bwd))
+    fp32_logits = logits.numel() * 4
+    if keep:
+        assert peak.forward >= fp32_logits
+    else:
+        assert peak.forward < fp32_logits // 8
 
 
 class LM(nn.Module):

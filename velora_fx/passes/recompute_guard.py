@@ -59,10 +59,12 @@ class GuardResult:
                 "recompute in one chain across layers, alive at once in backward")
 
 
-def reads_far(node: fx.Node, position: dict[fx.Node, int], reach: float = REACH) -> bool:
-    """Whether ``node``'s last reader is more than ``reach`` of its graph (``position``: every
-    node's index) after it."""
-    return bool(node.users) and max(position[u] for u in node.users) - position[node] > reach * len(position)
+def reads_far(node: fx.Node, position: dict[fx.Node, int], reach: float = REACH,
+              readers: Sequence[fx.Node] | None = None) -> bool:
+    """Whether ``node``'s last reader (of ``readers``, by default its users) is more than ``reach``
+    of its graph (``position``: every node's index) after it."""
+    readers = list(node.users) if readers is None else readers
+    return bool(readers) and max(position[u] for u in readers) - position[node] > reach * len(position)
 
 
 def far_recomputed(saved: SavedSet, joint: fx.GraphModule, reach: float = REACH,
