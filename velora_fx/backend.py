@@ -36,7 +36,7 @@ from .binding import Lifted, StateBinder, lift_state, make_binding, primal_label
 from .config import ConfigError, VeloraConfig
 from .integrations import causal_lm
 from .naming import ParamNames, find_compiled_root, unwrap_model
-from .offload import OffloadStep, measured_overlap
+from .offload import OffloadStep, has_transfers, measured_overlap
 from .passes.loss_head import pin_head_gradients, rewrite_loss_heads
 from .passes import plan_cache
 from .passes.graph_utils import tensor_leaves
@@ -116,15 +116,16 @@ class VeloraBackend:
                  options: dict[str, Any]) -> Callable:
         if self.compiler == "inductor":
             patches = {**_mode_options(mode), **options, "custom_partitioner_fn": partitioner}
+            inner = _compat.inner_compile_keeping_order(has_transfers)  # the offload plan's op order stands
             with _compat.count_autograd_cache_hits() as hits:
-                compiled = _compat.compile_fx(graph, inputs, config_patches=patches)
+                compiled = _compat.compile_fx(graph, inputs, config_patches=patches, inner_compile=inner)
             if hits() and partitioner.training:
                 # a cache served the graph without our partition step despite the bypass (a torch
                 # that no longer asks the partitioner): never run a graph without its state
                 self.warn_once("velora_fx: AOTAutograd's cache served a graph without the rewrite's bookkeeping; "
                                "compiling it again with caches disabled")
                 with _compat.caches_disabled():
-                    compiled = _compat.compile_fx(graph, inputs, config_patches=patches)
+                    compiled = _compat.compile_fx(graph, inputs, config_patches=patches, inner_compile=inner)
             return compiled
         if mode or options:
             self.warn_once("velora_fx: compiler='eager' ignores torch.compile's mode= and options=")

@@ -5,7 +5,8 @@ partitioned graphs), ``bandwidth`` (the host link, measured once)."""
 from __future__ import annotations
 
 from .plan import OffloadPlan, plan_offload  # noqa: F401
-from .rewrite import apply_offload  # noqa: F401
+from .rewrite import apply_offload, has_transfers  # noqa: F401
 from .step import OffloadStep, measured_overlap, unsupported_reason  # noqa: F401
 
-__all__ = ["OffloadPlan", "OffloadStep", "plan_offload", "apply_offload", "unsupported_reason", "measured_overlap"]
+__all__ = ["OffloadPlan", "OffloadStep", "plan_offload", "apply_offload", "has_transfers", "unsupported_reason",
+           "measured_overlap"]

@@ -60,6 +60,7 @@ class OffloadPlan:
     forward_seconds: float                            # the forward timeline's length
     backward_seconds: float
     need: int = 0                                     # bytes asked for
+    freed: int | None = None                          # what it takes off the predicted step peak (None: not weighed)
     chosen: list[OffloadChoice] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)   # candidate -> why not
 
@@ -70,7 +71,7 @@ class OffloadPlan:
     def to_dict(self) -> dict[str, Any]:
         """What the report shows: the link's bandwidth, the timeline, each tensor and each skip."""
         return {"bandwidth_gbps": float(f"{self.bandwidth / 1e9:.4g}"), "need_bytes": max(self.need, 0),
-                "offloaded_bytes": self.bytes,
+                "offloaded_bytes": self.bytes, "peak_freed_bytes": self.freed,
                 "forward_ms": round(self.forward_seconds * 1e3, 3),
                 "backward_ms": round(self.backward_seconds * 1e3, 3),
                 "copy_ms": round(self.bytes / self.bandwidth * 1e3, 3) if self.bandwidth > 0 else None,

@@ -15,7 +15,7 @@ from ..passes.graph_utils import create_node, tensor_val
 from . import ops as _ops  # noqa: F401  (registers torch.ops.velora_fx.offload_*)
 from .plan import OffloadPlan
 
-__all__ = ["apply_offload", "transfer_labels"]
+__all__ = ["apply_offload", "transfer_labels", "has_transfers"]
 
 
 def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan, label: str = "") -> None:
@@ -54,6 +54,14 @@ def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan, l
     for gm in (fwd, bwd):
         gm.graph.lint()
         gm.recompile()
+
+
+def has_transfers(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` holds one of the transfer ops (its op order is then the plan's: see
+    ``_compat.inner_compile_keeping_order``)."""
+    ops = {torch.ops.velora_fx.offload_start.default, torch.ops.velora_fx.offload_finish.default,
+           torch.ops.velora_fx.reload_start.default, torch.ops.velora_fx.reload_finish.default}
+    return any(node.op == "call_function" and node.target in ops for node in gm.graph.nodes)
 
 
 def transfer_labels(label: str, tensor: str) -> tuple[str, str]:

@@ -16,9 +16,9 @@ with the fewest saved bytes is used and the report says so.  Which plans to weig
 chooser's (``chooser.py``): exact, and the codec candidates priced below recompute.
 
 What a partition is measured by is ``kept(saved)``, the saved bytes that stay on the device: its
-saved activations by default; with ``offload=True`` less what offload can take from that very
-partition under cover of its compute (``offload/step.py``), so recompute is fitted only for what
-offload cannot move, on each partition the search tries.
+saved activations by default; with ``offload=True`` less what offload, with copies under cover
+of that very partition's compute, takes off its predicted step peak (``offload/step.py``), so
+recompute is fitted only for what offload cannot free, on each partition the search tries.
 """
 from __future__ import annotations
 

@@ -22,13 +22,17 @@ value inside the reader's kernel), and a gather or index reads its source's valu
 kernel: a loss's fp32 log-softmax, read by the gather that picks the targets' entries, is never
 written out (H200, GPT-2 12 x 1024, batch 8 x 1024: counting it and the fp32 upcast that a view
 separates from its reduction put the baseline's predicted peak 0.49 GiB above the measured one;
-the measured peak is the saved set plus the bf16 logits' gradient).  An estimate, not a simulation of inductor's scheduler; the report shows it
+the measured peak is the saved set plus the bf16 logits' gradient).  Transfers to the host
+(``offload``) count as placed: an offloaded tensor is freed where its copy ends and allocated again
+where its copy back starts.  An estimate, not a simulation of inductor's scheduler (inductor keeps a
+graph with transfers in its order: ``_compat.inner_compile_keeping_order``); the report shows it
 next to what a benchmark measures.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import fx
@@ -54,19 +58,31 @@ class StepPeak:
         return {"forward": self.forward, "backward": self.backward, "saved": self.saved, "peak": self.peak}
 
 
-def predict_step_peak(saved: SavedSet) -> StepPeak:
-    """Forward and backward peaks of the partition ``saved`` (its ``fwd`` and ``bwd`` graphs)."""
-    forward = _walk(saved.fwd, alive_at_start={})
+def predict_step_peak(saved: SavedSet, offload: Sequence[Any] = ()) -> StepPeak:
+    """Forward and backward peaks of the partition ``saved`` (its ``fwd`` and ``bwd`` graphs).
+
+    ``offload``: transfers planned but not yet put into the graphs (``OffloadChoice``s: a saved
+    tensor's name, the forward node after which its copy to the host has ended and the backward node
+    before which its copy back starts), counted as the rewrite will place them: the tensor is freed
+    after that forward node and allocated again at that backward node."""
+    f_nodes = {n.name: n for n in saved.fwd.graph.nodes}
+    released = {_base(f_nodes[c.name]): f_nodes[c.finish_after] for c in offload}
+    forward = _walk(saved.fwd, alive_at_start={}, released=released)
     # backward's placeholders are the saved tensors, under their forward names, and the tangents
     by_name = {n.name: n for n in saved.bwd.graph.find_nodes(op="placeholder")}
     on_host = {name for name, n in by_name.items() if any(_offload_op(u) for u in n.users)}  # offloaded
+    on_host |= {c.name for c in offload}
     alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items()
              if name in by_name and name not in on_host}
+    b_nodes = {n.name: n for n in saved.bwd.graph.nodes}
+    reloaded: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+    for c in offload:
+        reloaded.setdefault(b_nodes[c.reload_before], []).append((by_name[c.name], c.bytes))
     # what forward returned to the caller (logits, a KV cache) is held through backward
     pinned = {by_name[name] for name, base in saved.activations.items() if name in by_name and base in saved.held}
     saved_bases = set(saved.activations.values())
     held = sum(size for base, size in saved.held.items() if base not in saved_bases)
-    backward = held + _walk(saved.bwd, alive_at_start=alive, pinned=pinned)
+    backward = held + _walk(saved.bwd, alive_at_start=alive, pinned=pinned, reloaded=reloaded)
     on_gpu = saved.activation_bytes - sum(saved.base_bytes[saved.activations[n]] for n in on_host
                                           if n in saved.activations)
     return StepPeak(forward, backward, on_gpu)
@@ -139,9 +155,13 @@ def _has_tag(node: fx.Node, tag: torch.Tag) -> bool:
     return target.overloadpacket.__name__ not in _UNFUSABLE and tag in target.tags
 
 
-def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx.Node] = frozenset()) -> int:
+def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx.Node] = frozenset(),
+          released: dict[fx.Node, fx.Node] | None = None,
+          reloaded: dict[fx.Node, list[tuple[fx.Node, int]]] | None = None) -> int:
     """The most bytes alive at once in ``gm``, starting with ``alive_at_start``; outputs and
-    ``pinned`` stay."""
+    ``pinned`` stay, except the outputs ``released`` frees after a given node (copied to the host);
+    ``reloaded`` allocates tensors (with their bytes) when a given node is reached (copied back)."""
+    released, reloaded = released or {}, reloaded or {}
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     outputs = {n for n in output_values(gm) if isinstance(n, fx.Node)}
@@ -150,22 +170,33 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx
     # into its readers, or a view, is read inside its readers' kernels, so what it reads stays alive
     # until the last of those runs (a loss's logits stay while the kernel writing their gradient runs)
     read_at: dict[fx.Node, int] = {}
+    read_in_graph: dict[fx.Node, int] = {}  # the same, leaving out what the graph's output reads (-1)
     for node in reversed(nodes):
         inline = node.op == "call_function" and not sizes[node] and node.users and \
             (_base(node) is not node or _has_tag(node, torch.Tag.pointwise))
         read_at[node] = max(read_at[user] for user in node.users) if inline else order[node]
+        read_in_graph[node] = max(read_in_graph[user] for user in node.users) if inline else \
+            -1 if node.op == "output" else order[node]
     frees: dict[int, list[fx.Node]] = {}
     last_use: dict[fx.Node, int] = {}
+    last_read: dict[fx.Node, int] = {}  # the same, not counting the graph's output
     for node in nodes:  # the last kernel reading each storage (a view's readers count for its base)
         for inp in node.all_input_nodes:
             base = _base(inp)
             last_use[base] = max(last_use.get(base, -1), read_at[node])
+            last_read[base] = max(last_read.get(base, -1), read_in_graph[node])
     for base, at in last_use.items():
         if base not in outputs and base not in pinned:
             frees.setdefault(at, []).append(base)
+    for base, after in released.items():
+        frees.setdefault(max(last_read.get(base, order[base]), order[after]), []).append(base)
     alive = dict(alive_at_start)
     current = peak = sum(alive.values())
     for node in nodes:
+        for tensor, size in reloaded.get(node, ()):
+            alive[tensor] = size
+            current += size
+            peak = max(peak, current)
         if sizes[node]:
             alive[node] = sizes[node]
             current += sizes[node]
