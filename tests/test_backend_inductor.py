@@ -54,7 +54,7 @@ def test_named_backend_uses_the_shared_default_backend_and_stays_within_max_erro
     sites whose estimated error is within max_error (at g chosen per site), and its gradients are
     the eager reference's with the same v; every other gradient stays exact.  VeLoRA alone
     (``options``): the default's near-exact codecs have no eager reference twin."""
-    assert velora_fx.default_backend().config.codecs == ("velora", "fewbit", "gated")
+    assert velora_fx.default_backend().config.codecs == ("velora", "fewbit", "gated", "chunked_loss")
     model, ids = _tiny_llama(intermediate=32), torch.randint(0, 64, (2, 16))
     torch._dynamo.reset()
     _loss(torch.compile(model, backend="velora", options={"codecs": ["velora"]}), ids).backward()

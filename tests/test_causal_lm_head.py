@@ -104,7 +104,8 @@ def test_bf16_plain_call_is_within_bf16_rounding():
 def test_memory_budget_brings_the_head_on_the_plain_call():
     config = velora_fx.VeloraConfig(memory_budget=0.5)
     assert config.codecs == ("velora", "chunked_loss")
-    assert velora_fx.VeloraConfig().codecs == ("velora", "fewbit", "gated")  # auto: the near-exact codecs
+    # auto: the near-exact codecs and the exact head
+    assert velora_fx.VeloraConfig().codecs == ("velora", "fewbit", "gated", "chunked_loss")
     assert velora_fx.VeloraConfig(mode="max_memory").codecs == velora_fx.VeloraConfig(mode="all").codecs == ("velora",)
     assert velora_fx.VeloraConfig(memory_budget=0.5, codecs=["velora"]).codecs == ("velora",)  # explicit wins
 
@@ -118,6 +119,27 @@ def test_memory_budget_brings_the_head_on_the_plain_call():
     assert [r.decision for r in _head_rows(backend)] == ["compressed"]
     head = _head_rows(backend)[0]
     assert head.bytes_before > head.bytes_after  # the logits' bytes left the saved set
+
+
+def test_the_default_backend_brings_the_exact_head():
+    """``velora_fx.backend()`` with no options: the exact head applies on the plain call (no logits
+    in training with labels; loss and the head's gradients equal eager's, lm_head and the last norm
+    being read exactly), and ``keep_logits=True`` keeps transformers' output."""
+    model = FAMILIES["llama"]()
+    reference, kept = copy.deepcopy(model), copy.deepcopy(model)
+    ids, labels = _batch(4)
+    expected = _eager_step(reference, ids, labels)
+    backend = velora_fx.backend(compiler="eager")
+    out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
+    assert out.logits is None and _cache(out) is None
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    assert [r.decision for r in _head_rows(backend)] == ["compressed"]
+    torch._dynamo.reset()
+    out = torch.compile(kept, backend=velora_fx.backend(compiler="eager", keep_logits=True))(
+        input_ids=ids, labels=labels)
+    assert out.logits is not None and out.logits.shape == (BATCH, SEQ, VOCAB)
 
 
 def test_named_backend_gets_the_head_too():
@@ -204,6 +226,7 @@ def test_other_backends_and_eager_keep_transformers_behaviour():
     assert model(input_ids=ids, labels=labels).logits.shape == (BATCH, SEQ, VOCAB)
     out = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=labels)
     assert out.logits.shape == (BATCH, SEQ, VOCAB)
-    # a velora backend without the head
-    out = torch.compile(copy.deepcopy(model), backend=velora_fx.backend(compiler="eager"))(input_ids=ids, labels=labels)
+    # a velora backend without the head (the default has it since v15)
+    without = velora_fx.backend(compiler="eager", codecs=("velora", "fewbit", "gated"))
+    out = torch.compile(copy.deepcopy(model), backend=without)(input_ids=ids, labels=labels)
     assert out.logits is not None

@@ -31,11 +31,14 @@ CODECS = ("velora", "fewbit", "rmm", "gated", "chunked_loss")
 # largest tensors of a causal LM's step (the logits) at no gradient error.  Without one, in "auto":
 # VeLoRA plus the near-exact codecs (few-bit nonlinearity backward, int8 gate/up storage), whose
 # estimated_error is ~0.006-0.007 against ~0.5 for VeLoRA at g = 2, and which free a GELU MLP's
-# pre-activation or a gated MLP's gate and up (H200, 12 x 1024: peak 0.92x -> 0.79x GPT-2, 0.95x ->
-# 0.85x Llama; docs/quality.md).  "max_memory" and "all" are VeLoRA's own modes: VeLoRA alone
+# pre-activation or a gated MLP's gate and up, plus the exact loss head (a causal LM called with
+# labels in training then returns no logits, as with Liger-Kernel's fused loss; keep_logits=True
+# keeps them).  H200, 12 x 1024, plain call: peak 0.68x GPT-2 at 1.04x step time, 0.58x Llama at
+# 1.01x, where the near-exact codecs alone gave 0.79x and 0.85x (results/gpu/v15).  "max_memory"
+# and "all" are VeLoRA's own modes: VeLoRA alone.
 # With offload=True the default is exact: keep, recompute, offload and the exact loss head only
 DEFAULT_CODECS = {"budget": ("velora", "chunked_loss"), "offload": ("chunked_loss",),
-                  "auto": ("velora", "fewbit", "gated"),
+                  "auto": ("velora", "fewbit", "gated", "chunked_loss"),
                   "max_memory": ("velora",), "all": ("velora",)}
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,7 +104,8 @@ class VeloraConfig:
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
     codecs: tuple[str, ...] | None = field(default=None, metadata={
         "help": f"what the planner may use: any of {CODECS} (default: in mode='auto' VeLoRA with the near-exact "
-                "fewbit and gated codecs; in 'max_memory' and 'all' VeLoRA alone; with memory_budget, VeLoRA and "
+                "fewbit and gated codecs and the exact chunked_loss head; in 'max_memory' and 'all' VeLoRA alone; "
+                "with memory_budget, VeLoRA and "
                 "the exact chunked_loss head; with memory_budget and offload, the exact chunked_loss head alone)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
