@@ -85,9 +85,8 @@ class OffloadStep:
     def _fit(self, saved: SavedSet, need: int) -> OffloadPlan:
         """A plan whose copies take ``need`` bytes off the partition's predicted step peak, or as
         close as the link allows.  A tensor moved frees less than its bytes at the peak when its copy
-        is still running there or its copy back has begun (GPT-2 12 x 1024 on an H200: 268 MB moved
-        took 155 MB off backward's peak), so the plan asks for the shortfall again, up to
-        ``_REFITS`` times; one that frees nothing at the peak is dropped."""
+        is still running there or its copy back has begun before it, so the plan asks for the
+        shortfall again, up to ``_REFITS`` times; one that frees nothing at the peak is dropped."""
         def freed(plan: OffloadPlan) -> OffloadPlan:
             plan.freed = max(0, without - predict_step_peak(saved, offload=plan.chosen).peak) if plan.chosen else 0
             return plan
