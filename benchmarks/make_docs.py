@@ -351,7 +351,10 @@ def render(runs: list[dict], scaling: list[dict], out_md: str, img_dir: str, com
              "gradient-aware estimate) and `velora_nearexact` in v11/profile_* the same codecs under the",
              "earlier estimate; results/gpu/v11/README.md; the results/gpu/v12 runs record 6e9d5cd-dirty: the",
              "issue-19 working tree, offload (`velora_mb<x>offload`: memory_budget=x, offload=True) and PyTorch's",
-             "eager `save_on_cpu` (`eager_offload`); results/gpu/v12/README.md). The narrative",
+             "eager `save_on_cpu` (`eager_offload`); results/gpu/v12/README.md; v13 and v14 say in their",
+             "READMEs which code each folder ran; the results/gpu/v15 runs record 0aca61a-dirty, and",
+             "`velora_auto` there is the v11 default in v15/gpt2 and v15/llama but the v15 default (with the",
+             "exact loss head) in v15/gpt2_default and v15/lora: results/gpu/v15/README.md). The narrative",
              "and the comparison with the exact front: README.md, docs/codecs.md.", "",
              "| model | regime | size | runs | scaling |", "|---|---|---|---|---|"]
     for key in keys:
