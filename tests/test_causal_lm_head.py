@@ -123,8 +123,8 @@ def test_memory_budget_brings_the_head_on_the_plain_call():
 
 def test_the_default_backend_brings_the_exact_head():
     """``velora_fx.backend()`` with no options: the exact head applies on the plain call (no logits
-    in training with labels; loss and the head's gradients equal eager's, lm_head and the last norm
-    being read exactly), and ``keep_logits=True`` keeps transformers' output."""
+    in training with labels; the loss and lm_head's weight gradient equal eager's: both read only
+    exact values), and ``keep_logits=True`` keeps transformers' output."""
     model = FAMILIES["llama"]()
     reference, kept = copy.deepcopy(model), copy.deepcopy(model)
     ids, labels = _batch(4)
