@@ -288,10 +288,10 @@ def pinned_allocs(device: torch.device) -> dict | None:
     return {"calls": stats.get("num_host_alloc", 0), "us": stats.get("host_alloc_time.total", 0)}
 
 
-def pinned_allocs_since(before: dict | None) -> dict | None:
+def pinned_allocs_since(before: dict | None, device: torch.device) -> dict | None:
     if before is None:
         return None
-    now = pinned_allocs(torch.device("cuda"))
+    now = pinned_allocs(device)
     return {k: now[k] - before[k] for k in now}
 
 
@@ -452,7 +452,7 @@ class Runner:
                      "ms_all": total, "host_ms_all": host, "last_loss": loss.item()}
             block.update(memory_peak(self.device, mem_before))
         block["counters"] = counters_since(before_counters)
-        block["pinned_host_allocs"] = pinned_allocs_since(before_pinned)
+        block["pinned_host_allocs"] = pinned_allocs_since(before_pinned, self.device)
         return block
 
 

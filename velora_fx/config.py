@@ -105,8 +105,8 @@ class VeloraConfig:
     codecs: tuple[str, ...] | None = field(default=None, metadata={
         "help": f"what the planner may use: any of {CODECS} (default: in mode='auto' VeLoRA with the near-exact "
                 "fewbit and gated codecs and the exact chunked_loss head; in 'max_memory' and 'all' VeLoRA alone; "
-                "with memory_budget, VeLoRA and "
-                "the exact chunked_loss head; with memory_budget and offload, the exact chunked_loss head alone)"})
+                "with memory_budget, VeLoRA and the exact chunked_loss head; with memory_budget and offload, the "
+                "exact chunked_loss head alone)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={

@@ -91,9 +91,12 @@ class OffloadStep:
             plan.freed = max(0, without - predict_step_peak(saved, offload=plan.chosen).peak) if plan.chosen else 0
             return plan
 
-        without = predict_step_peak(saved).peak
-        plan = freed(plan_offload(saved, self.num_fwd_outputs, need, self.bandwidth, self.host_limit,
-                                  rates=self.rates))
+        plan = plan_offload(saved, self.num_fwd_outputs, need, self.bandwidth, self.host_limit, rates=self.rates)
+        if not plan.chosen:  # nothing asked for, or nothing fits: no peak to predict
+            plan.freed = 0
+            return plan
+        without = (saved.known_peak or predict_step_peak(saved)).peak
+        plan = freed(plan)
         for _ in range(_REFITS):
             if not plan.chosen or plan.freed >= need:
                 break

@@ -65,7 +65,7 @@ def predict_step_peak(saved: SavedSet, offload: Sequence[Any] = ()) -> StepPeak:
     tensor's name, the forward node after which its copy to the host has ended and the backward node
     before which its copy back starts), counted as the rewrite will place them: the tensor is freed
     after that forward node and allocated again at that backward node."""
-    f_nodes = {n.name: n for n in saved.fwd.graph.nodes}
+    f_nodes = {n.name: n for n in saved.fwd.graph.nodes} if offload else {}
     released = {_base(f_nodes[c.name]): f_nodes[c.finish_after] for c in offload}
     forward = _walk(saved.fwd, alive_at_start={}, released=released)
     # backward's placeholders are the saved tensors, under their forward names, and the tangents
@@ -74,7 +74,7 @@ def predict_step_peak(saved: SavedSet, offload: Sequence[Any] = ()) -> StepPeak:
     on_host |= {c.name for c in offload}
     alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items()
              if name in by_name and name not in on_host}
-    b_nodes = {n.name: n for n in saved.bwd.graph.nodes}
+    b_nodes = {n.name: n for n in saved.bwd.graph.nodes} if offload else {}
     reloaded: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
     for c in offload:
         reloaded.setdefault(b_nodes[c.reload_before], []).append((by_name[c.name], c.bytes))
