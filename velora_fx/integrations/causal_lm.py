@@ -39,7 +39,9 @@ import torch
 
 __all__ = ["install", "install_when_imported", "installed", "drops_logits_now"]
 
-_LOCK = threading.Lock()
+# re-entrant: importing transformers.modeling_utils inside install() runs the post-import hook
+# (_AfterImport), which calls install() again on the same thread
+_LOCK = threading.RLock()
 # what a causal LM's output drops in training with labels: the logits, and the KV cache ("cache" since
 # transformers 5.2x, "past_key_values" before)
 _DROPPED = ("logits", "cache", "past_key_values")
@@ -61,6 +63,8 @@ def install() -> bool:
         from transformers.modeling_utils import PreTrainedModel
         from transformers.utils.generic import ModelOutput
 
+        if _INSTALLED:  # that import ran the post-import hook, which installed them
+            return True
         post_init, loss_property = ModelOutput.__post_init__, PreTrainedModel.__dict__["loss_function"]
         ModelOutput.__post_init__ = _wrap_post_init(post_init)
         PreTrainedModel.loss_function = property(_wrap_loss_getter(loss_property.fget), loss_property.fset,
