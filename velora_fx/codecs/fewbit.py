@@ -32,9 +32,15 @@ def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _iota(graph: fx.Graph, length: int, step: int, device) -> fx.Node:
-    """``[0, step, 2 step, ...]`` (int64) as the post-decomposition op inductor lowers (not arange)."""
-    return _emit(graph, prims.iota.default, length, start=0, step=step, dtype=torch.int64, device=device,
+def _word_dtype(bits: int) -> torch.dtype:
+    """Integer type of the code arithmetic: int32 while a packed word (8 codes) fits in 31 bits.
+    GPUs emulate 64-bit integer shifts and adds with several instructions each."""
+    return torch.int32 if _PACK * bits < 32 else torch.int64
+
+
+def _iota(graph: fx.Graph, length: int, step: int, device, dtype: torch.dtype) -> fx.Node:
+    """``[0, step, 2 step, ...]`` as the post-decomposition op inductor lowers (not arange)."""
+    return _emit(graph, prims.iota.default, length, start=0, step=step, dtype=dtype, device=device,
                  requires_grad=False)
 
 
@@ -80,10 +86,10 @@ class FewBitCodec:
         val = t.meta["val"]
         x = t if val.dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, t, torch.float32)
         compare = aten.gt.Scalar if self.levels.right_closed else aten.ge.Scalar
+        word = _word_dtype(self.bits)
         codes = None
         for threshold in self.thresholds:
-            step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold),
-                         torch.int64)
+            step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold), word)
             codes = step if codes is None else _emit(graph, aten.add.Tensor, codes, step)
         if packed_shape(tuple(val.shape), self.bits) == tuple(val.shape):
             return _emit(graph, prims.convert_element_type.default, codes, torch.uint8)
@@ -94,10 +100,11 @@ class FewBitCodec:
         lead = [create_node(graph, aten.sym_size.int, (codes, d)) if not isinstance(s, int) else s
                 for d, s in enumerate(val.shape[:-1])]
         groups = _emit(graph, aten.view.default, codes, [*lead, int(val.shape[-1]) // _PACK, _PACK])
-        shifts = _iota(graph, _PACK, self.bits, device)
+        dtype = _word_dtype(self.bits)
+        shifts = _iota(graph, _PACK, self.bits, device, dtype)
         word = _emit(graph, aten.sum.dim_IntList,
-                     _emit(graph, aten.bitwise_left_shift.Tensor, groups, shifts), [-1])
-        byte_shifts = _iota(graph, self.bits, 8, device)
+                     _emit(graph, aten.bitwise_left_shift.Tensor, groups, shifts), [-1], dtype=dtype)
+        byte_shifts = _iota(graph, self.bits, 8, device, dtype)
         parts = _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, word, -1),
                       byte_shifts)
         return _emit(graph, prims.convert_element_type.default, _emit(graph, aten.bitwise_and.Scalar, parts, 255),
@@ -108,7 +115,7 @@ class FewBitCodec:
                out_dtype: torch.dtype) -> fx.Node:
         val = like.meta["val"]
         codes = self._unpack(graph, packed, val) if packed.meta["val"].dim() == val.dim() + 1 else \
-            _emit(graph, prims.convert_element_type.default, packed, torch.int64)
+            _emit(graph, prims.convert_element_type.default, packed, torch.int32)
         levels = [float(v) for v in self.levels.levels]
         deriv = None  # levels[0] + sum_k (levels[k] - levels[k-1]) * (code >= k): no gather, one fused kernel
         for k in range(1, len(levels)):
@@ -126,10 +133,12 @@ class FewBitCodec:
 
     def _unpack(self, graph: fx.Graph, packed: fx.Node, val: torch.Tensor) -> fx.Node:
         device = val.device
-        wide = _emit(graph, prims.convert_element_type.default, packed, torch.int64)
-        byte_shifts = _iota(graph, self.bits, 8, device)
-        word = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.bitwise_left_shift.Tensor, wide, byte_shifts), [-1])
-        shifts = _iota(graph, _PACK, self.bits, device)
+        dtype = _word_dtype(self.bits)
+        wide = _emit(graph, prims.convert_element_type.default, packed, dtype)
+        byte_shifts = _iota(graph, self.bits, 8, device, dtype)
+        word = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.bitwise_left_shift.Tensor, wide, byte_shifts), [-1],
+                     dtype=dtype)
+        shifts = _iota(graph, _PACK, self.bits, device, dtype)
         groups = _emit(graph, aten.bitwise_and.Scalar,
                        _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, word, -1),
                              shifts), (1 << self.bits) - 1)
