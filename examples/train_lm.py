@@ -64,11 +64,13 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=352)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--mode", choices=("auto", "max_memory", "all"), default="auto",
-                    help="auto: sites that free saved bytes within max_error (g chosen per site); max_memory: "
-                         "every site that frees bytes; all: every weight-gradient site")
+                    help="auto: sites that free enough saved bytes within max_error (g chosen per site); "
+                         "max_memory: every site that frees bytes (g chosen within max_error); all: every "
+                         "weight-gradient site")
     ap.add_argument("--num-groups", type=int, default=None,
-                    help="fix g = D / num_groups for every site (default: auto chooses; others use 32)")
-    ap.add_argument("--max-error", type=float, default=None, help="auto's bound on the estimated error")
+                    help="fix g = D / num_groups for every site (default: auto and max_memory choose; all uses 32)")
+    ap.add_argument("--max-error", type=float, default=None,
+                    help="auto's and max_memory's bound on the estimated error")
     ap.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=5)

@@ -30,7 +30,7 @@ def _loss(model, ids):
 
 def test_inductor_backend_matches_the_eager_reference_and_frees_saved_bytes():
     model, ids = _tiny_llama(), torch.randint(0, 64, (2, 16))
-    backend = velora_fx.backend(num_groups=4, mode="max_memory")
+    backend = velora_fx.backend(num_groups=4, mode="max_memory", codecs=["velora"])
     inputs = [*model.parameters(), *model.buffers(), ids]
     plain_backend = velora_fx.backend(num_groups=4, include=["<nothing>"], compiler="eager")
     before, _ = saved_activation_bytes(torch.compile(model, backend=plain_backend), ids, params=inputs)

@@ -272,7 +272,8 @@ def test_recipe_auto():
     cfg = VeloraConfig.from_recipe_name("auto")
     assert cfg.num_groups is None and cfg.init == "first_batch" and cfg.mode == "auto" and cfg.chooses_size
     cfg = VeloraConfig.from_recipe_name("max_memory")
-    assert cfg.num_groups == 32 and cfg.mode == "max_memory"
+    assert cfg.num_groups is None and cfg.mode == "max_memory" and cfg.chooses_size
+    assert not VeloraConfig(mode="max_memory", num_groups=32).chooses_size
     assert cfg.include == () and cfg.exclude == ()
 
 

@@ -33,7 +33,7 @@ class TanhMLP(nn.Module):
 
 def test_auto_skips_an_activation_another_backward_keeps_and_its_gradient_stays_exact():
     model, x = TanhMLP(), torch.randn(4, 8)
-    backend = velora_fx.backend(sub_token_size=4, compiler="eager", mode="max_memory")
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager", mode="max_memory", codecs=["velora"])
     _, _, grads = train_step(model, x, backend)
     sites = _by_name(backend)
     assert sites["fc2"].decision == "skipped" and "another backward op keeps it" in sites["fc2"].reason
@@ -81,7 +81,7 @@ def test_gpt2_conv1d_saves_transposed_inputs_and_the_pass_frees_them():
     inputs = [*model.parameters(), *model.buffers(), ids]  # graph inputs the caller holds anyway
     before, _ = saved_activation_bytes(torch.compile(fn(model), backend=plain), ids, params=inputs)
     torch._dynamo.reset()
-    backend = velora_fx.backend(sub_token_size=4, compiler="eager", mode="max_memory")
+    backend = velora_fx.backend(sub_token_size=4, compiler="eager", mode="max_memory", codecs=["velora"])
     compiled = torch.compile(fn(model), backend=backend)
     compiled(ids)
     model.zero_grad()
@@ -262,7 +262,7 @@ def test_transform_rewrites_a_traced_joint_graph_and_the_partition_saves_coeffic
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     model, x = Stack(8, 16, act="gelu"), torch.randn(2, 3, 8)
     joint = velora_fx.trace_joint(model, x)
-    gm, report = velora_fx.transform(joint, sub_token_size=4, mode="max_memory")
+    gm, report = velora_fx.transform(joint, sub_token_size=4, mode="max_memory", codecs=["velora"])
     assert report.compressed and gm is not joint.gm
     assert len(gm.velora_state_inputs) == len(joint.state_inputs)
     assert all(s.state in gm.velora_state.state_dict() for s in report.compressed)
@@ -277,7 +277,7 @@ def test_transform_rewrites_a_traced_joint_graph_and_the_partition_saves_coeffic
 
 def test_explain_reports_every_site_and_serialises():
     model, x = Stack(8, 16, layers=2, act="tanh", attention=True), torch.randn(2, 4, 8)
-    report = velora_fx.explain(model, x, sub_token_size=4, mode="max_memory")
+    report = velora_fx.explain(model, x, sub_token_size=4, mode="max_memory", codecs=["velora"])
     assert {s.decision for s in report.sites} == {"compressed", "skipped"}
     table = str(report)
     assert "blocks.1.fc2" in table and "activations saved for backward (1 graph)" in table
@@ -334,8 +334,35 @@ def test_min_efficiency_skips_sites_that_free_little_per_approximated_weight():
     for name in ("{q,k,v}", "fc"):
         assert sites[name].decision == "skipped" and "min_efficiency" in sites[name].reason
     # max_memory and all ignore the bound
-    assert velora_fx.explain(model, x, sub_token_size=2, mode="max_memory", min_efficiency=bound) \
+    assert velora_fx.explain(model, x, sub_token_size=2, mode="max_memory", min_efficiency=bound, codecs=["velora"]) \
         .graphs[-1].sites[0].decision == "compressed"
+
+
+def test_max_memory_compresses_every_freeing_site_at_the_largest_g_within_max_error():
+    torch.manual_seed(0)
+    model, x = NormFanOutMLP(), torch.randn(4, 64, 32)
+
+    def sites(**options):
+        torch._dynamo.reset()  # one compile per explain: stay under dynamo's recompile limit
+        options = {"codecs": ["velora"], "min_efficiency": 1e6, **options}
+        return {s.name: s for s in velora_fx.explain(model, x, **options).graphs[-1].sites}
+
+    assert not any(s.decision == "compressed" for s in sites().values())  # auto: the efficiency floor rejects all
+    chosen = {}
+    for bound in (0.6, 0.95):
+        got = sites(mode="max_memory", max_error=bound)
+        assert {n for n, s in got.items() if s.decision == "compressed"} == {"{q,k,v}", "fc", "down"}
+        # the g auto picks under the same bound without the efficiency floor: the largest within it
+        same_rule = sites(mode="auto", max_error=bound, min_efficiency=0.0)
+        for name in ("{q,k,v}", "fc", "down"):
+            assert 0 < got[name].estimated_error <= bound
+            assert got[name].sub_token_size == same_rule[name].sub_token_size
+        chosen[bound] = {n: s.sub_token_size for n, s in got.items() if s.decision == "compressed"}
+    assert all(chosen[0.95][n] >= chosen[0.6][n] for n in chosen[0.6])
+    assert chosen[0.95] != chosen[0.6]  # a looser bound buys a larger g somewhere: g is chosen, not fixed
+    # a fixed g is used as given, whatever its error
+    fixed = sites(mode="max_memory", max_error=0.01, sub_token_size=8)
+    assert {s.sub_token_size for s in fixed.values() if s.decision == "compressed"} == {8}
 
 
 def test_min_efficiency_skipped_site_keeps_its_weight_gradients_exact():

@@ -133,7 +133,7 @@ def test_bf16_autocast_keeps_forward_and_exact_gradients(g, act, attention):
     x = torch.randn(2, 4, 4 * g)
     twin = reference_twin(model, velora_fx.backend(sub_token_size=1))
     exact_out, exact_gx, exact = train_step(twin, x, autocast=torch.bfloat16)
-    backend = velora_fx.backend(sub_token_size=g, compiler="eager", mode="max_memory")
+    backend = velora_fx.backend(sub_token_size=g, compiler="eager", mode="max_memory", codecs=["velora"])
     out, gx, grads = train_step(model, x, backend, autocast=torch.bfloat16)
     torch.testing.assert_close(out.float(), exact_out.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gx, exact_gx, rtol=5e-2, atol=5e-3)

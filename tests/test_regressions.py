@@ -160,7 +160,7 @@ def test_include_matching_nothing_warns():
 
 def test_a_recompile_keeps_the_plan_and_report_totals_count_the_latest_graph():
     model = Stack(8, 16)
-    backend = velora_fx.backend(sub_token_size=2, compiler="eager", mode="max_memory")
+    backend = velora_fx.backend(sub_token_size=2, compiler="eager", mode="max_memory", codecs=["velora"])
     torch._dynamo.reset()
     fn = torch.compile(model, backend=backend)
     for batch in (2, 3, 5):  # the second shape recompiles with dynamic shapes
@@ -250,7 +250,7 @@ def test_fp16_coefficients_compile_under_inductor(strict_pass):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).half()
     x = torch.randn(4, 8, 16, dtype=torch.float16)
-    backend = velora_fx.backend(mode="max_memory", sub_token_size=4)
+    backend = velora_fx.backend(mode="max_memory", sub_token_size=4, codecs=["velora"])
     torch.compile(model, backend=backend)(x).float().square().mean().backward()
     assert backend.report().compressed
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -35,11 +35,11 @@ CODECS = ("velora", "fewbit", "rmm", "gated", "chunked_loss")
 # labels in training then returns no logits, as with Liger-Kernel's fused loss; keep_logits=True
 # keeps them).  H200, 12 x 1024, plain call: peak 0.68x GPT-2 at 1.04x step time, 0.58x Llama at
 # 1.01x, where the near-exact codecs alone gave 0.79x and 0.85x (results/gpu/v15).  "max_memory"
-# and "all" are VeLoRA's own modes: VeLoRA alone.
+# uses the same codecs (every freeing site, no min_efficiency); "all" is VeLoRA's paper mode: VeLoRA alone.
 # With offload=True the default is exact: keep, recompute, offload and the exact loss head only
 DEFAULT_CODECS = {"budget": ("velora", "chunked_loss"), "offload": ("chunked_loss",),
                   "auto": ("velora", "fewbit", "gated", "chunked_loss"),
-                  "max_memory": ("velora",), "all": ("velora",)}
+                  "max_memory": ("velora", "fewbit", "gated", "chunked_loss"), "all": ("velora",)}
 _COEFF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,18 +93,19 @@ class VeloraConfig:
                 "projection drops; no backward, less compile-time memory)"})
     scale: float = field(default=1.0, metadata={"help": "multiplier (> 0) on the reconstructed weight gradient"})
     mode: str = field(default="auto", metadata={
-        "help": "auto: sites that free saved bytes within max_error; max_memory: every site that frees bytes; "
-                "all: every selected site (paper-faithful)"})
+        "help": "auto: sites that free enough saved bytes within max_error; max_memory: every site that frees "
+                "bytes (g within max_error unless num_groups/sub_token_size fix it); all: every selected site "
+                "(paper-faithful)"})
     max_error: float = field(default=DEFAULT_MAX_ERROR, metadata={
-        "help": "auto: bound on a site's estimated relative weight-gradient error (0 = exact only)"})
+        "help": "auto, max_memory: bound on a site's estimated relative weight-gradient error (0 = exact only)"})
     min_efficiency: float = field(default=DEFAULT_MIN_EFFICIENCY, metadata={
         "help": "auto: least (fraction of saved bytes a site frees) / (fraction of trained weights it approximates)"})
     include: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to consider"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "glob patterns on module paths to skip"})
     coeff_dtype: torch.dtype | None = field(default=None, metadata={"help": "dtype of saved coefficients (default: the activation's)"})
     codecs: tuple[str, ...] | None = field(default=None, metadata={
-        "help": f"what the planner may use: any of {CODECS} (default: in mode='auto' VeLoRA with the near-exact "
-                "fewbit and gated codecs and the exact chunked_loss head; in 'max_memory' and 'all' VeLoRA alone; "
+        "help": f"what the planner may use: any of {CODECS} (default: in mode='auto' and 'max_memory' VeLoRA with "
+                "the near-exact fewbit and gated codecs and the exact chunked_loss head; in 'all' VeLoRA alone; "
                 "with memory_budget, VeLoRA and the exact chunked_loss head; with memory_budget and offload, the "
                 "exact chunked_loss head alone)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
@@ -204,8 +205,9 @@ class VeloraConfig:
 
     @property
     def chooses_size(self) -> bool:
-        """Whether the planner picks g per site ("auto" without a fixed num_groups/sub_token_size)."""
-        return self.mode == "auto" and self.num_groups is None and self.sub_token_size is None
+        """Whether the planner picks g per site ("auto" or "max_memory" without a fixed
+        num_groups/sub_token_size)."""
+        return self.mode in ("auto", "max_memory") and self.num_groups is None and self.sub_token_size is None
 
     def sub_token_size_for(self, features: int, where: str = "") -> int:
         """The fixed sub-token size g for a feature size D (32 groups when neither option is
@@ -311,6 +313,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(num_groups=32, init="first_batch", mode="all", include=("*v_proj", "*down_proj")),
     # partition-aware and quality-bounded: sites that free saved bytes, g chosen per site
     "auto": dict(init="first_batch", mode="auto"),
-    # every site that frees saved bytes, at the paper's 32 groups (quality cost: see docs/quality.md)
-    "max_memory": dict(num_groups=32, init="first_batch", mode="max_memory"),
+    # every site that frees saved bytes, g per site within max_error, with every codec (docs/quality.md)
+    "max_memory": dict(init="first_batch", mode="max_memory"),
 }

@@ -2,12 +2,14 @@
 
 - ``all``: every selected site, at the configured g (paper-faithful).
 - ``max_memory``: every group whose compression can remove bytes from what the baseline
-  partition saves, at the configured g.
-- ``auto`` (default): as ``max_memory``, but only where the estimated weight-gradient error stays
-  within ``max_error``; without a fixed g it picks, per group, the largest g that does.  And only
-  where the approximation buys enough memory: the fraction of the saved bytes it frees, over the
-  fraction of the trained weights whose gradients it approximates, is at least ``min_efficiency``
-  (a site read by q/k/v approximates three weights to free one norm output).
+  partition saves; at the configured g, or without one at the largest g whose estimated
+  weight-gradient error stays within ``max_error`` (g = 32 everywhere cost 8-23 % of validation
+  loss, g = 2 everywhere 0.6-2.4 %: docs/quality.md).
+- ``auto`` (default): only where the estimated weight-gradient error stays within ``max_error``;
+  without a fixed g it picks, per group, the largest g that does.  And only where the
+  approximation buys enough memory: the fraction of the saved bytes it frees, over the fraction of
+  the trained weights whose gradients it approximates, is at least ``min_efficiency`` (a site read
+  by q/k/v approximates three weights to free one norm output).
 
 A model's plan is sticky: a group planned by an earlier graph of the same model (a recompile for
 new shapes, another graph of a graph break) keeps its decision and g, so the set of approximated
@@ -130,7 +132,7 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
         return d.skip(unpaid)
     if not sizes:
         return d.skip(_no_size_reason(config, features, fixed))
-    if config.mode == "max_memory":
+    if config.mode == "max_memory" and not config.chooses_size:
         return _compress(d, selected, group, sizes[-1], error, "frees saved bytes")
     within = [g for g in sizes if error(group, g) <= config.max_error]
     if not within:
@@ -138,7 +140,8 @@ def _decide(group: ActivationGroup, baseline: SavedSet, config: VeloraConfig, er
         d.estimated_error = error(group, g)
         return d.skip(f"estimated error {d.estimated_error:.2f} at g={g} is above max_error={config.max_error:g}")
     g = within[-1]
-    low = _inefficient(baseline, group, selected, g, config.min_efficiency, weight_share)
+    low = _inefficient(baseline, group, selected, g, config.min_efficiency, weight_share) \
+        if config.mode == "auto" else ""
     if low:
         d.estimated_error = error(group, g)
         return d.skip(low)
@@ -221,6 +224,6 @@ def _no_size_reason(config: VeloraConfig, features: int, fixed: int | None) -> s
         return f"its loaded v has size {fixed}, which does not divide the feature size {features}"
     if config.sub_token_size is not None:
         return f"sub_token_size={config.sub_token_size} does not divide the feature size {features}"
-    if config.num_groups is not None or config.mode != "auto":
+    if not config.chooses_size:
         return f"num_groups={config.num_groups or 32} does not divide the feature size {features}"
     return f"no sub-token size in {list(AUTO_SUB_TOKEN_SIZES)} divides the feature size {features}"
