@@ -101,6 +101,26 @@ def test_bf16_plain_call_is_within_bf16_rounding():
         assert ours <= theirs + 1e-2, (name, float(ours), float(theirs))
 
 
+@pytest.mark.parametrize("count", ["tensor", "int"])
+def test_the_head_keeps_hf_trainers_num_items_in_batch_loss(count):
+    """HF Trainer passes ``num_items_in_batch`` (gradient accumulation's token count) to models that
+    accept loss kwargs; transformers then sums the loss and divides by it."""
+    model = FAMILIES["llama"]()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(3)
+    items = int((labels[:, 1:] != -100).sum()) * 3  # as if three micro-batches accumulated
+    items = torch.tensor(items) if count == "tensor" else items
+    expected = reference(input_ids=ids, labels=labels, num_items_in_batch=items)
+    expected.loss.backward()
+    backend = velora_fx.backend(codecs=["chunked_loss"], compiler="eager", loss_chunk_size=20)
+    out = torch.compile(model, backend=backend)(input_ids=ids, labels=labels, num_items_in_batch=items)
+    assert [r.decision for r in _head_rows(backend)] == ["compressed"] and out.logits is None
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_memory_budget_brings_the_head_on_the_plain_call():
     config = velora_fx.VeloraConfig(memory_budget=0.5)
     assert config.codecs == ("velora", "chunked_loss")
