@@ -2,7 +2,9 @@
 inductor, against the exact GELU backward they replace (where do GPT-2's 4-5 % of step time go?).
 
 Each layout is written as the plain torch ops the codec emits, compiled with ``torch.compile``; the
-timings are CUDA-event medians over ``--iters`` calls after warm-up.  Layouts:
+timings are CUDA-event medians over ``--iters`` calls after warm-up.  Per layout: the encode alone,
+the GELU and the encode in one compiled function (what forward runs: does the encode fuse into the
+GELU's kernel?), and the decode (against ``exact_backward_ms``, the GELU backward from bf16).  Layouts:
 
 - ``packed64``: 8 codes of 3 bits packed into 3 bytes along the last dim, int64 arithmetic (v15's codec)
 - ``packed32``: the same packing with int32 arithmetic
@@ -140,16 +142,20 @@ def main() -> None:
               "command": "python " + " ".join(sys.argv), "layouts": {}}
     exact = torch.compile(exact_backward)
     record["exact_backward_ms"] = time_ms(exact, x, grad, iters=args.iters)
+    record["gelu_forward_ms"] = time_ms(torch.compile(gelu_new), x, iters=args.iters)
     record["read_x_once_ms"] = time_ms(torch.compile(lambda t: t.float().sum()), x, iters=args.iters)
     reference = None
     for name, (encode, decode) in make_layouts(thresholds, values).items():
         enc, dec = torch.compile(encode), torch.compile(decode)
+        # as in a training step: forward computes the GELU and the codes of its input in one graph
+        with_gelu = torch.compile(lambda t, encode=encode: (gelu_new(t), encode(t)))
         codes = enc(x)
         out = dec(codes, grad)
         reference = out if reference is None else reference
         nbytes = sum(c.numel() for c in codes) if isinstance(codes, tuple) else codes.numel()
         record["layouts"][name] = {
             "encode_ms": time_ms(enc, x, iters=args.iters), "decode_ms": time_ms(dec, codes, grad, iters=args.iters),
+            "gelu_and_encode_ms": time_ms(with_gelu, x, iters=args.iters),
             "saved_bytes_per_element": nbytes / x.numel(), "equal_to_packed64": bool(torch.equal(out, reference))}
         print(name, record["layouts"][name], flush=True)
     print(json.dumps(record, indent=1))
