@@ -228,6 +228,32 @@ print("OK")
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
 
 
+def test_dropping_the_logits_is_announced_once_naming_keep_logits(monkeypatch):
+    """Code that reads the logits in training (TRL's SFTTrainer computes token accuracy from them)
+    would fail on None without saying why: the first drop shows a notice naming the option."""
+    import warnings
+
+    from velora_fx.integrations import causal_lm
+    monkeypatch.setattr(causal_lm, "_noticed", False)
+    ids, labels = _batch(5)
+
+    def notices(**options):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.compile(FAMILIES["llama"](), backend=velora_fx.backend(compiler="eager", **options))(
+                input_ids=ids, labels=labels)
+        return out, [w for w in caught if str(w.message) == causal_lm.NOTICE]
+
+    for options in ({"keep_logits": True}, {"codecs": ["velora"]}):  # logits kept: nothing to announce
+        out, shown = notices(**options)
+        assert out.logits is not None and not shown
+    out, shown = notices()
+    assert out.logits is None and len(shown) == 1 and "keep_logits=True" in causal_lm.NOTICE
+    out, shown = notices()
+    assert out.logits is None and not shown  # once per process
+
+
 def test_keep_logits_returns_them_and_the_report_says_why():
     model = FAMILIES["llama"]()
     ids, labels = _batch(4)

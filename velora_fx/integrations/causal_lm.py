@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
-__all__ = ["install", "install_when_imported", "installed", "drops_logits_now"]
+__all__ = ["install", "install_when_imported", "installed", "drops_logits_now", "NOTICE"]
 
 # re-entrant: importing transformers.modeling_utils inside install() runs the post-import hook
 # (_AfterImport), which calls install() again on the same thread
@@ -123,12 +124,26 @@ def uninstall() -> None:
         _INSTALLED.clear()
 
 
+NOTICE = ("velora_fx: a causal LM called with labels in training returns logits=None (and no KV cache) under "
+          "this backend: the exact chunked loss head computes the loss and its gradients without the [tokens, "
+          "vocab] logits, as Liger-Kernel's fused loss does. Code that reads the logits in training (TRL's "
+          "token accuracy, a metric) needs velora_fx.backend(keep_logits=True). Evaluation (torch.no_grad()) "
+          "and calls without labels return them as before.")
+_noticed = False  # NOTICE is shown once per process
+
+
 @torch.compiler.assume_constant_result
 def drops_logits_now() -> bool:
-    """Whether dynamo is tracing, right now, for a velora_fx backend whose loss head is on."""
+    """Whether dynamo is tracing, right now, for a velora_fx backend whose loss head is on.  Runs
+    as plain Python while dynamo traces (its result is baked in), so the notice is shown then."""
     from ..backend import tracing_config
+    global _noticed
     config = tracing_config()
-    return config is not None and config.uses("chunked_loss") and not config.keep_logits
+    drops = config is not None and config.uses("chunked_loss") and not config.keep_logits
+    if drops and not _noticed:
+        _noticed = True
+        warnings.warn(NOTICE, stacklevel=2)
+    return drops
 
 
 def _wrap_post_init(post_init):
