@@ -254,6 +254,31 @@ def test_dropping_the_logits_is_announced_once_naming_keep_logits(monkeypatch):
     assert out.logits is None and not shown  # once per process
 
 
+def test_transformers_gradient_checkpointing_is_named_and_the_gradients_stay_eagers():
+    """With ``gradient_checkpointing_enable()`` the layers keep nothing to compress (and transformers
+    5.2x graph-breaks there): the backend says so once, and training stays exact where it is exact."""
+    import warnings
+    ids, labels = _batch(6)
+    for checkpointing in (False, True):
+        model = FAMILIES["llama"]()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        reference = copy.deepcopy(model)
+        expected = _eager_step(reference, ids, labels)
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.compile(model, backend=velora_fx.backend(codecs=["chunked_loss"], compiler="eager"))(
+                input_ids=ids, labels=labels)
+            out.loss.backward()
+        named = [w for w in caught if "gradient checkpointing on" in str(w.message)]
+        assert len(named) == (1 if checkpointing else 0), [str(w.message) for w in caught]
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_keep_logits_returns_them_and_the_report_says_why():
     model = FAMILIES["llama"]()
     ids, labels = _batch(4)

@@ -87,6 +87,12 @@ class VeloraBackend:
         root = find_compiled_root()
         model = self.model_state(root)
         training = trains(example_inputs)
+        if training and getattr(root, "is_gradient_checkpointing", False) is True:
+            self.warn_once(f"velora_fx: {type(root).__name__} has transformers' gradient checkpointing on "
+                           "(gradient_checkpointing_enable()): its checkpointed layers keep no activations for "
+                           "velora_fx to compress, and dynamo may run them outside the compiled graphs (a graph "
+                           "break); for recompute planned inside the graph use velora_fx.backend(memory_budget=...) "
+                           "without it")
         heads, original = [], None
         if training and self.config.uses("chunked_loss"):
             rewritten = _compat.copy_dynamo_graph(gm)
