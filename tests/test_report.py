@@ -158,3 +158,25 @@ def test_include_v_proj_skip_reason_agrees_with_the_decision(llama_v_proj_report
         assert reason.startswith(f"model.layers.{layer}.self_attn.v_proj shares its input with unselected "), reason
         for other in ("q_proj", "k_proj"):
             assert f"model.layers.{layer}.self_attn.{other}" in reason, reason
+
+
+def test_a_graph_without_sites_says_so():
+    """A trained graph with weights but no site (an embedding and a norm: no matmul keeps an
+    activation for a weight gradient) reads as unchanged *with* the reason, not a blank line."""
+    from velora_fx.backend import NO_SITE
+
+    class EmbedNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm = torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16)
+
+        def forward(self, ids):
+            return self.norm(self.embed(ids)).square().mean()
+
+    torch._dynamo.reset()
+    backend = velora_fx.backend(compiler="eager")
+    model = EmbedNorm()  # held: a model's reports go with it
+    torch.compile(model, backend=backend)(torch.randint(0, 50, (2, 8))).backward()
+    (graph,) = backend.report().graphs
+    assert graph.status == "unchanged" and not graph.sites and graph.message == NO_SITE
+    assert NO_SITE in " ".join(backend.report().table().split())  # the table wraps long messages

@@ -330,6 +330,8 @@ class VeloraBackend:
             distributed.share_plan(model, graph_key)
         original = partitioner.original
         _add_loss_heads(result, partitioner.loss_heads, original.saved if original else None, head_grads)
+        if not result.report.sites and not result.report.message:
+            result.report.message = NO_SITE
         if offloaded is not None:
             result.report.offload = offload.report(offloaded, graph_key)
             result.report.saved_bytes_after -= offloaded.bytes
@@ -445,6 +447,10 @@ def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads:
             before = after = 0
             reason += f" (bytes counted with {measured.name})"
         report.sites.append(_head_row(head, before, after, reason))
+
+
+NO_SITE = ("no site in this graph: no matmul here keeps an activation for a trained weight's gradient, and no "
+           "nonlinearity, gated projection or loss head the codecs handle")
 
 
 def _head_row(head, before: int, after: int, reason: str) -> SiteReport:
