@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 import torch.fx as fx
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 import velora_fx
@@ -35,6 +35,7 @@ def encode_graph(shape, g, rule, width, orientation=0, dtype=torch.float32):
 
 
 @settings(max_examples=25)
+@example(rule="ema:0.5", g=2, steps=4, orientation=0, seed=459)  # v within 1e-5 of the reference, c within 3e-5
 @given(rule=st.sampled_from(["first_batch", "batch", "ema:0.5", "ema:0.9", "ema:0", "ema:1"]),
        g=st.sampled_from([1, 2, 4, 8]), steps=st.integers(1, 4), orientation=st.integers(0, 1),
        seed=st.integers(0, 1000))
@@ -47,7 +48,9 @@ def test_in_graph_rule_matches_the_reference_rule(rule, g, steps, orientation, s
         c, v = gm(x, state)
         expected = next_vector(rule, "site", current, x, g)
         torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(c, project(x, expected), rtol=1e-5, atol=1e-5)
+        # c is the projection on the v the graph used (v's own 1e-5 from the reference, times |x| up to
+        # ~10 here, is not c's error)
+        torch.testing.assert_close(c, project(x, v), rtol=1e-5, atol=1e-5)
         current = expected
         assert state[orientation, 0] == 1.0  # initialised flag
         torch.testing.assert_close(state[orientation, 1:1 + g], expected)
