@@ -161,8 +161,8 @@ def test_include_v_proj_skip_reason_agrees_with_the_decision(llama_v_proj_report
 
 
 def test_a_graph_without_sites_says_so():
-    """A trained graph with weights but no site (an embedding and a norm: no matmul keeps an
-    activation for a weight gradient) reads as unchanged *with* the reason, not a blank line."""
+    """A trained graph with weights but no site (an embedding and a norm: no matmul, nonlinearity,
+    gated projection or loss head) reads as unchanged *with* the reason, not a blank line."""
     from velora_fx.backend import NO_SITE
 
     class EmbedNorm(torch.nn.Module):
@@ -178,5 +178,6 @@ def test_a_graph_without_sites_says_so():
     model = EmbedNorm()  # held: a model's reports go with it
     torch.compile(model, backend=backend)(torch.randint(0, 50, (2, 8))).backward()
     (graph,) = backend.report().graphs
-    assert graph.status == "unchanged" and not graph.sites and graph.message == NO_SITE
-    assert NO_SITE in " ".join(backend.report().table().split())  # the table wraps long messages
+    assert graph.status == "unchanged" and not graph.sites
+    assert graph.message == f"{NO_SITE} (velora, fewbit, gated, chunked_loss)"
+    assert graph.message in " ".join(backend.report().table().split())  # the table wraps long messages

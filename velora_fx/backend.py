@@ -331,7 +331,7 @@ class VeloraBackend:
         original = partitioner.original
         _add_loss_heads(result, partitioner.loss_heads, original.saved if original else None, head_grads)
         if not result.report.sites and not result.report.message:
-            result.report.message = NO_SITE
+            result.report.message = f"{NO_SITE} ({', '.join(self.config.codecs)})"
         if offloaded is not None:
             result.report.offload = offload.report(offloaded, graph_key)
             result.report.saved_bytes_after -= offloaded.bytes
@@ -449,8 +449,8 @@ def _add_loss_heads(result, heads: list, original_bytes: int | None, head_grads:
         report.sites.append(_head_row(head, before, after, reason))
 
 
-NO_SITE = ("no site in this graph: no matmul here keeps an activation for a trained weight's gradient, and no "
-           "nonlinearity, gated projection or loss head the codecs handle")
+# a trained graph whose site finders found nothing (the codecs in use follow)
+NO_SITE = "no site in this graph for the codecs in use"
 
 
 def _head_row(head, before: int, after: int, reason: str) -> SiteReport:
