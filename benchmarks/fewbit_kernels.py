@@ -26,32 +26,23 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from velora_fx.codecs.fewbit_levels import fit_levels  # noqa: E402
+from velora_fx.codecs.fewbit_levels import FewBitLevels, fit_levels  # noqa: E402
 
 BITS = 3
 
 
-def _codes(x: torch.Tensor, thresholds: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
-    x = x.float()
-    codes = None
-    for t in thresholds:
-        step = (x >= t).to(dtype)
-        codes = step if codes is None else codes + step
-    return codes
+def make_layouts(levels: FewBitLevels):
+    """Per layout, ``(encode(x), decode(codes, grad))``: the codes of the fit ``levels`` and
+    ``grad * q(code)``, both as ``FewBitLevels`` computes them (compared in fp32, as the codec does)."""
+    def codes_of(x, dtype):
+        return levels.encode(x.float()).to(dtype)
 
+    def gradient(codes, grad):
+        return (grad.float() * levels.decode(codes)).to(grad.dtype)
 
-def _deriv(codes: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
-    deriv = None
-    for k in range(1, len(levels)):
-        step = (codes >= k).float() * (levels[k] - levels[k - 1])
-        deriv = step if deriv is None else deriv + step
-    return deriv + levels[0]
-
-
-def make_layouts(thresholds, levels):
     def packed(dtype):
         def encode(x):
-            codes = _codes(x, thresholds, dtype)
+            codes = codes_of(x, dtype)
             groups = codes.view(*x.shape[:-1], x.shape[-1] // 8, 8)
             shifts = torch.arange(0, 8 * BITS, BITS, device=x.device, dtype=dtype)
             word = (groups << shifts).sum(-1, dtype=dtype)
@@ -63,11 +54,11 @@ def make_layouts(thresholds, levels):
             word = (wide << torch.arange(0, 8 * BITS, 8, device=grad.device, dtype=dtype)).sum(-1, dtype=dtype)
             groups = (word.unsqueeze(-1) >> torch.arange(0, 8 * BITS, BITS, device=grad.device, dtype=dtype)) & 7
             codes = groups.view(grad.shape)
-            return (grad.float() * _deriv(codes, levels)).to(grad.dtype)
+            return gradient(codes, grad)
         return encode, decode
 
     def planar_encode(x):
-        codes = _codes(x, thresholds, torch.int32)
+        codes = codes_of(x, torch.int32)
         groups = codes.view(*x.shape[:-1], x.shape[-1] // 8, 8)
         weights = 1 << torch.arange(8, device=x.device, dtype=torch.int32)
         return tuple((((groups >> b) & 1) * weights).sum(-1, dtype=torch.int32).to(torch.uint8) for b in range(BITS))
@@ -79,22 +70,22 @@ def make_layouts(thresholds, levels):
         for b, plane in enumerate(planes):
             bit = ((plane.to(torch.int32).unsqueeze(-1) >> position) & 1) << b
             codes = bit if codes is None else codes | bit
-        return (grad.float() * _deriv(codes.view(*lead, n), levels)).to(grad.dtype)
+        return gradient(codes.view(*lead, n), grad)
 
     def nibble_encode(x):
-        codes = _codes(x, thresholds, torch.int32).view(*x.shape[:-1], x.shape[-1] // 2, 2)
+        codes = codes_of(x, torch.int32).view(*x.shape[:-1], x.shape[-1] // 2, 2)
         return (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
 
     def nibble_decode(packed, grad):
         wide = packed.to(torch.int32).unsqueeze(-1) >> torch.tensor([0, 4], device=grad.device, dtype=torch.int32)
         codes = (wide & 15).view(grad.shape)
-        return (grad.float() * _deriv(codes, levels)).to(grad.dtype)
+        return gradient(codes, grad)
 
     def byte_encode(x):
-        return _codes(x, thresholds, torch.int32).to(torch.uint8)
+        return codes_of(x, torch.int32).to(torch.uint8)
 
     def byte_decode(codes, grad):
-        return (grad.float() * _deriv(codes.to(torch.int32), levels)).to(grad.dtype)
+        return gradient(codes.to(torch.int32), grad)
 
     return {"packed64": packed(torch.int64), "packed32": packed(torch.int32), "planar": (planar_encode, planar_decode),
             "nibble": (nibble_encode, nibble_decode), "byte": (byte_encode, byte_decode)}
@@ -135,7 +126,6 @@ def main() -> None:
     ap.add_argument("--out", default="results/fewbit_kernels.json")
     args = ap.parse_args()
     levels = fit_levels("gelu_tanh", BITS)
-    thresholds, values = tuple(float(t) for t in levels.thresholds), tuple(float(v) for v in levels.levels)
     x = torch.randn(args.tokens, args.width, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": list(x.shape),
@@ -145,7 +135,7 @@ def main() -> None:
     record["gelu_forward_ms"] = time_ms(torch.compile(gelu_new), x, iters=args.iters)
     record["read_x_once_ms"] = time_ms(torch.compile(lambda t: t.float().sum()), x, iters=args.iters)
     reference = None
-    for name, (encode, decode) in make_layouts(thresholds, values).items():
+    for name, (encode, decode) in make_layouts(levels).items():
         enc, dec = torch.compile(encode), torch.compile(decode)
         # as in a training step: forward computes the GELU and the codes of its input in one graph
         with_gelu = torch.compile(lambda t, encode=encode: (gelu_new(t), encode(t)))

@@ -14,12 +14,11 @@ bench = load_script(pathlib.Path(__file__).parents[1] / "benchmarks" / "fewbit_k
 @pytest.mark.parametrize("shape", [(4, 64), (2, 3, 32)])
 def test_every_layout_decodes_to_the_codecs_gradient(shape):
     levels = fit_levels("gelu_tanh", bench.BITS)
-    thresholds, values = tuple(map(float, levels.thresholds)), tuple(map(float, levels.levels))
     x = (3 * torch.randn(shape)).bfloat16()
     grad = torch.randn(shape).bfloat16()
     expected = (grad.float() * levels.decode(levels.encode(x.float()), torch.float32)).bfloat16()
     sizes = {}
-    for name, (encode, decode) in bench.make_layouts(thresholds, values).items():
+    for name, (encode, decode) in bench.make_layouts(levels).items():
         codes = encode(x)
         torch.testing.assert_close(decode(codes, grad), expected, rtol=0, atol=0, msg=name)
         sizes[name] = sum(c.numel() for c in codes) if isinstance(codes, tuple) else codes.numel()
