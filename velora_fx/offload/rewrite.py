@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..passes.graph_utils import create_node, tensor_val
+from ..passes.graph_utils import create_node, is_transfer, tensor_val
 from . import ops as _ops  # noqa: F401  (registers torch.ops.velora_fx.offload_*)
 from .plan import OffloadPlan
 
@@ -59,9 +59,7 @@ def apply_offload(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: OffloadPlan, l
 def has_transfers(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` holds one of the transfer ops (its op order is then the plan's: see
     ``_compat.inner_compile_keeping_order``)."""
-    ops = {torch.ops.velora_fx.offload_start.default, torch.ops.velora_fx.offload_finish.default,
-           torch.ops.velora_fx.reload_start.default, torch.ops.velora_fx.reload_finish.default}
-    return any(node.op == "call_function" and node.target in ops for node in gm.graph.nodes)
+    return any(node.op == "call_function" and is_transfer(node) for node in gm.graph.nodes)
 
 
 def transfer_labels(label: str, tensor: str) -> tuple[str, str]:

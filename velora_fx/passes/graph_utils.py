@@ -28,6 +28,16 @@ MATMULS = {aten.mm.default, aten.bmm.default}
 FORWARD_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default}
 # dtype casts (autocast puts them on weights and on weight gradients)
 CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+# velora_fx's host-transfer ops (velora_fx/offload/ops.py), by name: recognised without importing
+# the offload package, which registers them
+TRANSFER_OPS = ("offload_start", "offload_finish", "reload_start", "reload_finish")
+
+
+def is_transfer(node: fx.Node, *names: str) -> bool:
+    """Whether ``node`` calls one of velora_fx's transfer ops (of ``names``, by default any)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "velora_fx" and \
+        target.overloadpacket.__name__ in (names or TRANSFER_OPS)
 # ops through which a weight-gradient matmul's output still reaches the parameter's gradient
 # linearly (views, casts, accumulation of several uses)
 GRAD_PASSTHROUGH = VIEW_LIKE | CASTS | {aten.add.Tensor}

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from .graph_utils import nbytes, output_values
+from .graph_utils import is_transfer, nbytes, output_values
 from .partition_probe import SavedSet, alias_base
 from .recompute_guard import reads_far
 
@@ -70,7 +70,7 @@ def predict_step_peak(saved: SavedSet, offload: Sequence[Any] = ()) -> StepPeak:
     forward = _walk(saved.fwd, alive_at_start={}, released=released)
     # backward's placeholders are the saved tensors, under their forward names, and the tangents
     by_name = {n.name: n for n in saved.bwd.graph.find_nodes(op="placeholder")}
-    on_host = {name for name, n in by_name.items() if any(_offload_op(u) for u in n.users)}  # offloaded
+    on_host = {name for name, n in by_name.items() if any(is_transfer(u) for u in n.users)}  # offloaded
     on_host |= {c.name for c in offload}
     alive = {by_name[name]: saved.base_bytes[base] for name, base in saved.activations.items()
              if name in by_name and name not in on_host}
@@ -86,18 +86,6 @@ def predict_step_peak(saved: SavedSet, offload: Sequence[Any] = ()) -> StepPeak:
     on_gpu = saved.activation_bytes - sum(saved.base_bytes[saved.activations[n]] for n in on_host
                                           if n in saved.activations)
     return StepPeak(forward, backward, on_gpu)
-
-
-# velora_fx's transfer ops (velora_fx/offload/ops.py): in forward their results are tickets and host
-# tensors; in backward ``reload_start`` allocates the reloaded tensor's device buffer (counted from
-# there: the copy fills it before compute reaches ``reload_finish``, which returns that same buffer)
-_OFFLOAD_OPS = {"offload_start", "offload_finish", "reload_start", "reload_finish"}
-
-
-def _offload_op(node: fx.Node, *names: str) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target.namespace == "velora_fx" and \
-        target.overloadpacket.__name__ in (names or _OFFLOAD_OPS)
 
 
 _UNFUSABLE = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
@@ -207,11 +195,14 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx
     return peak
 
 
+# velora_fx's transfer ops (``graph_utils.is_transfer``): in forward their results are tickets and host
+# tensors; in backward ``reload_start`` allocates the reloaded tensor's device buffer (counted from
+# there: the copy fills it before compute reaches ``reload_finish``, which returns that same buffer)
 def _allocates(node: fx.Node, outputs: set[fx.Node], order: dict[fx.Node, int]) -> int:
     """The bytes ``node`` allocates on the device when it runs (0 for views and fused values)."""
-    if _offload_op(node, "reload_start"):
+    if is_transfer(node, "reload_start"):
         return nbytes(node.args[0])  # the device buffer the host tensor is copied into
-    if node.op == "call_function" and _base(node) is node and not _offload_op(node) and \
+    if node.op == "call_function" and _base(node) is node and not is_transfer(node) and \
             _materialised(node, outputs, order):
         return nbytes(node)
     return 0
@@ -221,4 +212,4 @@ def _base(node: fx.Node) -> fx.Node:
     if node.op == "call_function" and node.target is operator.getitem:
         return node  # one output of a multi-output op: its own storage
     base = alias_base(node)
-    return base.args[0] if _offload_op(base, "reload_finish") else base  # reload_start's buffer
+    return base.args[0] if is_transfer(base, "reload_finish") else base  # reload_start's buffer
