@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import velora_fx
@@ -390,6 +390,9 @@ def test_a_reloaded_tensor_counts_from_its_reload_start():
 @settings(max_examples=6, deadline=None)
 @given(layers=st.integers(1, 4), width=st.sampled_from([32, 64]), view=st.booleans(),
        bandwidth=st.sampled_from([1e11, 1e13, 1e15]), need_share=st.floats(0.1, 1.0))
+# the inserted transfers once moved a residual add across ``REACH`` (its reads counted in graph nodes,
+# transfers included): the rewritten forward's peak read 665600 bytes against the plan's 731136
+@example(layers=3, width=32, view=False, bandwidth=1e13, need_share=1.0)
 def test_a_planned_offload_is_predicted_as_the_rewrite_runs(layers, width, view, bandwidth, need_share):
     """The chooser weighs a partition by the peak its offload plan leaves, before the plan is in the
     graphs: ``predict_step_peak(saved, offload=plan.chosen)`` equals the prediction on the rewritten

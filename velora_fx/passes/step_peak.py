@@ -99,16 +99,17 @@ _INDEXED_LOADS = {"gather", "index", "_unsafe_index"}
 
 
 def _materialised(node: fx.Node, outputs: set[fx.Node], order: dict[fx.Node, int]) -> bool:
-    """Whether inductor writes ``node``'s result to memory (see the module docstring)."""
+    """Whether inductor writes ``node``'s result to memory (see the module docstring); ``order``: the
+    positions of the graph's compute nodes (transfers left out)."""
     if node in outputs or not _has_tag(node, torch.Tag.pointwise):
         return True
     readers = _readers_through_views(node, outputs)
     if readers is None:  # a view of it is a graph output
         return True
-    if reads_far(node, order, readers=readers):
-        return True
-    return not all(_has_tag(r, torch.Tag.pointwise) or _has_tag(r, torch.Tag.reduction) or _indexed_load_of(r, node)
-                   for r in readers)
+    if not all(_has_tag(r, torch.Tag.pointwise) or _has_tag(r, torch.Tag.reduction) or _indexed_load_of(r, node)
+               for r in readers):
+        return True  # read by a kernel it cannot fuse into (a matmul, a transfer, ...)
+    return reads_far(node, order, readers=readers)
 
 
 def _readers_through_views(node: fx.Node, outputs: set[fx.Node]) -> list[fx.Node] | None:
@@ -153,7 +154,10 @@ def _walk(gm: fx.GraphModule, alive_at_start: dict[fx.Node, int], pinned: set[fx
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     outputs = {n for n in output_values(gm) if isinstance(n, fx.Node)}
-    sizes = {node: _allocates(node, outputs, order) for node in nodes}
+    # how far a value is read is measured in compute nodes: transfers put into the graph must not move
+    # a value across ``REACH`` (the chooser's prediction before the rewrite equals the one after it)
+    compute_order = {n: i for i, n in enumerate(n for n in nodes if not is_transfer(n))}
+    sizes = {node: _allocates(node, outputs, compute_order) for node in nodes}
     # where a node's inputs are read: at the node itself if it is a kernel; a pointwise value fused
     # into its readers, or a view, is read inside its readers' kernels, so what it reads stays alive
     # until the last of those runs (a loss's logits stay while the kernel writing their gradient runs)
