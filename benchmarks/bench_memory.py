@@ -48,6 +48,7 @@ REGIMES = ("eager", "inductor", "inductor_budget_0.5", "inductor_budget_0.7", "v
            "velora_max_memory", "velora_all", "eager_reference")
 CUDA_GRAPHS = "+ro"  # suffix: torch.compile(..., mode="reduce-overhead")
 ANCHOR, ANCHOR_RO = "inductor", "inductor" + CUDA_GRAPHS
+OF_ANCHOR = "_of_inductor"  # a budget regime's suffix: its memory_budget is a share of ANCHOR's measured peak
 GiB = 2**30
 
 # Every regime compiles the same LMLoss.forward code object.  Without isolation, their cache
@@ -92,7 +93,8 @@ def parse_regime(name: str) -> Regime:
                      f"velora_<preset>[_budget_<x>], each compiled one with an optional {CUDA_GRAPHS!r}")
 
 
-def velora_options(regime: Regime, model_name: str, args, include: list[str] | None = None) -> dict:
+def velora_options(regime: Regime, model_name: str, args, include: list[str] | None = None,
+                   anchor_peak: int | None = None) -> dict:
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
     ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``nearexact``: the same without
@@ -103,7 +105,10 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     the least estimated step time, whatever its gradient error); ``mb<x>exact``: the exact chunked
     loss head alone under the budget (exact gradients: recompute closes the rest); ``mb<x>offload``: the
     budget with ``offload=True`` and the backend's defaults for it (exact); a ``c<rows>`` suffix sets
-    ``loss_chunk_size`` (``velora_mb0.5c256``).
+    ``loss_chunk_size`` (``velora_mb0.5c256``).  An ``_of_inductor`` suffix (``velora_mb0.5offload_of_inductor``)
+    passes the budget in bytes: ``x`` times the peak plain inductor's last warm-up step measured in this
+    run (``anchor_peak``), as a user aiming at a share of the peak they had before would; without it the
+    fraction is of velora_fx's own program, which returns no logits (docs/offload.md, Limits).
 
     ``auto`` passes nothing, so the backend's own defaults (mode and sub-token sizes) are what is
     measured; ``paper`` is the paper's sites at the paper's 32 groups, every one compressed; any
@@ -122,14 +127,20 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     elif regime.preset.startswith("codecs="):  # default planning with these codecs: velora_codecs=velora,chunked_loss
         options = {"codecs": regime.preset[len("codecs="):].split(",")}
     elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast, velora_mb0.5c256
-        match = re.fullmatch(r"mb([0-9.]+)(fast|exact|offload)?(?:c(\d+))?", regime.preset)
+        match = re.fullmatch(r"mb([0-9.]+)(fast|exact|offload)?(?:c(\d+))?(_of_inductor)?", regime.preset)
         if match is None:
             raise ValueError(f"velora_{regime.preset}: expected "
-                             "velora_mb<budget>[fast|exact|offload][c<loss chunk rows>]")
+                             "velora_mb<budget>[fast|exact|offload][c<loss chunk rows>][_of_inductor]")
+        budget: float | int = float(match.group(1))
+        if match.group(4):
+            if anchor_peak is None:
+                raise ValueError(f"velora_{regime.preset}: needs the peak of the {ANCHOR!r} regime measured "
+                                 "earlier in this run (list it first; a CUDA device)")
+            budget = int(budget * anchor_peak)
         exact = match.group(2) == "exact"
-        options = {"codecs": ["chunked_loss"] if exact else all_codecs, "memory_budget": float(match.group(1))}
+        options = {"codecs": ["chunked_loss"] if exact else all_codecs, "memory_budget": budget}
         if match.group(2) == "offload":  # the backend's defaults with offload (exact: keep, recompute, offload, head)
-            options = {"memory_budget": float(match.group(1)), "offload": True}
+            options = {"memory_budget": budget, "offload": True}
         if match.group(2) == "fast":
             options["error_cost"] = 0.0
         if match.group(3):
@@ -145,10 +156,12 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     return options
 
 
-def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args, include: list[str] | None = None):
+def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args, include: list[str] | None = None,
+                  anchor_peak: int | None = None):
     """The callable a regime trains with, its velora backend (or None) and notes for the JSON.
     ``include``: the paper's sites for ``eager_reference`` / ``velora_paper`` when not the model's
-    ``REFERENCE_INCLUDE`` (benchmarks/run.py passes the LoRA A projections of those sites)."""
+    ``REFERENCE_INCLUDE`` (benchmarks/run.py passes the LoRA A projections of those sites);
+    ``anchor_peak``: plain inductor's measured peak, for ``_of_inductor`` budgets."""
     if regime.family == "eager":
         return model, None, {}
     if regime.family == "eager_offload":  # PyTorch's eager offload: every saved tensor to pinned host memory
@@ -166,7 +179,7 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args,
         notes["activation_memory_budget"] = regime.budget
     backend = None
     if regime.family == "velora":
-        options = velora_options(regime, model_name, args, include)
+        options = velora_options(regime, model_name, args, include, anchor_peak)
         notes["velora_options"] = options
         backend = velora_fx.backend(**options)
         with contextlib.suppress(Exception):  # the config's shape is the backend's business
@@ -361,8 +374,10 @@ class Runner:
     trainable parameters, so a frozen base holds no optimizer state.
     """
 
-    def __init__(self, regime: Regime, model_name: str, base: torch.nn.Module, ids: torch.Tensor, args) -> None:
+    def __init__(self, regime: Regime, model_name: str, base: torch.nn.Module, ids: torch.Tensor, args,
+                 anchor_peak: int | None = None) -> None:
         self.regime, self.ids, self.args, self.device = regime, ids, args, ids.device
+        self.anchor_peak = anchor_peak  # plain inductor's measured peak (``_of_inductor`` budgets)
         self.model = self.build_model(base)
         self.fn, self.backend, self.notes = self.compile(model_name)
         fused = {"fused": True} if self.device.type == "cuda" else {}
@@ -376,7 +391,7 @@ class Runner:
 
     def compile(self, model_name: str):
         """``(callable, velora backend or None, notes)`` for ``self.model``."""
-        return compile_model(self.regime, self.model, model_name, self.args)
+        return compile_model(self.regime, self.model, model_name, self.args, anchor_peak=self.anchor_peak)
 
     def context(self):
         """Entered around the warm-up and around each timed block (the regime's memory budget;
@@ -414,14 +429,18 @@ class Runner:
         before = compile_counters()
         times = []
         with self.context():
-            for i in range(max(self.args.warmup, self.regime.warmup_floor)):
+            warmup, mark = max(self.args.warmup, self.regime.warmup_floor), None
+            for i in range(warmup):
                 sync(self.device)
+                mark = memory_mark(self.device) if i == warmup - 1 else None
                 t0 = time.perf_counter()
                 loss = self.step(check if i == 0 and reference is not None else None)
                 sync(self.device)
                 times.append(time.perf_counter() - t0)
                 if i == 0:
                     out["first_loss"] = loss.item()
+            if mark is not None:  # the last warm-up step's peak (what ``_of_inductor`` budgets are a share of)
+                out["warm_peak_extra_bytes"] = torch.cuda.max_memory_allocated(self.device) - mark
             with saved_activation_bytes(list(self.model.parameters())) as saved:
                 self.step()
             sync(self.device)
@@ -658,16 +677,18 @@ def skip(record: dict, note: str, start: float) -> None:
 
 
 def warm_regime(regime: Regime, model_name: str, base, ids, reference, record: dict, args, start: float,
-                runner_cls=None):
+                runner_cls=None, anchor_peak: int | None = None):
     """Build, compile and warm one regime; returns its Runner (``runner_cls``, default ``Runner``),
-    or None (failure recorded)."""
+    or None (failure recorded).  ``anchor_peak``: plain inductor's measured peak, passed on to a
+    regime whose budget is a share of it (``_of_inductor``)."""
     t0 = time.perf_counter()
     if regime.cudagraphs and ids.device.type != "cuda":
         skip(record, "reduce-overhead (CUDA graphs) needs a CUDA device", start)
         return None
     runner = None
     try:
-        runner = (runner_cls or Runner)(regime, model_name, base, ids, args)
+        extra = {"anchor_peak": anchor_peak} if OF_ANCHOR in regime.name else {}
+        runner = (runner_cls or Runner)(regime, model_name, base, ids, args, **extra)
         record["notes"] = runner.notes
         record.update(runner.warm(reference), status="ok")
         if regime.family in ("inductor", "velora") and not record["warm_counters"]["graphs"]:
@@ -772,7 +793,9 @@ def run_model(model_name: str, regimes: list[Regime], args, info: dict, records:
             if args.warm_deadline is not None and time.perf_counter() - start > args.warm_deadline:
                 skip(model_records[regime.name], f"not compiled: past --warm-deadline {args.warm_deadline:g} s", start)
                 continue
-            runner = warm_regime(regime, model_name, base, ids, reference, model_records[regime.name], args, start)
+            anchor = model_records.get(ANCHOR, {}).get("warm_peak_extra_bytes")
+            runner = warm_regime(regime, model_name, base, ids, reference, model_records[regime.name], args, start,
+                                 anchor_peak=anchor)
             if runner is not None:
                 runners[regime.name] = runner
             else:

@@ -236,6 +236,12 @@ def test_pareto_front_and_variant_names():
     chunked = bm.velora_options(runner.parse_variant("velora_mb0.5c256"), "llama", args)
     assert chunked["loss_chunk_size"] == 256 and "error_cost" not in chunked
     assert runner.parse_size("12x1024") == (12, 1024)
+    # a share of plain inductor's measured peak: the budget in bytes, and a clear error without that peak
+    of_inductor = bm.parse_regime("velora_mb0.5offload_of_inductor")
+    assert bm.velora_options(of_inductor, "llama", args, anchor_peak=3_000_000_001) == \
+        {"memory_budget": 1_500_000_000, "offload": True}
+    with pytest.raises(ValueError, match="'inductor' regime measured"):
+        bm.velora_options(of_inductor, "llama", args)
 
 
 def test_make_docs_reads_bench_memory_summary(tmp_path):
