@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import REFERENCE_INCLUDE, TRANSFORMERS_DEFAULTS, LMLoss, build, linear_weights  # noqa: E402
 from peak_attribution import attribute_peak  # noqa: E402
+from torchtune_offload import load_offload_activations, wheel_path  # noqa: E402
 
 import velora_fx  # noqa: E402
 from velora_fx.reference import apply_velora  # noqa: E402
@@ -48,6 +49,7 @@ REGIMES = ("eager", "inductor", "inductor_budget_0.5", "inductor_budget_0.7", "v
            "velora_max_memory", "velora_all", "eager_reference")
 CUDA_GRAPHS = "+ro"  # suffix: torch.compile(..., mode="reduce-overhead")
 ANCHOR, ANCHOR_RO = "inductor", "inductor" + CUDA_GRAPHS
+EAGER_FAMILIES = ("eager", "eager_reference", "eager_offload", "eager_torchtune_offload")
 OF_ANCHOR = "_of_inductor"  # a budget regime's suffix: its memory_budget is a share of ANCHOR's measured peak
 GiB = 2**30
 
@@ -64,7 +66,7 @@ class Regime:
     ``velora_<preset>[_budget_<x>][+ro]``."""
 
     name: str
-    family: str                  # eager | eager_reference | eager_offload | inductor | velora
+    family: str                  # eager | eager_reference | eager_offload | eager_torchtune_offload | inductor | velora
     preset: str | None = None    # velora: paper | auto | any other backend mode (max_memory, all, ...)
     budget: float | None = None  # torch._functorch.config.activation_memory_budget while it compiles and runs
     cudagraphs: bool = False     # "+ro": mode="reduce-overhead" (CUDA graphs)
@@ -79,7 +81,7 @@ class Regime:
 def parse_regime(name: str) -> Regime:
     """Parse a regime name; raises ValueError for names no rule covers (modes are the backend's to judge)."""
     base, ro = (name[:-len(CUDA_GRAPHS)], True) if name.endswith(CUDA_GRAPHS) else (name, False)
-    if base in ("eager", "eager_reference", "eager_offload"):
+    if base in EAGER_FAMILIES:
         if ro:
             raise ValueError(f"{name!r}: reduce-overhead needs a compiled regime")
         return Regime(name, base)
@@ -166,6 +168,9 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args,
         return model, None, {}
     if regime.family == "eager_offload":  # PyTorch's eager offload: every saved tensor to pinned host memory
         return model, None, {"saved_tensors_hooks": "torch.autograd.graph.save_on_cpu(pin_memory=True)"}
+    if regime.family == "eager_torchtune_offload":  # torchtune's eager offload: a copy stream, pinned memory
+        return model, None, {"saved_tensors_hooks": "torchtune OffloadActivations(use_pin_memory=True, use_streams=True)",
+                             "torchtune_wheel": wheel_path(getattr(args, "torchtune_wheel", None))}
     if regime.family == "eager_reference":
         include = list(include or REFERENCE_INCLUDE[model_name])
         options = {} if args.num_groups is None else {"num_groups": args.num_groups}
@@ -395,9 +400,18 @@ class Runner:
 
     def context(self):
         """Entered around the warm-up and around each timed block (the regime's memory budget;
-        ``eager_offload``: PyTorch's ``save_on_cpu`` hooks)."""
+        ``eager_offload``: PyTorch's ``save_on_cpu`` hooks; ``eager_torchtune_offload``: one
+        torchtune ``OffloadActivations`` for the whole run, as torchtune's recipes keep one)."""
         if self.regime.family == "eager_offload":
             return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        if self.regime.family == "eager_torchtune_offload":
+            if getattr(self, "_torchtune_hooks", None) is None:
+                wheel = wheel_path(getattr(self.args, "torchtune_wheel", None))
+                if wheel is None:
+                    raise ValueError("eager_torchtune_offload needs --torchtune-wheel (or $VELORA_TORCHTUNE_WHEEL): "
+                                     "see benchmarks/torchtune_offload.py")
+                self._torchtune_hooks = load_offload_activations(wheel)(use_pin_memory=True, use_streams=True)
+            return self._torchtune_hooks
         return budget_patch(self.regime)
 
     def step(self, check=None) -> torch.Tensor:
@@ -685,6 +699,9 @@ def warm_regime(regime: Regime, model_name: str, base, ids, reference, record: d
     if regime.cudagraphs and ids.device.type != "cuda":
         skip(record, "reduce-overhead (CUDA graphs) needs a CUDA device", start)
         return None
+    if regime.family == "eager_torchtune_offload" and ids.device.type != "cuda":
+        skip(record, "torchtune's OffloadActivations needs a CUDA device (it copies on a CUDA stream)", start)
+        return None
     runner = None
     try:
         extra = {"anchor_peak": anchor_peak} if OF_ANCHOR in regime.name else {}
@@ -896,6 +913,9 @@ def parse_args(argv=None):
                     help="transformers' own config defaults where the builders differ (GPT-2: dropout 0.1, gelu_new)")
     ap.add_argument("--keep-grads", action="store_true",
                     help="zero_grad(set_to_none=False): grads then count in the pre-step state, not the peak")
+    ap.add_argument("--torchtune-wheel", default=None, metavar="PATH",
+                    help="eager_torchtune_offload: a torchtune wheel to load OffloadActivations from (default: "
+                         "$VELORA_TORCHTUNE_WHEEL; benchmarks/torchtune_offload.py says why a wheel)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results")
     ap.add_argument("--verbose", action="store_true", help="print velora_fx report tables")
