@@ -169,7 +169,8 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args,
     if regime.family == "eager_offload":  # PyTorch's eager offload: every saved tensor to pinned host memory
         return model, None, {"saved_tensors_hooks": "torch.autograd.graph.save_on_cpu(pin_memory=True)"}
     if regime.family == "eager_torchtune_offload":  # torchtune's eager offload: a copy stream, pinned memory
-        return model, None, {"saved_tensors_hooks": "torchtune OffloadActivations(use_pin_memory=True, use_streams=True)",
+        hooks = "torchtune OffloadActivations(use_pin_memory=True, use_streams=True)"
+        return model, None, {"saved_tensors_hooks": hooks,
                              "torchtune_wheel": wheel_path(getattr(args, "torchtune_wheel", None))}
     if regime.family == "eager_reference":
         include = list(include or REFERENCE_INCLUDE[model_name])
