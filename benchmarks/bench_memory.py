@@ -49,7 +49,7 @@ REGIMES = ("eager", "inductor", "inductor_budget_0.5", "inductor_budget_0.7", "v
            "velora_max_memory", "velora_all", "eager_reference")
 CUDA_GRAPHS = "+ro"  # suffix: torch.compile(..., mode="reduce-overhead")
 ANCHOR, ANCHOR_RO = "inductor", "inductor" + CUDA_GRAPHS
-EAGER_FAMILIES = ("eager", "eager_reference", "eager_offload", "eager_torchtune_offload")
+TORCHTUNE_OFFLOAD = "_torchtune_offload"  # eager_torchtune_offload, inductor_torchtune_offload: under its hooks
 OF_ANCHOR = "_of_inductor"  # a budget regime's suffix: its memory_budget is a share of ANCHOR's measured peak
 GiB = 2**30
 
@@ -66,10 +66,11 @@ class Regime:
     ``velora_<preset>[_budget_<x>][+ro]``."""
 
     name: str
-    family: str                  # eager | eager_reference | eager_offload | eager_torchtune_offload | inductor | velora
+    family: str                  # eager | eager_reference | eager_offload | inductor | velora
     preset: str | None = None    # velora: paper | auto | any other backend mode (max_memory, all, ...)
     budget: float | None = None  # torch._functorch.config.activation_memory_budget while it compiles and runs
     cudagraphs: bool = False     # "+ro": mode="reduce-overhead" (CUDA graphs)
+    torchtune_offload: bool = False  # under torchtune's OffloadActivations hooks (``torchtune_offload.py``)
 
     @property
     def warmup_floor(self) -> int:
@@ -81,10 +82,14 @@ class Regime:
 def parse_regime(name: str) -> Regime:
     """Parse a regime name; raises ValueError for names no rule covers (modes are the backend's to judge)."""
     base, ro = (name[:-len(CUDA_GRAPHS)], True) if name.endswith(CUDA_GRAPHS) else (name, False)
-    if base in EAGER_FAMILIES:
+    if base in ("eager", "eager_reference", "eager_offload"):
         if ro:
             raise ValueError(f"{name!r}: reduce-overhead needs a compiled regime")
         return Regime(name, base)
+    if base in ("eager" + TORCHTUNE_OFFLOAD, "inductor" + TORCHTUNE_OFFLOAD):  # torchtune's recipes: eager or compiled
+        if ro:
+            raise ValueError(f"{name!r}: torchtune's offload copies on a stream CUDA graphs cannot capture")
+        return Regime(name, base[:-len(TORCHTUNE_OFFLOAD)], torchtune_offload=True)
     head, sep, budget = base.partition("_budget_")
     budget_value = float(budget) if sep else None
     if head == "inductor":
@@ -164,14 +169,18 @@ def compile_model(regime: Regime, model: torch.nn.Module, model_name: str, args,
     ``include``: the paper's sites for ``eager_reference`` / ``velora_paper`` when not the model's
     ``REFERENCE_INCLUDE`` (benchmarks/run.py passes the LoRA A projections of those sites);
     ``anchor_peak``: plain inductor's measured peak, for ``_of_inductor`` budgets."""
+    fn, backend, notes = _compile(regime, model, model_name, args, include, anchor_peak)
+    if regime.torchtune_offload:  # torchtune's offload: a copy stream, pinned memory (Runner.context)
+        notes.update(saved_tensors_hooks="torchtune OffloadActivations(use_pin_memory=True, use_streams=True)",
+                     torchtune_wheel=wheel_path(getattr(args, "torchtune_wheel", None)))
+    return fn, backend, notes
+
+
+def _compile(regime: Regime, model: torch.nn.Module, model_name: str, args, include, anchor_peak):
     if regime.family == "eager":
         return model, None, {}
     if regime.family == "eager_offload":  # PyTorch's eager offload: every saved tensor to pinned host memory
         return model, None, {"saved_tensors_hooks": "torch.autograd.graph.save_on_cpu(pin_memory=True)"}
-    if regime.family == "eager_torchtune_offload":  # torchtune's eager offload: a copy stream, pinned memory
-        hooks = "torchtune OffloadActivations(use_pin_memory=True, use_streams=True)"
-        return model, None, {"saved_tensors_hooks": hooks,
-                             "torchtune_wheel": wheel_path(getattr(args, "torchtune_wheel", None))}
     if regime.family == "eager_reference":
         include = list(include or REFERENCE_INCLUDE[model_name])
         options = {} if args.num_groups is None else {"num_groups": args.num_groups}
@@ -401,15 +410,15 @@ class Runner:
 
     def context(self):
         """Entered around the warm-up and around each timed block (the regime's memory budget;
-        ``eager_offload``: PyTorch's ``save_on_cpu`` hooks; ``eager_torchtune_offload``: one
-        torchtune ``OffloadActivations`` for the whole run, as torchtune's recipes keep one)."""
+        ``eager_offload``: PyTorch's ``save_on_cpu`` hooks; ``*_torchtune_offload``: one torchtune
+        ``OffloadActivations`` for the whole run, as torchtune's recipes keep one)."""
         if self.regime.family == "eager_offload":
             return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-        if self.regime.family == "eager_torchtune_offload":
+        if self.regime.torchtune_offload:
             if getattr(self, "_torchtune_hooks", None) is None:
                 wheel = wheel_path(getattr(self.args, "torchtune_wheel", None))
                 if wheel is None:
-                    raise ValueError("eager_torchtune_offload needs --torchtune-wheel (or $VELORA_TORCHTUNE_WHEEL): "
+                    raise ValueError(f"{self.regime.name} needs --torchtune-wheel (or $VELORA_TORCHTUNE_WHEEL): "
                                      "see benchmarks/torchtune_offload.py")
                 self._torchtune_hooks = load_offload_activations(wheel)(use_pin_memory=True, use_streams=True)
             return self._torchtune_hooks
@@ -700,7 +709,7 @@ def warm_regime(regime: Regime, model_name: str, base, ids, reference, record: d
     if regime.cudagraphs and ids.device.type != "cuda":
         skip(record, "reduce-overhead (CUDA graphs) needs a CUDA device", start)
         return None
-    if regime.family == "eager_torchtune_offload" and ids.device.type != "cuda":
+    if regime.torchtune_offload and ids.device.type != "cuda":
         skip(record, "torchtune's OffloadActivations needs a CUDA device (it copies on a CUDA stream)", start)
         return None
     runner = None
@@ -915,7 +924,7 @@ def parse_args(argv=None):
     ap.add_argument("--keep-grads", action="store_true",
                     help="zero_grad(set_to_none=False): grads then count in the pre-step state, not the peak")
     ap.add_argument("--torchtune-wheel", default=None, metavar="PATH",
-                    help="eager_torchtune_offload: a torchtune wheel to load OffloadActivations from (default: "
+                    help="*_torchtune_offload regimes: a torchtune wheel to load OffloadActivations from (default: "
                          "$VELORA_TORCHTUNE_WHEEL; benchmarks/torchtune_offload.py says why a wheel)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results")

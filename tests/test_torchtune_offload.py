@@ -78,12 +78,16 @@ def test_bench_memory_skips_it_off_cuda(tmp_path):
     """The regime parses, and on a CPU run it is skipped with the reason (it copies on a CUDA stream)."""
     from test_bench_runner import _load, _main
     bm = _load("bench_memory")
-    assert bm.parse_regime("eager_torchtune_offload").family == "eager_torchtune_offload"
+    want = bm.Regime("eager_torchtune_offload", "eager", torchtune_offload=True)
+    assert bm.parse_regime("eager_torchtune_offload") == want
+    assert bm.parse_regime("inductor_torchtune_offload").family == "inductor"
     _main("bench_memory", "--device", "cpu", "--models", "gpt2", "--layers", "1", "--hidden", "32", "--batch", "1",
           "--seq", "16", "--vocab", "128", "--steps", "1", "--rounds", "1", "--warmup", "1", "--no-grad-cos",
-          "--compiler", "eager", "--regimes", "eager", "eager_torchtune_offload", "--out", str(tmp_path))
+          "--compiler", "eager", "--regimes", "eager", "eager_torchtune_offload", "inductor_torchtune_offload",
+          "--out", str(tmp_path))
     import json
     rows = {r["regime"]: r for r in json.loads((tmp_path / "summary.json").read_text())["rows"]}
     assert rows["eager"]["status"] == "ok"
     assert rows["eager_torchtune_offload"]["status"] == "skipped"
     assert "CUDA" in rows["eager_torchtune_offload"]["note"]
+    assert rows["inductor_torchtune_offload"]["status"] == "skipped"
