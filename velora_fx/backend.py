@@ -87,7 +87,7 @@ class VeloraBackend:
         root = find_compiled_root()
         model = self.model_state(root)
         training = trains(example_inputs)
-        if training and getattr(root, "is_gradient_checkpointing", False) is True:
+        if training and _hf_checkpointing(root):
             self.warn_once(f"velora_fx: {type(root).__name__} has transformers' gradient checkpointing on "
                            "(gradient_checkpointing_enable()): its checkpointed layers keep no activations for "
                            "velora_fx to compress, and dynamo may run them outside the compiled graphs (a graph "
@@ -614,6 +614,16 @@ def tracing_config() -> VeloraConfig | None:
                 return None
     return None
 
+
+
+def _hf_checkpointing(root: Any) -> bool:
+    """Whether ``root`` is a transformers model with its gradient checkpointing on.  Newer transformers
+    name it ``is_activation_checkpointing`` and warn (FutureWarning) on the old property, so the old
+    one is read only where the new one does not exist."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(root), name, None), property):
+            return getattr(root, name) is True
+    return False
 
 def _inductor_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """``torch.compile(options=...)`` for a backend object: inductor's config options only."""
