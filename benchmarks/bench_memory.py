@@ -105,7 +105,7 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
     ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``nearexact``: the same without
-    the head; ``head``: the chunked loss head alone; ``codecs=<a>,<b>``: those codecs
+    the head; ``head``: the chunked loss head alone; ``bytecodes``: the defaults with ``pack_codes=False``; ``codecs=<a>,<b>``: those codecs
     (``velora_codecs=velora,chunked_loss``);
     ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
     exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
@@ -131,6 +131,8 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
         options = {"codecs": ["velora", "fewbit", "gated"]}
     elif regime.preset == "head":    # the exact chunked loss head alone
         options = {"codecs": ["chunked_loss"]}
+    elif regime.preset == "bytecodes":  # the defaults with few-bit codes one per byte (pack_codes=False)
+        options = {"pack_codes": False}
     elif regime.preset.startswith("codecs="):  # default planning with these codecs: velora_codecs=velora,chunked_loss
         options = {"codecs": regime.preset[len("codecs="):].split(",")}
     elif regime.preset.startswith("mb"):  # memory_budget planner: velora_mb0.5, velora_mb0.5fast, velora_mb0.5c256

@@ -24,6 +24,13 @@ def test_defaults():
     assert cfg.include == () and cfg.exclude == ()
     assert cfg.coeff_dtype is None
     assert cfg.ema_decay is None
+    assert cfg.pack_codes is True  # few-bit codes packed eight to `bits` bytes
+
+
+@pytest.mark.parametrize("value", [0, 1, "no", None])
+def test_pack_codes_must_be_a_bool(value):
+    with pytest.raises(ConfigError, match="pack_codes must be True or False"):
+        VeloraConfig(pack_codes=value)
 
 
 def test_sub_token_size_alone_leaves_num_groups_unset():
@@ -171,6 +178,7 @@ def valid_configs(draw):
     options["include"] = draw(st.one_of(pattern, st.lists(pattern, max_size=3)))
     options["exclude"] = draw(st.lists(pattern, max_size=3))
     options["coeff_dtype"] = draw(st.sampled_from([None, torch.float32, torch.bfloat16, "float16"]))
+    options["pack_codes"] = draw(st.booleans())
     return options
 
 

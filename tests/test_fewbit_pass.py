@@ -72,14 +72,15 @@ _step = square_loss_step
 @settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # shrinking recompiles: minutes
 @given(function=st.sampled_from(sorted(FUNCTIONS)), bits=st.integers(1, 4), batch=st.integers(1, 3),
-       tokens=st.integers(1, 9), d=st.sampled_from([8, 12]), hidden=st.sampled_from([16, 24, 32]))
-def test_forward_exact_and_input_grads_equal_reference(strict_pass, function, bits, batch, tokens, d, hidden):
+       tokens=st.integers(1, 9), d=st.sampled_from([8, 12]), hidden=st.sampled_from([16, 24, 32]),
+       pack=st.booleans())
+def test_forward_exact_and_input_grads_equal_reference(strict_pass, function, bits, batch, tokens, d, hidden, pack):
     torch.manual_seed(0)
     model = MLP(d, hidden, function, frozen_proj=True)
     twin = MLP(d, hidden, function, bits=bits, frozen_proj=True)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(batch, tokens, d)
-    backend = velora_fx.backend(codecs=("fewbit",), bits=bits, mode="max_memory", compiler="eager")
+    backend = velora_fx.backend(codecs=("fewbit",), bits=bits, mode="max_memory", compiler="eager", pack_codes=pack)
     out, grads = _step(model, x, backend)
     # forward is exact: bitwise the same graph without the rewrite (eager's fused kernels round
     # differently from the decomposition, so the comparison is against the compiled graph)
@@ -105,17 +106,18 @@ def test_relu_one_bit_is_exact(strict_pass):
         assert torch.equal(grads[name], exact[name]), name
 
 
-@pytest.mark.parametrize("bits,width", [(3, 64), (2, 64), (4, 20)])
-def test_saved_bytes_are_packed_codes(strict_pass, bits, width):
+@pytest.mark.parametrize("bits,width,pack", [(3, 64, True), (2, 64, True), (4, 20, True), (3, 64, False)])
+def test_saved_bytes_are_packed_codes(strict_pass, bits, width, pack):
     model = MLP(16, width, "gelu_tanh", layers=1, frozen_proj=True)
     x = torch.randn(2, 8, 16)
-    backend = velora_fx.backend(codecs=("fewbit",), bits=bits, compiler="eager")
+    backend = velora_fx.backend(codecs=("fewbit",), bits=bits, compiler="eager", pack_codes=pack)
     _step(model, x, backend)
     (site,) = [s for s in backend.report().sites if s.codec == "fewbit"]
     numel = 2 * 8 * width
-    packed = numel * bits // 8 if width % 8 == 0 else numel  # one uint8 per code when D % 8 != 0
+    packed = numel * bits // 8 if width % 8 == 0 and pack else numel  # one uint8 per code when D % 8 != 0
     assert site.decision == "compressed" and site.bytes_before == numel * 4
-    assert site.bytes_after == packed
+    assert site.bytes_after == packed == site.predicted_bytes_after
+    assert site.setting == f"fewbit {bits}b" + ("" if pack else "/byte")
 
 
 def test_codes_pair_with_velora_on_the_next_matmul(strict_pass):
@@ -165,14 +167,34 @@ def test_include_exclude_apply_to_activation_modules(strict_pass):
 
 
 @pytest.mark.slow
-def test_inductor_codegen_matches_eager_pass(strict_pass):
-    """Packing (shifts, masks) and the decode through inductor's CPU codegen."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_inductor_codegen_matches_eager_pass(strict_pass, pack):
+    """Packing (shifts, masks) or one code per byte, and the decode, through inductor's CPU codegen."""
     model = MLP(16, 64, "gelu_tanh", frozen_proj=True)
     x = torch.randn(2, 8, 16)
-    eager_backend = velora_fx.backend(codecs=("fewbit",), compiler="eager")
+    eager_backend = velora_fx.backend(codecs=("fewbit",), compiler="eager", pack_codes=pack)
     out_e, grads_e = _step(model, x, eager_backend)
-    out_i, grads_i = _step(model, x, velora_fx.backend(codecs=("fewbit",)))
+    out_i, grads_i = _step(model, x, velora_fx.backend(codecs=("fewbit",), pack_codes=pack))
     torch.testing.assert_close(out_i, out_e)
     assert eager_backend.report().compressed
     for name in grads_e:
         torch.testing.assert_close(grads_i[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_codes_one_per_byte_are_encoded_in_the_nonlinearitys_kernel(strict_pass):
+    """``pack_codes=False``: the codes are element-wise like GELU, and inductor (CPU codegen) writes
+    them from the kernel that computes GELU: the forward has as many kernels as without few-bit."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    model = MLP(16, 64, "gelu_tanh", layers=1, frozen_proj=True)
+    x = torch.randn(2, 8, 16)
+    kernels = {}
+    for name, options in (("exact", {"exclude": ["*"]}), ("byte", {"pack_codes": False})):
+        torch._dynamo.reset()
+        backend = velora_fx.backend(codecs=("fewbit",), **options)
+        _, (forward, *_) = run_and_get_code(lambda: _step(model, x, backend))
+        kernels[name] = [k for k in re.findall(r"^(cpp_fused_\w+) = ", forward, re.M)]
+    assert len(kernels["byte"]) == len(kernels["exact"]), kernels
+    gelu = [k for k in kernels["byte"] if "gelu" in k or "tanh" in k]
+    assert gelu and "uint8_t*" in forward.split(gelu[0])[1].split("\n")[0], forward

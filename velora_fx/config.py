@@ -109,6 +109,9 @@ class VeloraConfig:
                 "with memory_budget, VeLoRA and the exact chunked_loss head; with memory_budget and offload, the "
                 "exact chunked_loss head alone)"})
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
+    pack_codes: bool = field(default=True, metadata={
+        "help": "fewbit: pack eight codes into `bits` bytes (False: one code per byte, 8/bits times larger, "
+                "written by the producer's own kernel instead of a packing kernel)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
         "help": "target activation peak of a step: a fraction (0, 1] of the graph's predicted peak as dynamo gave it, "
@@ -170,7 +173,7 @@ class VeloraConfig:
         default = "offload" if self.offload and self.memory_budget is not None else \
             "budget" if self.memory_budget is not None else self.mode
         set_(self, "codecs", _as_codecs(self.codecs if self.codecs is not None else DEFAULT_CODECS[default]))
-        for name in ("keep_logits", "plan_cache", "offload"):
+        for name in ("keep_logits", "plan_cache", "offload", "pack_codes"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, high in (("bits", 1, 8), ("loss_chunk_size", 1, None)):

@@ -105,6 +105,7 @@ class SiteReport:
     state: str | None = None         # state_dict key of the v it uses
     codec: str = "velora"            # velora | fewbit | rmm | chunked_loss
     bits: int | None = None          # fewbit: bits per element
+    pack_codes: bool | None = None   # fewbit: eight codes to ``bits`` bytes (False: one code per byte)
     predicted_bytes_after: int | None = None  # what the planner expected the codec to store (None:
                                               # skipped, or a codec without a prediction)
     error_source: str | None = None  # velora: gradient | activation | structural, the larger (passes/estimate.py)
@@ -117,7 +118,7 @@ class SiteReport:
         if self.decision != "compressed":
             return "-"
         if self.codec == "fewbit":
-            return f"fewbit {self.bits}b"
+            return f"fewbit {self.bits}b" + ("/byte" if self.pack_codes is False else "")
         if self.codec == "velora":
             return f"velora g={self.sub_token_size}"
         if self.codec == "rmm":

@@ -4,8 +4,10 @@ Quantized Gradients of Activation Functions for Memory Footprint Reduction").
 Forward is exact.  Instead of the tensor f' is evaluated from (x, or y for ReLU/sigmoid/tanh),
 forward saves a ``bits``-bit code per element — the interval of the optimal piecewise-constant
 fit of f' it falls in (``fewbit_levels``) — packed eight codes to ``bits`` bytes along the last
-dim.  Backward multiplies the incoming gradient by the level of each code.  All plain aten ops:
-inductor fuses the encode into the producer's epilogue and the decode into the gradient's kernel.
+dim, or (``pack=False``) one code per byte: larger, but computed element by element like the
+producer, so inductor can write it from the producer's own kernel, where packing eight codes into
+one word is a kernel of its own shape.  Backward multiplies the incoming gradient by the level of
+each code.  All plain aten ops: the decode fuses into the gradient's kernel.
 """
 from __future__ import annotations
 
@@ -52,19 +54,20 @@ class FewBitCodec:
 
     name = "fewbit"
 
-    def __init__(self, function: str, bits: int, domain: str = "input"):
-        self.function, self.bits, self.domain = function, bits, domain
+    def __init__(self, function: str, bits: int, domain: str = "input", pack: bool = True):
+        self.function, self.bits, self.domain, self.pack = function, bits, domain, pack
         with real_tensors():  # the fit runs once per (function, bits), also while a fake mode is active
             self.levels: FewBitLevels = fit_levels(function, bits)
             thresholds = self.levels.output_thresholds() if domain == "output" else self.levels.thresholds
         self.thresholds = tuple(float(t) for t in thresholds)
 
     def uuid(self) -> str:
-        return f"fewbit:{self.function}:{self.bits}:{self.domain}"
+        return f"fewbit:{self.function}:{self.bits}:{self.domain}" + ("" if self.pack else ":byte")
 
     def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> int:
-        """What forward saves for a tensor of ``shape``: the packed uint8 codes."""
-        return math.prod(packed_shape(tuple(int(s) for s in shape), self.bits))
+        """What forward saves for a tensor of ``shape``: the (packed) uint8 codes."""
+        shape = tuple(int(s) for s in shape)
+        return math.prod(packed_shape(shape, self.bits) if self.pack else shape)
 
     def error(self, t: torch.Tensor) -> float:
         """Relative energy of the derivative error on real data ``t`` (the tensor encoded)."""
@@ -91,7 +94,7 @@ class FewBitCodec:
         for threshold in self.thresholds:
             step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold), word)
             codes = step if codes is None else _emit(graph, aten.add.Tensor, codes, step)
-        if packed_shape(tuple(val.shape), self.bits) == tuple(val.shape):
+        if not self.pack or packed_shape(tuple(val.shape), self.bits) == tuple(val.shape):
             return _emit(graph, prims.convert_element_type.default, codes, torch.uint8)
         return self._pack(graph, codes, val)
 

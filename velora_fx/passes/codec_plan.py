@@ -141,5 +141,6 @@ def codec_report(d: CodecDecision, nodes: dict[str, fx.Node], baseline: SavedSet
         bytes_before=before, bytes_after=after_bytes, decision="compressed" if d.compress else "skipped",
         reason=d.reason, approximated=[f"{site.name} ({d.approximates()})"] if d.compress else [],
         estimated_error=round(float(d.estimated_error), 6), codec=d.codec_name, bits=d.bits,
+        pack_codes=getattr(d, "pack", None) if d.compress else None,
         predicted_bytes_after=d.codec().saved_bytes(tuple(int_hint(s) for s in val.shape), val.dtype)
         if d.compress else None)

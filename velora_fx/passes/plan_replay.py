@@ -51,7 +51,8 @@ class Planned:
                         "source": d.error_source, "share": d.update_share, "gradient": d.gradient_error,
                         "reason": d.reason, "sticky": d.sticky} for d in self.decisions],
             "codes": [{"at": d.site.encode_at, "codec": d.codec_name, "compress": d.compress, "bits": d.bits,
-                       "error": float(d.estimated_error), "reason": d.reason, "sticky": d.sticky}
+                       "error": float(d.estimated_error), "reason": d.reason, "sticky": d.sticky,
+                       **({"pack": d.pack} if hasattr(d, "pack") else {})}
                       for d in self.pointwise],
             "baseline": {"activations": base.activations, "inputs": base.inputs, "base_bytes": base.base_bytes,
                          "peak": dataclasses.asdict(base.known_peak) if base.known_peak is not None else None},
@@ -155,6 +156,8 @@ def _code_from(row: dict, d: CodecDecision) -> CodecDecision:
         raise ValueError(f"bits {bits!r}")
     d.compress, d.reason, d.bits = bool(row["compress"]), str(row["reason"]), bits
     d.estimated_error, d.sticky = float(row["error"]), bool(row["sticky"])
+    if "pack" in row:  # few-bit's layout
+        d.pack = bool(row["pack"])
     return d
 
 

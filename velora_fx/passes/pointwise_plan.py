@@ -30,9 +30,10 @@ STICKY_PREFIX = "fewbit:"
 class PointwiseDecision(CodecDecision):
     codec_name: str = "fewbit"
     sticky_prefix: str = STICKY_PREFIX
+    pack: bool = True  # config.pack_codes: eight codes to ``bits`` bytes, or one code per byte
 
     def codec(self) -> FewBitCodec:
-        return FewBitCodec(self.site.function, self.bits, self.site.domain)
+        return FewBitCodec(self.site.function, self.bits, self.site.domain, self.pack)
 
     def rewrite(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> list[str]:
         """Save the codes of the tensor f' reads; backward multiplies the gradient by their levels."""
@@ -66,7 +67,7 @@ def plan_pointwise(sites: list[PointwiseSite], baseline: SavedSet, config: Velor
     model's plan so far (``fewbit:<name>`` -> bits, 0 = skipped)."""
     decisions = []
     for site in sites:
-        d = PointwiseDecision(site)
+        d = PointwiseDecision(site, pack=config.pack_codes)
         decisions.append(d)
         if decided_before_planning(d, config, sticky, STICKY_PREFIX + site.name,
                                    lambda bits: _compress(d, bits, values, "kept from this model's first plan")):
