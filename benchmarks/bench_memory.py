@@ -105,8 +105,8 @@ def velora_options(regime: Regime, model_name: str, args, include: list[str] | N
     """Keyword options of ``velora_fx.backend`` for a velora regime.
 
     ``codecs``: VeLoRA + few-bit + gated (int8 gate/up) + chunked loss head; ``nearexact``: the same without
-    the head; ``head``: the chunked loss head alone; ``bytecodes``: the defaults with ``pack_codes=False``; ``codecs=<a>,<b>``: those codecs
-    (``velora_codecs=velora,chunked_loss``);
+    the head; ``head``: the chunked loss head alone; ``bytecodes``: the defaults with ``pack_codes=False``;
+    ``codecs=<a>,<b>``: those codecs (``velora_codecs=velora,chunked_loss``);
     ``mb<x>``: those codecs under ``memory_budget=x`` (the planner weighs them against inductor's
     exact recompute, ``error_cost`` 1); ``mb<x>fast``: the same with ``error_cost=0`` (the plan with
     the least estimated step time, whatever its gradient error); ``mb<x>exact``: the exact chunked
