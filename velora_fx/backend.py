@@ -615,7 +615,6 @@ def tracing_config() -> VeloraConfig | None:
     return None
 
 
-
 def _hf_checkpointing(root: Any) -> bool:
     """Whether ``root`` is a transformers model with its gradient checkpointing on.  Newer transformers
     name it ``is_activation_checkpointing`` and warn (FutureWarning) on the old property, so the old
@@ -624,6 +623,7 @@ def _hf_checkpointing(root: Any) -> bool:
         if isinstance(getattr(type(root), name, None), property):
             return getattr(root, name) is True
     return False
+
 
 def _inductor_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """``torch.compile(options=...)`` for a backend object: inductor's config options only."""

@@ -111,7 +111,7 @@ class VeloraConfig:
     bits: int = field(default=3, metadata={"help": "fewbit: bits per element of a nonlinearity's saved input (1-8)"})
     pack_codes: bool = field(default=True, metadata={
         "help": "fewbit: pack eight codes into `bits` bytes (False: one code per byte, 8/bits times larger, "
-                "written by the producer's own kernel instead of a packing kernel)"})
+                "element-wise like the nonlinearity, so inductor can encode in its kernel)"})
     rmm_ratio: float = field(default=0.25, metadata={"help": "rmm: sketch rows / tokens, in (0, 1]"})
     memory_budget: float | int | None = field(default=None, metadata={
         "help": "target activation peak of a step: a fraction (0, 1] of the graph's predicted peak as dynamo gave it, "

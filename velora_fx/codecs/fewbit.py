@@ -4,9 +4,9 @@ Quantized Gradients of Activation Functions for Memory Footprint Reduction").
 Forward is exact.  Instead of the tensor f' is evaluated from (x, or y for ReLU/sigmoid/tanh),
 forward saves a ``bits``-bit code per element — the interval of the optimal piecewise-constant
 fit of f' it falls in (``fewbit_levels``) — packed eight codes to ``bits`` bytes along the last
-dim, or (``pack=False``) one code per byte: larger, but computed element by element like the
-producer, so inductor can write it from the producer's own kernel, where packing eight codes into
-one word is a kernel of its own shape.  Backward multiplies the incoming gradient by the level of
+dim, or (``pack=False``) one code per byte: larger, but element-wise like the producer, so inductor
+can write the codes from the producer's own kernel (eight codes packed into a word have a shape of
+their own).  Backward multiplies the incoming gradient by the level of
 each code.  All plain aten ops: the decode fuses into the gradient's kernel.
 """
 from __future__ import annotations
