@@ -6,8 +6,8 @@ forward saves a ``bits``-bit code per element — the interval of the optimal pi
 fit of f' it falls in (``fewbit_levels``) — packed eight codes to ``bits`` bytes along the last
 dim, or (``pack=False``) one code per byte: larger, but element-wise like the producer, so inductor
 can write the codes from the producer's own kernel (eight codes packed into a word have a shape of
-their own).  Backward multiplies the incoming gradient by the level of
-each code.  All plain aten ops: the decode fuses into the gradient's kernel.
+their own).  Backward multiplies the incoming gradient by the level of each code.  All plain aten
+ops: the decode fuses into the gradient's kernel.
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 # velora_fx's host-transfer ops (velora_fx/offload/ops.py), by name: recognised without importing
 # the offload package, which registers them
 TRANSFER_OPS = ("offload_start", "offload_finish", "reload_start", "reload_finish")
+# ops through which a weight-gradient matmul's output still reaches the parameter's gradient
+# linearly (views, casts, accumulation of several uses)
+GRAD_PASSTHROUGH = VIEW_LIKE | CASTS | {aten.add.Tensor}
 
 
 def is_transfer(node: fx.Node, *names: str) -> bool:
@@ -38,9 +41,6 @@ def is_transfer(node: fx.Node, *names: str) -> bool:
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "velora_fx" and \
         target.overloadpacket.__name__ in (names or TRANSFER_OPS)
-# ops through which a weight-gradient matmul's output still reaches the parameter's gradient
-# linearly (views, casts, accumulation of several uses)
-GRAD_PASSTHROUGH = VIEW_LIKE | CASTS | {aten.add.Tensor}
 
 
 def tensor_val(node: Any) -> torch.Tensor | None:
