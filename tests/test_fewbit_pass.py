@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -71,6 +71,7 @@ _step = square_loss_step
 
 @settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # shrinking recompiles: minutes
+@example(function="relu", bits=4, batch=3, tokens=7, d=8, hidden=16, pack=False)
 @given(function=st.sampled_from(sorted(FUNCTIONS)), bits=st.integers(1, 4), batch=st.integers(1, 3),
        tokens=st.integers(1, 9), d=st.sampled_from([8, 12]), hidden=st.sampled_from([16, 24, 32]),
        pack=st.booleans())
@@ -88,8 +89,13 @@ def test_forward_exact_and_input_grads_equal_reference(strict_pass, function, bi
     ref_out, ref_grads = _step(twin, x)
     torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
     report = backend.report()
-    compressed = [s for s in report.sites if s.codec == "fewbit" and s.decision == "compressed"]
-    assert compressed, report.table()
+    sites = [s for s in report.sites if s.codec == "fewbit"]
+    if function == "relu" and not pack:
+        # ReLU's backward needs only y > 0, which the partitioner keeps as a 1-byte mask: a byte of
+        # code per element frees nothing, and the site is reverted
+        assert sites and all(s.decision == "skipped" and "no net gain" in s.reason for s in sites), report.table()
+    else:
+        assert [s for s in sites if s.decision == "compressed"], report.table()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
