@@ -825,6 +825,7 @@ def run_info(args, device: torch.device) -> dict:
     info["versions"] = {name: _version(name) for name in ("torch", "transformers", "peft", "liger_kernel", "accelerate",
                                                           "triton")}
     info["versions"]["velora_fx"] = bm.velora_fx.__version__  # also run from a checkout (PYTHONPATH), not installed
+    info["versions"]["torch"] = torch.__version__  # the build's own name (a CUDA wheel's metadata drops +cu130)
     info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return info
 

@@ -143,6 +143,48 @@ def test_other_spellings_are_recognised(strict_pass, found_sites, function):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _fold_identity_muls(gm: torch.fx.GraphModule) -> int:
+    """Rewrite the joint graph as torch 2.14 traces ``1 / d``: each ``t * 1`` is dropped and its
+    producer takes over its seq_nr (so the producer's own seq_nr is left with backward nodes only,
+    and the folded op's backward is a bare reshape of the incoming gradient)."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten.mul.Tensor and node.args[1] == 1 and isinstance(node.args[0], torch.fx.Node):
+            source = node.args[0]
+            source.meta["seq_nr"] = node.meta.get("seq_nr")
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            folded += 1
+    gm.recompile()
+    return folded
+
+
+def test_a_chain_with_a_folded_identity_op_is_recognised(strict_pass, found_sites, monkeypatch):
+    """``1 / (1 + exp(-x))`` as torch 2.14 gives it (the ``* 1`` of ``1 / d`` folded away, on any
+    torch here): the gap in the chain's seq_nrs is bridged and the gradient enters after the
+    reshape, so the site is sigmoid, with the eager few-bit reference's gradients."""
+    folds: list[int] = []
+    spy = pipeline.find_pointwise_sites
+
+    def fold_then_find(gm, param_indices):
+        folds.append(_fold_identity_muls(gm))
+        return spy(gm, param_indices)
+
+    monkeypatch.setattr(pipeline, "find_pointwise_sites", fold_then_find)
+    torch.manual_seed(1)
+    model = MLP(Lambda(SPELLINGS["sigmoid"]))
+    twin = MLP(FewBit("sigmoid", 2))
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 16)
+    _, grads = square_loss_step(model, x, _backend(2))
+    _, ref_grads = square_loss_step(twin, x)
+    (sites,) = found_sites
+    assert [(s.function, s.recognised_by) for s in sites] == [("sigmoid", "computed")]
+    assert torch.__version__ >= "2.14" or folds[0] >= 1  # 2.13 and older still trace the ``* 1``s
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_scaled_activation_is_the_inner_region(strict_pass, found_sites):
     """``2 * gelu_new(h)``: the region ends at gelu_new's output; the scale stays exact."""
     torch.manual_seed(2)

@@ -52,6 +52,7 @@ PROBE_HALF_WIDTH = 8.0
 # closest distinct pair of FUNCTIONS (gelu and gelu_tanh) differ by 4.7e-4 somewhere on the grid
 TOLERANCE = 1e-6
 MAX_REGION = 48  # element-wise nodes reachable from one x (a nonlinearity is a handful)
+RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
 @dataclass
@@ -175,13 +176,25 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 
 
 def _backward_region(region: set[fx.Node], x: fx.Node, by_seq: dict, back: set[fx.Node], constants: set[fx.Node],
-                     flags: JointFlags, order: dict[fx.Node, int]) -> tuple[list[fx.Node], fx.Node, fx.Node] | None:
+                     flags: JointFlags, order: dict[fx.Node, int],
+                     forward_seqs: set[int]) -> tuple[list[fx.Node], fx.Node, fx.Node] | None:
     """(backward nodes, incoming gradient, gradient of x), or None if they do not form one
     gradient-in, gradient-out region reading only x, the forward region and constants."""
     seqs = {n.meta.get("seq_nr") for n in region}
     if None in seqs:
         return None
+    # torch 2.14 folds an identity op into its producer (``1 / d`` traces as ``reciprocal(d) * 1``,
+    # and the surviving node carries the ``* 1``'s seq_nr), so the producer's own seq_nr has no
+    # forward node left while its backward nodes keep it: the chain's gaps with no forward node
+    # anywhere in the graph belong to it
+    seqs |= {s for s in range(min(seqs), max(seqs) + 1) if s not in forward_seqs}
     nodes = {n for s in seqs for n in by_seq.get(s, ())}
+    # ... and the folded op's backward is then only a reshape of the incoming gradient: the
+    # gradient enters after it
+    for node in [n for n in nodes if n.target in RESHAPES]:
+        source = node.args[0]
+        if isinstance(source, fx.Node) and source not in nodes and flags.tangent.get(source, False):
+            nodes.discard(node)
     if not any(flags.tangent.get(n, False) for n in nodes):
         return None
     grown = True
@@ -277,6 +290,7 @@ def find_computed_regions(gm: fx.GraphModule, flags: JointFlags,
     claimed_by: dict[fx.Node, int] = {n: k for k, nodes in enumerate(claimed) for n in nodes}
     all_claimed = set(claimed_by)
     by_seq: dict = {}
+    forward_seqs = {n.meta.get("seq_nr") for n in gm.graph.nodes if n not in back}
     for node in gm.graph.nodes:
         if node in back and node.op == "call_function" and node.all_input_nodes:
             seq = node.meta.get("seq_nr")
@@ -306,7 +320,7 @@ def find_computed_regions(gm: fx.GraphModule, flags: JointFlags,
                 continue  # an op-name site's own region (or a part of one)
             if not any(n.target not in CASTS for n in region):
                 continue
-            bwd = _backward_region(members, x, by_seq, back, constants, flags, order)
+            bwd = _backward_region(members, x, by_seq, back, constants, flags, order, forward_seqs)
             if bwd is None:
                 continue
             backward, grad_in, grad_out = bwd
