@@ -822,10 +822,10 @@ def run_info(args, device: torch.device) -> dict:
     script = os.path.abspath(sys.argv[0])
     if script.startswith(root + os.sep):  # the command as one would type it in the checkout
         info["command"] = shlex.join(["python", os.path.relpath(script, root)] + sys.argv[1:])
-    info["versions"] = {name: _version(name) for name in ("torch", "transformers", "peft", "liger_kernel", "accelerate",
-                                                          "triton")}
+    info["versions"] = {"torch": torch.__version__}  # the build's own name (a CUDA wheel's metadata drops +cu130)
+    info["versions"].update((name, _version(name)) for name in ("transformers", "peft", "liger_kernel", "accelerate",
+                                                                "triton"))
     info["versions"]["velora_fx"] = bm.velora_fx.__version__  # also run from a checkout (PYTHONPATH), not installed
-    info["versions"]["torch"] = torch.__version__  # the build's own name (a CUDA wheel's metadata drops +cu130)
     info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return info
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..distributed import emit_rank_mean
 from ..state import initial_vector, random_vector, subtokens
-from ..passes.graph_utils import SWAP_LIKE, create_node, emit as _emit, swaps_last_two
+from ..passes.graph_utils import RESHAPES, SWAP_LIKE, create_node, emit as _emit, swaps_last_two
 from .base import register_codec
 
 __all__ = ["project", "reconstruct", "initial_vector", "random_vector", "reconstruction_error", "StateRow",
@@ -235,7 +235,6 @@ class VeloraCodec:
         return f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}:factored"
 
 
-_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _PASS = {aten.alias.default, aten.clone.default}
 
 
@@ -248,7 +247,7 @@ def _feature_axis(activation: fx.Node, chain: list[fx.Node]) -> int | None:
         val_in, val_out = node.args[0].meta["val"], node.meta["val"]
         if node.target in _PASS:
             continue
-        if node.target in _RESHAPES:
+        if node.target in RESHAPES:
             if axis != val_in.dim() - 1 or val_out.shape[-1] != features:
                 return None
             axis = val_out.dim() - 1

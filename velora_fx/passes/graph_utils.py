@@ -22,6 +22,8 @@ VIEW_LIKE = {
     aten.t.default, aten.transpose.int, aten.permute.default, aten.clone.default,
     aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
 }
+# Ops that only change the shape, keeping the elements' order.
+RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 # Layout ops that swap the last two dims when applied to a 2-D/3-D tensor.
 SWAP_LIKE = {aten.t.default, aten.transpose.int, aten.permute.default}
 MATMULS = {aten.mm.default, aten.bmm.default}

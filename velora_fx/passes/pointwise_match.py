@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from .._compat import real_tensors
 from ..codecs.fewbit_levels import FUNCTIONS, derivative, forward
-from .graph_utils import CASTS, JointFlags, tensor_val
+from .graph_utils import CASTS, RESHAPES, JointFlags, tensor_val
 
 __all__ = ["ComputedRegion", "find_computed_regions", "match_function", "probe_grid", "PROBE_POINTS", "TOLERANCE"]
 
@@ -52,7 +52,6 @@ PROBE_HALF_WIDTH = 8.0
 # closest distinct pair of FUNCTIONS (gelu and gelu_tanh) differ by 4.7e-4 somewhere on the grid
 TOLERANCE = 1e-6
 MAX_REGION = 48  # element-wise nodes reachable from one x (a nonlinearity is a handful)
-RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
 @dataclass
