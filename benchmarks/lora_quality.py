@@ -294,6 +294,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          f"{SITE_PREFIX}<glob>")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
                     help="fine-tune seeds (LoRA init, batch order, validation batches); the first also pre-trains")
+    ap.add_argument("--pretrain-seed", type=int,
+                    help="seed of the base model's init and pre-training batches (default: the first of --seeds); "
+                         "processes that split the seeds between them pass the same one to share the base")
     ap.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
                     help="velora_fx's code generator; the inductor regime uses 'inductor' or 'aot_eager' to match")
     ap.add_argument("--deadline", type=float, help="seconds from start: a fine-tune that would end later is skipped")
@@ -313,7 +316,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     apply_size(ap, args, SIZES)
     args.quiet = not args.progress
-    args.seed = args.seeds[0]
+    args.seed = args.seeds[0] if args.pretrain_seed is None else args.pretrain_seed
     args.regimes = list(dict.fromkeys(args.regimes))
     return args
 
