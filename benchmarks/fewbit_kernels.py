@@ -7,8 +7,10 @@ the GELU and the encode in one compiled function (what forward runs: does the en
 GELU's kernel?), and the decode (against ``exact_backward_ms``, the GELU backward from bf16).  Layouts:
 
 - ``packed64``: 8 codes of 3 bits packed into 3 bytes along the last dim, int64 arithmetic (v15's codec)
-- ``packed32``: the same packing with int32 arithmetic
-- ``planar``: 3 bit-planes, one byte per 8 elements each, written by one fused kernel (3 outputs)
+- ``packed32``: the same packing with int32 arithmetic (v16's codec)
+- ``planar``: 3 bit-planes, one byte per 8 elements each, concatenated into one ``[3, ..., D / 8]``
+  tensor (the codec since v17: on a GPU each plane is written into its slice by the GELU's kernel;
+  ``benchmarks/triton_codegen.py`` shows the kernels)
 - ``nibble``: 4-bit codes, 2 per byte (0.5 B per element instead of 0.375)
 - ``byte``: one uint8 code per element
 
@@ -61,7 +63,8 @@ def make_layouts(levels: FewBitLevels):
         codes = codes_of(x, torch.int32)
         groups = codes.view(*x.shape[:-1], x.shape[-1] // 8, 8)
         weights = 1 << torch.arange(8, device=x.device, dtype=torch.int32)
-        return tuple((((groups >> b) & 1) * weights).sum(-1, dtype=torch.int32).to(torch.uint8) for b in range(BITS))
+        return torch.cat([(((groups >> b) & 1) * weights).sum(-1, dtype=torch.int32).to(torch.uint8).unsqueeze(0)
+                          for b in range(BITS)])
 
     def planar_decode(planes, grad):
         lead, n = grad.shape[:-1], grad.shape[-1]

@@ -3,11 +3,14 @@ Quantized Gradients of Activation Functions for Memory Footprint Reduction").
 
 Forward is exact.  Instead of the tensor f' is evaluated from (x, or y for ReLU/sigmoid/tanh),
 forward saves a ``bits``-bit code per element — the interval of the optimal piecewise-constant
-fit of f' it falls in (``fewbit_levels``) — packed eight codes to ``bits`` bytes along the last
-dim, or (``pack=False``) one code per byte: larger, but element-wise like the producer, so inductor
-can write the codes from the producer's own kernel (eight codes packed into a word have a shape of
-their own).  Backward multiplies the incoming gradient by the level of each code.  All plain aten
-ops: the decode fuses into the gradient's kernel.
+fit of f' it falls in (``fewbit_levels``) — packed as ``bits`` bit planes (plane k holds bit k of
+eight neighbouring codes along the last dim, one byte per eight elements: ``bits`` bytes per eight
+codes), or (``pack=False``) one code per byte.  Each plane is a sum over groups of eight, which
+inductor fuses into the producer's own kernel (a persistent reduction that also writes the
+producer's output) and, on a GPU, writes straight into its slice of the saved buffer; a packed
+word split into bytes afterwards took a kernel and a buffer of its own (docs/codecs.md).
+Backward multiplies the incoming gradient by the level of each code.  All plain aten ops: the
+decode fuses into the gradient's kernel.
 """
 from __future__ import annotations
 
@@ -24,20 +27,15 @@ from .fewbit_levels import FewBitLevels, empirical_error, fit_levels
 __all__ = ["FewBitCodec", "packed_shape"]
 
 aten, prims = torch.ops.aten, torch.ops.prims
-_PACK = 8  # codes per word: 8 codes of b bits fill b bytes exactly
+_PACK = 8  # codes per plane byte: b planes of one byte hold 8 codes of b bits
 
 
 def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
-    """Shape of the saved codes of a tensor of ``shape`` (uint8)."""
+    """Shape of the saved codes of a tensor of ``shape`` (uint8): ``bits`` planes of one byte per
+    eight elements, or one byte per element when the last dim is not a multiple of eight."""
     if shape and isinstance(shape[-1], int) and shape[-1] % _PACK == 0:
-        return (*shape[:-1], shape[-1] // _PACK, bits)
+        return (bits, *shape[:-1], shape[-1] // _PACK)
     return tuple(shape)
-
-
-def _word_dtype(bits: int) -> torch.dtype:
-    """Integer type of the code arithmetic: int32 while a packed word (8 codes) fits in 31 bits.
-    GPUs emulate 64-bit integer shifts and adds with several instructions each."""
-    return torch.int32 if _PACK * bits < 32 else torch.int64
 
 
 def _iota(graph: fx.Graph, length: int, step: int, device, dtype: torch.dtype) -> fx.Node:
@@ -89,29 +87,33 @@ class FewBitCodec:
         val = t.meta["val"]
         x = t if val.dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, t, torch.float32)
         compare = aten.gt.Scalar if self.levels.right_closed else aten.ge.Scalar
-        word = _word_dtype(self.bits)
         codes = None
         for threshold in self.thresholds:
-            step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold), word)
+            step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold), torch.int32)
             codes = step if codes is None else _emit(graph, aten.add.Tensor, codes, step)
         if not self.pack or packed_shape(tuple(val.shape), self.bits) == tuple(val.shape):
             return _emit(graph, prims.convert_element_type.default, codes, torch.uint8)
         return self._pack(graph, codes, val)
 
     def _pack(self, graph: fx.Graph, codes: fx.Node, val: torch.Tensor) -> fx.Node:
-        device = val.device
-        lead = [create_node(graph, aten.sym_size.int, (codes, d)) if not isinstance(s, int) else s
-                for d, s in enumerate(val.shape[:-1])]
+        lead = self._lead(graph, codes, val.shape[:-1])
         groups = _emit(graph, aten.view.default, codes, [*lead, int(val.shape[-1]) // _PACK, _PACK])
-        dtype = _word_dtype(self.bits)
-        shifts = _iota(graph, _PACK, self.bits, device, dtype)
-        word = _emit(graph, aten.sum.dim_IntList,
-                     _emit(graph, aten.bitwise_left_shift.Tensor, groups, shifts), [-1], dtype=dtype)
-        byte_shifts = _iota(graph, self.bits, 8, device, dtype)
-        parts = _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, word, -1),
-                      byte_shifts)
-        return _emit(graph, prims.convert_element_type.default, _emit(graph, aten.bitwise_and.Scalar, parts, 255),
-                     torch.uint8)
+        positions = _iota(graph, _PACK, 1, val.device, torch.int32)
+        planes = []
+        for k in range(self.bits):  # plane k: bit k of each code, shifted to its position in the group
+            shifted = _emit(graph, aten.bitwise_right_shift.Tensor_Scalar, groups, k)
+            bit = _emit(graph, aten.bitwise_and.Scalar, shifted, 1)
+            plane = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.bitwise_left_shift.Tensor, bit, positions),
+                          [-1], dtype=torch.int32)
+            planes.append(_emit(graph, aten.unsqueeze.default,
+                                _emit(graph, prims.convert_element_type.default, plane, torch.uint8), 0))
+        return planes[0] if len(planes) == 1 else _emit(graph, aten.cat.default, planes)
+
+    @staticmethod
+    def _lead(graph: fx.Graph, node: fx.Node, shape, first: int = 0) -> list:
+        """``shape`` with each symbolic size read off ``node``'s dim ``first + d``."""
+        return [create_node(graph, aten.sym_size.int, (node, first + d)) if not isinstance(s, int) else s
+                for d, s in enumerate(shape)]
 
     # -- backward ------------------------------------------------------------------------------
     def decode(self, graph: fx.Graph, packed: fx.Node, like: fx.Node, grad: fx.Node,
@@ -135,16 +137,16 @@ class FewBitCodec:
         return out if out_dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, out, out_dtype)
 
     def _unpack(self, graph: fx.Graph, packed: fx.Node, val: torch.Tensor) -> fx.Node:
-        device = val.device
-        dtype = _word_dtype(self.bits)
-        wide = _emit(graph, prims.convert_element_type.default, packed, dtype)
-        byte_shifts = _iota(graph, self.bits, 8, device, dtype)
-        word = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.bitwise_left_shift.Tensor, wide, byte_shifts), [-1],
-                     dtype=dtype)
-        shifts = _iota(graph, _PACK, self.bits, device, dtype)
-        groups = _emit(graph, aten.bitwise_and.Scalar,
-                       _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, word, -1),
-                             shifts), (1 << self.bits) - 1)
-        lead = [create_node(graph, aten.sym_size.int, (packed, d)) if not isinstance(s, int) else s
-                for d, s in enumerate(val.shape[:-1])]
-        return _emit(graph, aten.view.default, groups, [*lead, int(val.shape[-1])])
+        positions = _iota(graph, _PACK, 1, val.device, torch.int32)
+        codes = None
+        for k in range(self.bits):
+            plane = _emit(graph, prims.convert_element_type.default, _emit(graph, aten.select.int, packed, 0, k),
+                          torch.int32)
+            bit = _emit(graph, aten.bitwise_and.Scalar,
+                        _emit(graph, aten.bitwise_right_shift.Tensor, _emit(graph, aten.unsqueeze.default, plane, -1),
+                              positions), 1)
+            if k:
+                bit = _emit(graph, aten.bitwise_left_shift.Tensor_Scalar, bit, k)
+            codes = bit if codes is None else _emit(graph, aten.bitwise_or.Tensor, codes, bit)
+        lead = self._lead(graph, packed, val.shape[:-1], first=1)  # the planes' dim comes first
+        return _emit(graph, aten.view.default, codes, [*lead, int(val.shape[-1])])

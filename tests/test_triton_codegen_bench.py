@@ -1,0 +1,29 @@
+"""benchmarks/triton_codegen.py: inductor's Triton kernels, generated without a GPU.  The few-bit
+codes of GPT-2's ``gelu_new`` are written by the activation's own kernel, as bit planes straight
+into the saved buffer, and cost the forward no kernel launch over VeLoRA + the head alone.
+
+Needs the ``triton`` package (torch's CUDA wheels bring it; the CPU wheel CI installs does not).
+The script patches inductor for its whole process, so it runs in a subprocess."""
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "triton_codegen.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_fewbit_codes_are_written_by_the_activations_kernel(tmp_path):
+    out = tmp_path / "codegen.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--regimes", "velora_head", "default", "--out", str(out)],
+                   check=True, capture_output=True, timeout=900)
+    regimes = {r["regime"]: r["graphs"] for r in json.loads(out.read_text())["regimes"]}
+    forward, head_forward = regimes["default"][0], regimes["velora_head"][0]
+    assert forward["triton_launches"] == head_forward["triton_launches"], (forward, head_forward)
+    (gelu,) = forward["marked_kernels"]
+    planes = [w for w in gelu["writes"].values() if "torch.uint8" in w]
+    assert len(planes) == 3 and all(w.startswith("a slice of (3,") for w in planes), gelu
