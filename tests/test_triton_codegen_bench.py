@@ -24,6 +24,8 @@ def test_fewbit_codes_are_written_by_the_activations_kernel(tmp_path):
     regimes = {r["regime"]: r["graphs"] for r in json.loads(out.read_text())["regimes"]}
     forward, head_forward = regimes["default"][0], regimes["velora_head"][0]
     assert forward["triton_launches"] == head_forward["triton_launches"], (forward, head_forward)
-    (gelu,) = forward["marked_kernels"]
-    planes = [w for w in gelu["writes"].values() if "torch.uint8" in w]
-    assert len(planes) == 3 and all(w.startswith("a slice of (3,") for w in planes), gelu
+    # the kernels that compute the GELU (torch 2.12 also recomputes it in the VeLoRA projection's)
+    planes = {k["kernel"]: [w for w in k["writes"].values() if "torch.uint8" in w] for k in forward["marked_kernels"]}
+    writers = [k for k, written in planes.items() if written]
+    assert len(writers) == 1, forward
+    assert len(planes[writers[0]]) == 3 and all(w.startswith("a slice of (3,") for w in planes[writers[0]]), forward
