@@ -36,6 +36,7 @@ def encode_graph(shape, g, rule, width, orientation=0, dtype=torch.float32):
 
 @settings(max_examples=25)
 @example(rule="ema:0.5", g=2, steps=4, orientation=0, seed=459)  # v within 1e-5 of the reference, c within 3e-5
+@example(rule="ema:0.5", g=2, steps=3, orientation=0, seed=391)  # v off by 3.8e-6 in a 0.055 component (torch 2.12)
 @given(rule=st.sampled_from(["first_batch", "batch", "ema:0.5", "ema:0.9", "ema:0", "ema:1"]),
        g=st.sampled_from([1, 2, 4, 8]), steps=st.integers(1, 4), orientation=st.integers(0, 1),
        seed=st.integers(0, 1000))
@@ -47,7 +48,9 @@ def test_in_graph_rule_matches_the_reference_rule(rule, g, steps, orientation, s
     for x in xs:
         c, v = gm(x, state)
         expected = next_vector(rule, "site", current, x, g)
-        torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6)
+        # v is a unit vector: its fp32 rounding is ~1e-6 of its norm, which the EMA's renormalisation can
+        # multiply when v and the batch's mean point apart; a wrong rule is off by ~0.1
+        torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)
         # c is the projection on the v the graph used (v's own 1e-5 from the reference, times |x| up to
         # ~10 here, is not c's error)
         torch.testing.assert_close(c, project(x, v), rtol=1e-5, atol=1e-5)

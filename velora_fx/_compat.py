@@ -1,4 +1,4 @@
-"""Every private torch API velora_fx touches, in one place (torch 2.11 - 2.14).
+"""Every private torch API velora_fx touches, in one place (torch 2.11 - 2.15).
 
 Keep imports of ``torch._*`` out of every other module: when torch moves something, this is the
 one file to change.
@@ -13,12 +13,12 @@ from typing import Any, Callable
 import torch
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-TESTED = ((2, 11), (2, 14))  # the range the test suite and the GPU checks ran on
+TESTED = ((2, 11), (2, 15))  # the range the test suite and the GPU checks ran on
 if TORCH_VERSION < (2, 11):  # pragma: no cover - guarded by pyproject
     raise ImportError(f"velora_fx needs torch >= 2.11, found {torch.__version__}")
 if TORCH_VERSION > TESTED[1]:  # pragma: no cover - depends on the installed torch
     import warnings as _warnings
-    _warnings.warn(f"velora_fx was tested with torch 2.11 - 2.14; torch {torch.__version__} is untested "
+    _warnings.warn(f"velora_fx was tested with torch 2.11 - 2.15; torch {torch.__version__} is untested "
                    "(it hooks inductor's private partitioner API)", stacklevel=2)
 
 from torch._dynamo import list_backends, register_backend  # noqa: E402,F401
