@@ -2,7 +2,7 @@
 codes of GPT-2's ``gelu_new`` are written by the activation's own kernel, as bit planes straight
 into the saved buffer, and cost the forward no kernel launch over VeLoRA + the head alone.
 
-Needs the ``triton`` package (torch's CUDA wheels bring it; the CPU wheel CI installs does not).
+Needs a CUDA build of torch and the ``triton`` package it brings (not a GPU; CI's CPU wheel has neither).
 The script patches inductor for its whole process, so it runs in a subprocess."""
 import importlib.util
 import json
@@ -11,12 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "triton_codegen.py"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.version.cuda is None,
+                    reason="needs a CUDA build of torch and the triton package it brings")
 def test_fewbit_codes_are_written_by_the_activations_kernel(tmp_path):
     out = tmp_path / "codegen.json"
     subprocess.run([sys.executable, str(SCRIPT), "--regimes", "velora_head", "default", "--out", str(out)],
