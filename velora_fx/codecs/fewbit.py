@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .._compat import real_tensors
-from ..passes.graph_utils import create_node, emit as _emit
+from ..passes.graph_utils import emit as _emit, sizes
 from .base import register_codec
 from .fewbit_levels import FewBitLevels, empirical_error, fit_levels
 
@@ -96,7 +96,7 @@ class FewBitCodec:
         return self._pack(graph, codes, val)
 
     def _pack(self, graph: fx.Graph, codes: fx.Node, val: torch.Tensor) -> fx.Node:
-        lead = self._lead(graph, codes, val.shape[:-1])
+        lead = sizes(graph, codes, range(val.dim() - 1))
         groups = _emit(graph, aten.view.default, codes, [*lead, int(val.shape[-1]) // _PACK, _PACK])
         positions = _iota(graph, _PACK, 1, val.device, torch.int32)
         planes = []
@@ -108,12 +108,6 @@ class FewBitCodec:
             planes.append(_emit(graph, aten.unsqueeze.default,
                                 _emit(graph, prims.convert_element_type.default, plane, torch.uint8), 0))
         return planes[0] if len(planes) == 1 else _emit(graph, aten.cat.default, planes)
-
-    @staticmethod
-    def _lead(graph: fx.Graph, node: fx.Node, shape, first: int = 0) -> list:
-        """``shape`` with each symbolic size read off ``node``'s dim ``first + d``."""
-        return [create_node(graph, aten.sym_size.int, (node, first + d)) if not isinstance(s, int) else s
-                for d, s in enumerate(shape)]
 
     # -- backward ------------------------------------------------------------------------------
     def decode(self, graph: fx.Graph, packed: fx.Node, like: fx.Node, grad: fx.Node,
@@ -148,5 +142,5 @@ class FewBitCodec:
             if k:
                 bit = _emit(graph, aten.bitwise_left_shift.Tensor_Scalar, bit, k)
             codes = bit if codes is None else _emit(graph, aten.bitwise_or.Tensor, codes, bit)
-        lead = self._lead(graph, packed, val.shape[:-1], first=1)  # the planes' dim comes first
+        lead = sizes(graph, packed, range(1, val.dim()))  # the planes' dim comes first
         return _emit(graph, aten.view.default, codes, [*lead, int(val.shape[-1])])

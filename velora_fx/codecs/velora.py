@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..distributed import emit_rank_mean
 from ..state import initial_vector, random_vector, subtokens
-from ..passes.graph_utils import RESHAPES, SWAP_LIKE, create_node, emit as _emit, swaps_last_two
+from ..passes.graph_utils import RESHAPES, SWAP_LIKE, emit as _emit, sizes, swaps_last_two
 from .base import register_codec
 
 __all__ = ["project", "reconstruct", "initial_vector", "random_vector", "reconstruction_error", "StateRow",
@@ -88,17 +88,10 @@ def _emit_subtokens_f32(graph: fx.Graph, x: fx.Node, g: int) -> fx.Node:
     val = x.meta["val"]
     if not val.is_contiguous():
         x = _emit(graph, aten.clone.default, x, memory_format=torch.contiguous_format)
-    shape = [*_sizes(graph, x, range(val.dim() - 1)), int(val.shape[-1]) // g, g]
+    shape = [*sizes(graph, x, range(val.dim() - 1)), int(val.shape[-1]) // g, g]
     view = _emit(graph, aten.view.default, x, shape)
     return view if val.dtype == torch.float32 else _emit(graph, prims.convert_element_type.default, view,
                                                              torch.float32)
-
-
-def _sizes(graph: fx.Graph, node: fx.Node, dims: range) -> list:
-    """Sizes of ``node`` as graph arguments: ints, or sym_size nodes for symbolic dims."""
-    shape = node.meta["val"].shape
-    return [shape[d] if isinstance(shape[d], int) else create_node(graph, aten.sym_size.int, (node, d))
-            for d in dims]
 
 
 def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
@@ -195,7 +188,7 @@ class VeloraCodec:
         outer = _emit(graph, aten.mul.Tensor, _emit(graph, aten.unsqueeze.default, _cast(graph, coeff, dtype), -1),
                       _cast(graph, v, dtype))
         ndim = coeff.meta["val"].dim()
-        x_hat = _emit(graph, aten.view.default, outer, [*_sizes(graph, coeff, range(ndim - 1)),
+        x_hat = _emit(graph, aten.view.default, outer, [*sizes(graph, coeff, range(ndim - 1)),
                                                         int(coeff.meta["val"].shape[-1]) * self.sub_token_size])
         return _emit(graph, aten.mul.Tensor, x_hat, self.scale) if self.scale != 1.0 else x_hat
 

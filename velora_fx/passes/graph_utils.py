@@ -179,6 +179,13 @@ def emit(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
     return create_node(graph, target, args, kwargs)
 
 
+def sizes(graph: fx.Graph, node: fx.Node, dims: range) -> list:
+    """Sizes of ``node``'s ``dims`` as graph arguments: ints, or sym_size nodes for symbolic dims."""
+    shape = node.meta["val"].shape
+    return [shape[d] if isinstance(shape[d], int) else create_node(graph, aten.sym_size.int, (node, d))
+            for d in dims]
+
+
 def _graph_fake_mode(graph: fx.Graph):
     """The fake mode of a graph's inputs (for ops without tensor arguments, e.g. ``full``)."""
     values = [n.meta.get("val") for n in graph.find_nodes(op="placeholder")]
