@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import velora_fx  # noqa: E402
+from models import TRANSFORMERS_DEFAULTS, gpt2_like  # noqa: E402
 
 REGIMES = {  # name -> velora_fx.backend options (None: plain inductor)
     "inductor": None,
@@ -104,12 +105,9 @@ def summarize(code: str, marker: str) -> dict:
 
 
 def run_regime(name: str, options: dict | None, args: argparse.Namespace, capture: TritonCapture) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
     torch._dynamo.reset()
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=args.hidden // 64, vocab_size=args.vocab,
-                        n_positions=args.seq)
-    model = GPT2LMHeadModel(config)  # transformers' defaults: dropout 0.1, gelu_new
+    model = gpt2_like(args.hidden, args.layers, vocab=args.vocab, **TRANSFORMERS_DEFAULTS["gpt2"])
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     backend = "inductor" if options is None else velora_fx.backend(**options)
     first = len(capture.codes)
