@@ -29,13 +29,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import velora_fx  # noqa: E402
-from models import TRANSFORMERS_DEFAULTS, gpt2_like  # noqa: E402
+from models import TRANSFORMERS_DEFAULTS, build  # noqa: E402
 
 REGIMES = {  # name -> velora_fx.backend options (None: plain inductor)
     "inductor": None,
     "velora_head": {"codecs": ("velora", "chunked_loss")},
     "default": {},
     "bytecodes": {"pack_codes": False},
+    "max_memory": {"mode": "max_memory"},
 }
 
 
@@ -82,7 +83,7 @@ class TritonCapture:
 
 
 def summarize(code: str, marker: str) -> dict:
-    """Launch counts of one graph's output code, and the kernels whose body holds ``marker``
+    """Launch counts of one graph's output code, and the kernels whose name or body holds ``marker``
     with the buffers they write (their ``out_ptr`` / ``in_out_ptr`` arguments at the call)."""
     call = code[code.index("def call("):]
     sources = dict(re.findall(r"^(triton_\w+) = async_compile\.triton\('\w+', '''(.*?)'''", code, re.M | re.S))
@@ -92,7 +93,7 @@ def summarize(code: str, marker: str) -> dict:
     marked = []
     for name, args in launches:
         body = sources.get(name, "")
-        if marker not in body:
+        if marker not in body and marker not in name:
             continue
         params = re.search(r"def \w+\((.*?)\):", body).group(1).split(", ")
         values = [a.strip() for a in args.split(",")]
@@ -107,7 +108,8 @@ def summarize(code: str, marker: str) -> dict:
 def run_regime(name: str, options: dict | None, args: argparse.Namespace, capture: TritonCapture) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = gpt2_like(args.hidden, args.layers, vocab=args.vocab, **TRANSFORMERS_DEFAULTS["gpt2"])
+    model = build(args.model, args.hidden, args.layers, vocab=args.vocab, **TRANSFORMERS_DEFAULTS[args.model])
+    model = model.to(getattr(torch, args.dtype))
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     backend = "inductor" if options is None else velora_fx.backend(**options)
     first = len(capture.codes)
@@ -119,17 +121,21 @@ def run_regime(name: str, options: dict | None, args: argparse.Namespace, captur
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    ap.add_argument("--model", default="gpt2", choices=sorted(TRANSFORMERS_DEFAULTS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--marker", default="libdevice.tanh", help="text that identifies the kernels to list")
+    ap.add_argument("--marker", default=None, help="text in the body or name of the kernels to list (default: "
+                    "the MLP activation's, libdevice.tanh for GPT-2's gelu_new, silu for Llama)")
     ap.add_argument("--out", default="results/triton_codegen.json")
     args = ap.parse_args(argv)
+    args.marker = args.marker or {"gpt2": "libdevice.tanh", "llama": "silu"}[args.model]
     capture = TritonCapture().install()
-    doc = {"torch": torch.__version__, "model": f"GPT-2 {args.layers} x {args.hidden}, batch {args.batch} x "
-           f"{args.seq}, vocab {args.vocab}, transformers' defaults, fp32 on CPU tensors",
+    doc = {"torch": torch.__version__, "model": f"{args.model} {args.layers} x {args.hidden}, batch {args.batch} x "
+           f"{args.seq}, vocab {args.vocab}, transformers' defaults, {args.dtype} on CPU tensors",
            "regimes": [run_regime(r, REGIMES[r], args, capture) for r in args.regimes]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 import velora_fx
-from velora_fx.codecs.velora import StateRow, VeloraCodec, initial_vector, project
+from velora_fx.codecs.velora import StateRow, VeloraCodec, fusable_block, initial_vector, project
 from velora_fx.passes.rewrite import store_states
 from velora_fx.state import ModelState, next_vector, slot_name
 
@@ -53,7 +53,7 @@ def test_in_graph_rule_matches_the_reference_rule(rule, g, steps, orientation, s
         torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)
         # c is the projection on the v the graph used (v's own 1e-5 from the reference, times |x| up to
         # ~10 here, is not c's error)
-        torch.testing.assert_close(c, project(x, v), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c.reshape(5, -1), project(x, v), rtol=1e-5, atol=1e-5)
         current = expected
         assert state[orientation, 0] == 1.0  # initialised flag
         torch.testing.assert_close(state[orientation, 1:1 + g], expected)
@@ -72,9 +72,61 @@ def test_rule_none_reads_v_and_only_writes_the_pin():
     torch.testing.assert_close(v, before[0, 1:5])
     assert torch.equal(state[:, :-1], before[:, :-1])
     torch.testing.assert_close(state[0, -1], c.flatten()[0])
-    torch.testing.assert_close(c, project(x, v))
+    torch.testing.assert_close(c.reshape(3, -1), project(x, v))
     v.zero_()  # what backward reads is a copy, not a view of the state
     assert torch.equal(state[0, 1:5], before[0, 1:5])
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(1, 9), blocks=st.integers(1, 5), extra=st.sampled_from([0, 1]),
+       lead=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 1000))
+def test_coefficients_below_the_unroll_threshold_are_the_plain_sum(g, blocks, extra, lead, dtype, seed):
+    """Below inductor's unroll threshold the codec sums over blocks of 8 features (one masked sum per
+    sub-token, so the producer's kernel can compute them): the stored coefficients are the plain
+    projection's, in its memory layout; bitwise at g <= 2, where no addition changes order."""
+    features = g * (8 // g if g < 8 and 8 % g == 0 else 1) * blocks + extra * g
+    block = fusable_block(g, features)
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, features, generator=gen) * 4).to(dtype)
+    v = torch.nn.functional.normalize(torch.randn(g, generator=gen), dim=0)
+    gm = encode_graph(tuple(lead) + (features,), g, "none", width=g + 2, dtype=dtype)
+    state = torch.zeros(2, g + 2)
+    state[0, 0], state[0, 1:1 + g] = 1.0, v
+    c, _ = gm(x, state)
+    expected = project(x, v)
+    assert c.dtype == dtype and c.is_contiguous()
+    if block == g:
+        assert c.shape == expected.shape
+    else:
+        assert g < 8 and block % g == 0 and c.shape == (*lead, features // block, block // g)
+    if g <= 2:
+        assert torch.equal(c.reshape(expected.shape), expected)
+    else:
+        torch.testing.assert_close(c.reshape(expected.shape), expected)
+
+
+def test_an_inf_stays_in_its_own_sub_token():
+    """The block's other sub-tokens are selected away, not multiplied by zero (inf * 0 is nan)."""
+    assert fusable_block(2, 16) == 8
+    x = torch.randn(3, 16)
+    x[1, 5] = float("inf")
+    v = torch.tensor([0.6, 0.8])
+    gm = encode_graph((3, 16), 2, "none", width=4)
+    state = torch.zeros(2, 4)
+    state[0, 0], state[0, 1:3] = 1.0, v
+    c, _ = gm(x, state)
+    c = c.reshape(3, 8)
+    assert torch.isinf(c[1, 2]) and torch.isfinite(c[1, [0, 1, 3, 4, 5, 6, 7]]).all()
+    torch.testing.assert_close(c, project(x, v))
+
+
+def test_block_sizes():
+    # inductor unrolls sums over fewer than 8 elements into pointwise code; 8 and up stay reductions
+    assert [fusable_block(g, 4096) for g in (1, 2, 4, 8, 16, 32)] == [8, 8, 8, 8, 16, 32]
+    assert fusable_block(3, 4095) == 9 and fusable_block(6, 4092) == 12 and fusable_block(5, 4100) == 10
+    assert fusable_block(3, 12) == 3  # no multiple of 3 at or above 8 divides 12: the plain sum
+    assert fusable_block(2, 12) == 2
 
 
 def test_degenerate_batches_give_the_uniform_unit_vector():

@@ -188,6 +188,11 @@ def inductor_settings() -> dict[str, Any]:
             if "cache" not in k and not k.endswith(("_dir", "_path"))}
 
 
+def unroll_reductions_threshold() -> int:
+    """Sums over fewer elements than this, inductor turns into pointwise code (no reduction)."""
+    return int(getattr(inductor_config, "unroll_reductions_threshold", 8))
+
+
 def device_name(device: torch.device) -> str:
     """The device kind a plan is priced for: the GPU's name on CUDA (``device_roofline`` reads its
     datasheet), else the device type."""

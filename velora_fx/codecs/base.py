@@ -35,6 +35,11 @@ class Codec(Protocol):
     def uuid(self) -> str:
         """Identity of the codec and its options, for inductor's cache key."""
 
+    # Optional: ``reduction_width(shape) -> int | None``, the width of the groups along the last dim
+    # that the encode sums or maxes over (None: a pointwise encode).  Inductor computes such a
+    # reduction in the producer's kernel only when every reduction there has the same width, so a
+    # VeLoRA site fed by that producer sums over blocks of the same width or not at all.
+
 
 _CODECS: dict[str, Callable[..., Codec]] = {}
 

@@ -59,6 +59,10 @@ class FewBitCodec:
             thresholds = self.levels.output_thresholds() if domain == "output" else self.levels.thresholds
         self.thresholds = tuple(float(t) for t in thresholds)
 
+    def reduction_width(self, shape: tuple[int, ...]) -> int | None:
+        """Each bit plane sums over groups of eight codes (none when codes are bytes)."""
+        return _PACK if self.pack and packed_shape(tuple(shape), self.bits) != tuple(shape) else None
+
     def uuid(self) -> str:
         return f"fewbit:{self.function}:{self.bits}:{self.domain}" + ("" if self.pack else ":byte")
 

@@ -84,6 +84,10 @@ class Int8StorageCodec:
             err = dequantize(codes, scale, t).float() - t.float()
             return float(err.norm() / t.float().norm().clamp_min(1e-30))
 
+    def reduction_width(self, shape: tuple[int, ...]) -> int:
+        """The scale is a max over each group of features."""
+        return group_size(int(shape[-1]), self.group)
+
     def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         numel = math.prod(int(s) for s in shape)
         scales = numel // group_size(int(shape[-1]), self.group)

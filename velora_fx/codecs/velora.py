@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from .._compat import unroll_reductions_threshold
 from ..distributed import emit_rank_mean
 from ..state import initial_vector, random_vector, subtokens
 from ..passes.graph_utils import RESHAPES, SWAP_LIKE, emit as _emit, sizes, swaps_last_two
@@ -110,10 +111,12 @@ class VeloraCodec:
 
     name = "velora"
 
-    def __init__(self, sub_token_size: int, coeff_dtype: torch.dtype | None = None, scale: float = 1.0):
+    def __init__(self, sub_token_size: int, coeff_dtype: torch.dtype | None = None, scale: float = 1.0,
+                 beside: tuple[int, ...] = ()):
         self.sub_token_size = sub_token_size
         self.coeff_dtype = coeff_dtype
         self.scale = scale
+        self.beside = tuple(sorted(set(beside)))  # reduction widths of other encodes in x's producer
 
     def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """What forward saves for an activation of ``shape``: one coefficient per sub-token (in
@@ -131,11 +134,13 @@ class VeloraCodec:
             v = _emit(graph, aten.clone.default, v_old)  # saved for backward: not a view of the state input
         else:
             v = self._emit_rule(graph, state.update, row, v_old, subtokens)
-        coeff = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.mul.Tensor, subtokens, v), [-1])
         dtype = self.coeff_dtype or activation.meta["val"].dtype
-        if dtype == torch.float16:
-            coeff = _emit(graph, aten.clamp_max.default, _emit(graph, aten.clamp_min.default, coeff, -_FP16_MAX), _FP16_MAX)
-        coeff = _cast(graph, coeff, dtype)
+        block = fusable_block(g, int(activation.meta["val"].shape[-1]), self.beside)
+        if block == g:
+            coeff = self._emit_stored(graph, _emit(graph, aten.sum.dim_IntList,
+                                                   _emit(graph, aten.mul.Tensor, subtokens, v), [-1]), dtype)
+        else:
+            coeff = self._emit_blocked(graph, subtokens, v, block, dtype)
         # one stored coefficient goes into the state row: the state write is a forward mutation,
         # so this data dependency makes min-cut compute the coefficients in forward (MUST_SAVE
         # alone does not stop it from recomputing them in backward from a kept activation).  One
@@ -144,6 +149,45 @@ class VeloraCodec:
                     torch.float32)
         new_state = self._emit_store(graph, state, row, v, pin)
         return [coeff, v], new_state
+
+    def _emit_stored(self, graph: fx.Graph, coeff: fx.Node, dtype: torch.dtype) -> fx.Node:
+        """fp32 coefficients in the stored dtype (clamped to fp16's range when fp16)."""
+        if dtype == torch.float16:
+            coeff = _emit(graph, aten.clamp_max.default, _emit(graph, aten.clamp_min.default, coeff, -_FP16_MAX), _FP16_MAX)
+        return _cast(graph, coeff, dtype)
+
+    def _emit_blocked(self, graph: fx.Graph, subtokens: fx.Node, v: fx.Node, block: int,
+                      dtype: torch.dtype) -> fx.Node:
+        """The same coefficients as ``block // g`` sums over blocks of ``block`` features, one per
+        sub-token of the block (v at its place, the rest selected away: adding exact zeros changes no
+        rounding at g = 2), stacked in the ``[..., D/g]`` layout's memory as ``[..., D/block, block/g]``.
+
+        Why: inductor turns a sum over fewer than ``unroll_reductions_threshold`` (8) elements into
+        a pointwise kernel over D/g elements a token, which cannot fuse with the D-element kernel
+        that produces x (a GELU, SiLU·up), so x is read from memory once more.  A sum over a block
+        of 8 is a reduction covering every element of x once: the producer's kernel computes it,
+        as it does the few-bit planes (same 8-wide block), and writes each coefficient into its
+        place of the saved buffer."""
+        g = self.sub_token_size
+        per_block = block // g
+        blocks = _emit(graph, aten.view.default, subtokens,
+                       [*sizes(graph, subtokens, range(subtokens.meta["val"].dim() - 2)),
+                        int(subtokens.meta["val"].shape[-2]) // per_block, block])
+        device = v.meta["val"].device
+        ones = _emit(graph, aten.full.default, [g], 1.0, dtype=torch.float32, device=device, pin_memory=False)
+        zero = _emit(graph, aten.scalar_tensor.default, 0.0, dtype=torch.float32, device=device)
+        planes = []
+        for j in range(per_block):
+            pad = [j * g, block - (j + 1) * g]
+            inside = _emit(graph, aten.gt.Scalar, _emit(graph, aten.constant_pad_nd.default, ones, pad, 0.0), 0.5)
+            # the other sub-tokens are selected away, not multiplied by 0: an inf there stays out
+            mine = _emit(graph, aten.where.self, inside, blocks, zero)
+            placed = _emit(graph, aten.constant_pad_nd.default, v, pad, 0.0)
+            coeff = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.mul.Tensor, mine, placed), [-1])
+            planes.append(_emit(graph, aten.unsqueeze.default, self._emit_stored(graph, coeff, dtype), -1))
+        # saved as [..., D/block, block/g], the [..., D/g] layout's memory: a view of it would be
+        # recomputed in backward from this node, and the saved node is what the report counts
+        return _emit(graph, aten.cat.default, planes, -1)
 
     def _emit_rule(self, graph: fx.Graph, rule: str, row: fx.Node, v_old: fx.Node, subtokens: fx.Node) -> fx.Node:
         g = self.sub_token_size
@@ -187,9 +231,9 @@ class VeloraCodec:
         dtype = activation.meta["val"].dtype
         outer = _emit(graph, aten.mul.Tensor, _emit(graph, aten.unsqueeze.default, _cast(graph, coeff, dtype), -1),
                       _cast(graph, v, dtype))
-        ndim = coeff.meta["val"].dim()
-        x_hat = _emit(graph, aten.view.default, outer, [*sizes(graph, coeff, range(ndim - 1)),
-                                                        int(coeff.meta["val"].shape[-1]) * self.sub_token_size])
+        lead = activation.meta["val"].dim() - 1  # the blocked layout has one more dim before the features
+        x_hat = _emit(graph, aten.view.default, outer, [*sizes(graph, coeff, range(lead)),
+                                                        int(activation.meta["val"].shape[-1])])
         return _emit(graph, aten.mul.Tensor, x_hat, self.scale) if self.scale != 1.0 else x_hat
 
     def factored_matmul(self, graph: fx.Graph, saved: list[fx.Node], activation: fx.Node, matmul: fx.Node,
@@ -225,7 +269,24 @@ class VeloraCodec:
         return _emit(graph, aten.mul.Tensor, result, self.scale) if self.scale != 1.0 else result
 
     def uuid(self) -> str:
-        return f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}:factored"
+        return (f"velora:g={self.sub_token_size}:dtype={self.coeff_dtype}:scale={self.scale}:beside={self.beside}"
+                ":factored")
+
+
+def fusable_block(g: int, features: int, beside: tuple[int, ...] = ()) -> int:
+    """The block the projection sums over: g itself, or for g below inductor's
+    ``unroll_reductions_threshold`` the smallest multiple of g at or above it that divides the
+    features.  g when none does, or when ``beside`` (the widths other encodes reduce over in the
+    kernel producing x: few-bit planes 8, int8 scales 64) holds another width: inductor would
+    fuse the producer into one of the two reductions and read x again for the other (measured
+    on generated code: Llama's SiLU·up beside int8 gate/up scales took one more kernel)."""
+    threshold = unroll_reductions_threshold()
+    if g >= threshold:
+        return g
+    block = g * -(-threshold // g)
+    if features % block or any(width != block for width in beside):
+        return g
+    return block
 
 
 _PASS = {aten.alias.default, aten.clone.default}

@@ -28,6 +28,13 @@ RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 SWAP_LIKE = {aten.t.default, aten.transpose.int, aten.permute.default}
 MATMULS = {aten.mm.default, aten.bmm.default}
 FORWARD_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default}
+# ops that reduce along dims: what a norm's statistics or a softmax is made of after decomposition
+REDUCTIONS = {
+    aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
+    aten.amin.default, aten.max.dim, aten.min.dim, aten.prod.dim_int, aten.var.correction,
+    aten.var_mean.correction, aten.logsumexp.default, aten._softmax.default, aten._log_softmax.default,
+    aten.native_layer_norm.default, aten.native_group_norm.default,
+}
 # dtype casts (autocast puts them on weights and on weight gradients)
 CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 # velora_fx's host-transfer ops (velora_fx/offload/ops.py), by name: recognised without importing
@@ -108,6 +115,39 @@ def ancestors(targets: list[fx.Node]) -> set[fx.Node]:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen
+
+
+def is_elementwise(node: fx.Node, random: bool = True) -> bool:
+    """An op computing each output element from the same element of its inputs (a dtype cast
+    included; ``random=False`` leaves out seeded ones such as dropout's ``rand``-based masks)."""
+    if node.op != "call_function":
+        return False
+    if node.target in CASTS:
+        return True
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.pointwise in tags and (random or torch.Tag.nondeterministic_seeded not in tags)
+
+
+def elementwise_sources(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every tensor it is computed from through element-wise and view-like ops alone,
+    the first other op's output included: what inductor can compute in one kernel."""
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n is not node and not (is_elementwise(n) or (n.op == "call_function" and n.target in VIEW_LIKE)):
+            continue
+        for inp in n.all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return seen
+
+
+def is_reduction(node: fx.Node) -> bool:
+    """A reducing op, or one output of it (``var_mean``'s mean)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        node = node.args[0]
+    return node.op == "call_function" and node.target in REDUCTIONS
 
 
 def near_inputs(node: fx.Node, depth: int = 4, stop: set = MATMULS) -> set[str]:

@@ -24,7 +24,7 @@ from .calibrate import calibration_graph
 from .chooser import plan_under_budget
 from .codec_plan import CodecDecision, codec_report, rewrite_codes
 from .estimate import SiteEstimator
-from .graph_utils import near_inputs, output_values, tensor_val, view_forms
+from .graph_utils import elementwise_sources, is_reduction, near_inputs, output_values, tensor_val, view_forms
 from .partition_probe import PartitionFn, ProbeCache, SavedSet, lazy_clone, probe_partition
 from .plan_replay import Planned, plan_key, replay
 from .planner import RMM_PLAN, Decision, plan_groups
@@ -387,15 +387,38 @@ def _apply(ctx: JointContext, baseline: SavedSet | None, decisions: list[Decisio
     if not chosen and not fewbit:  # (no baseline: a cached plan, under its knapsack budget)
         return ctx.gm, baseline if baseline is not None else ctx.probe(ctx.gm), _Rewritten({}, {}, [])
     gm = lazy_clone(ctx.gm)
+    widths = _reduction_widths(gm, fewbit)
     pointwise = rewrite_codes(gm, fewbit) if fewbit else {}
-    done = _rewrite(gm, chosen, slots, rules, binding, config) if chosen else _Rewritten({}, {}, [])
+    done = _rewrite(gm, chosen, slots, rules, binding, config, widths) if chosen else _Rewritten({}, {}, [])
     done.pointwise = pointwise
     return gm, ctx.probe(gm), done
 
 
+def _reduction_widths(gm: fx.GraphModule, chosen: list[CodecDecision]) -> dict[str, int]:
+    """The tensors the element-wise codecs encode with a reduction (by name), and its width."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    widths = {}
+    for d in chosen:
+        reduction_width = getattr(d.codec(), "reduction_width", None)
+        val = tensor_val(nodes.get(d.site.encode_at))
+        width = reduction_width(tuple(int_hint(s) for s in val.shape)) if reduction_width and val is not None else None
+        if width:
+            widths[d.site.encode_at] = width
+    return widths
+
+
+def _widths_beside(activation: fx.Node, widths: dict[str, int]) -> tuple[int, ...]:
+    """The widths of the reductions in the kernel that produces ``activation``: of the encodes of
+    the tensors it is computed from by element-wise ops, and 0 for a reduction of the model's own
+    there (a norm's statistics: VeLoRA's sums over the normalised output do not fuse with it)."""
+    return tuple(widths[n.name] if n.name in widths else 0 for n in elementwise_sources(activation)
+                 if n.name in widths or is_reduction(n))
+
+
 def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dict, binding: GraphBinding,
-             config: VeloraConfig) -> _Rewritten:
+             config: VeloraConfig, widths: dict[str, int] | None = None) -> _Rewritten:
     placeholders = [n for n in gm.graph.nodes if is_joint_primal(n)]
+    nodes = {n.name: n for n in gm.graph.nodes}
     current: dict[fx.Node, fx.Node] = {}  # state placeholder -> its latest value in the graph
     encode_nodes, saved_nodes = {}, {}
     for d in chosen:
@@ -409,7 +432,7 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
         slot = slots[id(d.group)]
         state = StateRow(current.get(placeholder, placeholder), slot.orientation, rules[id(d)])
         codec = get_codec("velora", sub_token_size=d.sub_token_size, coeff_dtype=config.coeff_dtype,
-                          scale=config.scale)
+                          scale=config.scale, beside=_widths_beside(nodes[d.group.encode_at], widths or {}))
         names, saved, new_state = rewrite_group(gm, d.group.encode_at, d.sites, codec, state)
         encode_nodes[id(d)], saved_nodes[id(d)] = names, saved
         if new_state is not None:

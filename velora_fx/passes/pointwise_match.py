@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from .._compat import real_tensors
 from ..codecs.fewbit_levels import FUNCTIONS, derivative, forward
-from .graph_utils import CASTS, RESHAPES, JointFlags, tensor_val
+from .graph_utils import CASTS, RESHAPES, JointFlags, is_elementwise, tensor_val
 
 __all__ = ["ComputedRegion", "find_computed_regions", "match_function", "probe_grid", "PROBE_POINTS", "TOLERANCE"]
 
@@ -103,15 +103,6 @@ def probe_grid() -> torch.Tensor:
 
 
 # -- structure -------------------------------------------------------------------------------------
-def _elementwise(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target in CASTS:
-        return True
-    tags = getattr(node.target, "tags", ())
-    return torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
-
-
 def _backward_side(gm: fx.GraphModule, flags: JointFlags) -> set[fx.Node]:
     """Tangent-dependent nodes, and tangent-free ones that only backward work reads (``x * x``
     for a derivative): told apart structurally, users before producers."""
@@ -148,7 +139,7 @@ def _closure(x: fx.Node, back: set[fx.Node], constants: set[fx.Node]) -> list[fx
     while frontier and len(found) < MAX_REGION:
         node = frontier.pop()
         for user in node.users:
-            if user in inside or user in back or not _elementwise(user):
+            if user in inside or user in back or not is_elementwise(user, random=False):
                 continue
             if all(i in inside or i in constants for i in user.all_input_nodes):
                 inside.add(user)

@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 
 from .._compat import CheckpointPolicy
-from .graph_utils import CASTS, VIEW_LIKE, ancestors, FORWARD_MATMULS, JointFlags, output_values, tensor_val, view_forms
+from .graph_utils import (VIEW_LIKE, ancestors, FORWARD_MATMULS, JointFlags, is_elementwise, output_values, tensor_val,
+                          view_forms)
 from .pointwise_sites import site_name
 
 __all__ = ["StoredSite", "find_stored_sites"]
@@ -63,15 +64,6 @@ def _anchor(gm: fx.GraphModule, num_fwd_outputs: int) -> int:
     return -1
 
 
-def _elementwise(node: fx.Node) -> bool:
-    target = node.target
-    if node.op != "call_function":
-        return False
-    if target in CASTS:
-        return True
-    tags = getattr(target, "tags", ())
-    return torch.Tag.pointwise in tags
-
 
 def _derived(forms: list[fx.Node], forward: set[fx.Node], flags: JointFlags) -> list[fx.Node]:
     """Forward nodes computed elementwise from ``forms`` and constants only (after CSE, backward
@@ -83,7 +75,7 @@ def _derived(forms: list[fx.Node], forward: set[fx.Node], flags: JointFlags) -> 
         nxt = []
         for n in frontier:
             for u in n.users:
-                if u in inside or u not in forward or not _elementwise(u):
+                if u in inside or u not in forward or not is_elementwise(u):
                     continue
                 if all(i in inside or not flags.activation.get(i, False) for i in u.all_input_nodes):
                     inside.add(u)
@@ -115,7 +107,7 @@ def find_stored_sites(gm: fx.GraphModule, num_fwd_outputs: int, param_indices: S
         readers = {k: v for k, v in readers.items() if v}
         if not readers:
             continue
-        if any(not _elementwise(nodes[r]) for names in readers.values() for r in names):
+        if any(not is_elementwise(nodes[r]) for names in readers.values() for r in names):
             continue  # a weight gradient or attention backward reads it: not this codec's kind of site
         site = StoredSite(name=site_name(node, "matmul"), encode_at=node.name, forms=[f.name for f in forms],
                           derived=[d.name for d in derived], readers=readers, anchor=anchor)
