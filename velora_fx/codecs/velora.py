@@ -85,7 +85,8 @@ def _emit_normalised(graph: fx.Graph, u: fx.Node, g: int) -> fx.Node:
 
 
 def _emit_subtokens_f32(graph: fx.Graph, x: fx.Node, g: int) -> fx.Node:
-    """``x`` as fp32 ``[..., D/g, g]`` (a view when x is contiguous)."""
+    """``x`` as fp32 ``[..., D/g, g]`` (a view when x is contiguous).  Viewed, then cast: a cast
+    between two views kept torch 2.11's inductor from fusing a bf16 producer into the sums."""
     val = x.meta["val"]
     if not val.is_contiguous():
         x = _emit(graph, aten.clone.default, x, memory_format=torch.contiguous_format)
@@ -129,18 +130,18 @@ class VeloraCodec:
         g = self.sub_token_size
         row = _emit(graph, aten.select.int, state.tensor, 0, state.orientation)
         v_old = _emit(graph, aten.slice.Tensor, row, 0, 1, 1 + g)
-        subtokens = _emit_subtokens_f32(graph, activation, g)
         if state.update == "none":
             v = _emit(graph, aten.clone.default, v_old)  # saved for backward: not a view of the state input
         else:
-            v = self._emit_rule(graph, state.update, row, v_old, subtokens)
+            v = self._emit_rule(graph, state.update, row, v_old, _emit_subtokens_f32(graph, activation, g))
         dtype = self.coeff_dtype or activation.meta["val"].dtype
         block = fusable_block(g, int(activation.meta["val"].shape[-1]), self.beside)
         if block == g:
+            subtokens = _emit_subtokens_f32(graph, activation, g)
             coeff = self._emit_stored(graph, _emit(graph, aten.sum.dim_IntList,
                                                    _emit(graph, aten.mul.Tensor, subtokens, v), [-1]), dtype)
         else:
-            coeff = self._emit_blocked(graph, subtokens, v, block, dtype)
+            coeff = self._emit_blocked(graph, _emit_subtokens_f32(graph, activation, block), v, block, dtype)
         # one stored coefficient goes into the state row: the state write is a forward mutation,
         # so this data dependency makes min-cut compute the coefficients in forward (MUST_SAVE
         # alone does not stop it from recomputing them in backward from a kept activation).  One
@@ -150,13 +151,23 @@ class VeloraCodec:
         new_state = self._emit_store(graph, state, row, v, pin)
         return [coeff, v], new_state
 
+    def encodes_after_forward_matmul(self, activation: fx.Node) -> bool:
+        """Whether the encode should follow the forward matmul that reads x: where the sums are a
+        reduction that fuses with x's producer (blocks, or g >= 8, beside no other width).  The
+        matmul realises x first and the sums read that buffer, fused into the producer's kernel;
+        placed before it, they inline the unrealised producer (a GELU) and compute it a second
+        time in a kernel of their own (torch 2.11, 2.12).  Beside a norm the plain sum keeps its
+        place: there inductor fused it into the norm's kernel."""
+        block = fusable_block(self.sub_token_size, int(activation.meta["val"].shape[-1]), self.beside)
+        return block >= unroll_reductions_threshold() and all(width == block for width in self.beside)
+
     def _emit_stored(self, graph: fx.Graph, coeff: fx.Node, dtype: torch.dtype) -> fx.Node:
         """fp32 coefficients in the stored dtype (clamped to fp16's range when fp16)."""
         if dtype == torch.float16:
             coeff = _emit(graph, aten.clamp_max.default, _emit(graph, aten.clamp_min.default, coeff, -_FP16_MAX), _FP16_MAX)
         return _cast(graph, coeff, dtype)
 
-    def _emit_blocked(self, graph: fx.Graph, subtokens: fx.Node, v: fx.Node, block: int,
+    def _emit_blocked(self, graph: fx.Graph, blocks: fx.Node, v: fx.Node, block: int,
                       dtype: torch.dtype) -> fx.Node:
         """The same coefficients as ``block // g`` sums over blocks of ``block`` features, one per
         sub-token of the block (v at its place, the rest selected away: adding exact zeros changes no
@@ -170,9 +181,6 @@ class VeloraCodec:
         place of the saved buffer."""
         g = self.sub_token_size
         per_block = block // g
-        blocks = _emit(graph, aten.view.default, subtokens,
-                       [*sizes(graph, subtokens, range(subtokens.meta["val"].dim() - 2)),
-                        int(subtokens.meta["val"].shape[-2]) // per_block, block])
         device = v.meta["val"].device
         ones = _emit(graph, aten.full.default, [g], 1.0, dtype=torch.float32, device=device, pin_memory=False)
         zero = _emit(graph, aten.scalar_tensor.default, 0.0, dtype=torch.float32, device=device)

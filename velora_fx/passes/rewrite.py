@@ -14,10 +14,21 @@ import torch.fx as fx
 
 from .._compat import CheckpointPolicy
 from ..codecs.velora import StateRow
-from .graph_utils import create_node
+from .graph_utils import FORWARD_MATMULS, create_node, view_forms
 from .sites import Site
 
 __all__ = ["rewrite_group", "store_states"]
+
+
+def _first_matmul_reading(activation: fx.Node) -> fx.Node | None:
+    """The first matmul (in graph order: the forward one) that reads the activation or a view of
+    it.  A codec may encode after it (``encodes_after_forward_matmul``): inductor lowers nodes in
+    graph order, so the matmul then realises the activation before the encode reads it."""
+    readers = [u for form in view_forms(activation) for u in form.users if u.target in FORWARD_MATMULS]
+    if not readers:
+        return None
+    order = {n: i for i, n in enumerate(activation.graph.nodes)}
+    return min(readers, key=order.__getitem__)
 
 _TAGS = ("partitioner_tag", "seq_nr", "fwd_nn_module_stack")
 
@@ -34,7 +45,10 @@ def rewrite_group(gm: fx.GraphModule, activation_name: str, sites: list[Site], c
     insert_at = activation.next
     while insert_at.op == "placeholder":  # a graph input: encode after every input is defined
         insert_at = insert_at.next
-    if state is not None and state.tensor.op != "placeholder" and _comes_after(state.tensor, activation):
+    forward_matmul = _first_matmul_reading(activation)
+    if forward_matmul is not None and getattr(codec, "encodes_after_forward_matmul", lambda _: False)(activation):
+        insert_at = forward_matmul.next
+    if state is not None and state.tensor.op != "placeholder" and _comes_after(state.tensor, insert_at.prev):
         insert_at = state.tensor.next  # an earlier update of the same weight's state, later in the graph
     with graph.inserting_before(insert_at):
         saved, new_state = codec.encode(graph, activation, state)
