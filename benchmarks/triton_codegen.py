@@ -6,14 +6,15 @@ stops short of compiling them (no GPU driver is needed; the step's values are ga
 and makes the ``cat`` lowering take its GPU branch (on CPU, inductor copies a uint8 ``cat`` with
 aten's kernel, where on a GPU a reduction writes straight into its slice).  It patches private
 inductor internals for the life of the process: a developer's tool, not part of velora_fx.  Needs
-the ``triton`` package (torch's CUDA wheels bring it); checked on torch 2.14.1.
+the ``triton`` package (torch's CUDA wheels bring it); checked on torch 2.11.0, 2.14.1 and 2.15.0.
 
 Per regime and graph (forward, backward): the Triton kernel launches, the extern (matmul) calls,
-and the kernels that compute the MLP's activation (``tanh`` for GPT-2's ``gelu_new``) with the
-buffers each writes.  The few-bit question it answers: are the codes written by the activation's
-own kernel, or by a kernel of their own?
+and the kernels that compute the MLP's activation (``tanh`` for GPT-2's ``gelu_new``, SiLU for
+Llama) with the buffers each writes.  The question it answers: are the few-bit codes and the
+VeLoRA coefficients written by the activation's own kernel, or by a kernel of their own?
 
     python benchmarks/triton_codegen.py --out results/triton_codegen.json
+    python benchmarks/triton_codegen.py --model llama --dtype bfloat16 --out results/triton_codegen_llama.json
 """
 from __future__ import annotations
 
