@@ -18,14 +18,18 @@ import torch
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "triton_codegen.py"
 
 
+def _run(tmp_path, *args):
+    out = tmp_path / "codegen.json"
+    subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], check=True, capture_output=True,
+                   timeout=900)
+    return {r["regime"]: r["graphs"] for r in json.loads(out.read_text())["regimes"]}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.version.cuda is None,
                     reason="needs a CUDA build of torch and the triton package it brings")
 def test_fewbit_codes_are_written_by_the_activations_kernel(tmp_path):
-    out = tmp_path / "codegen.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--regimes", "velora_head", "default", "--out", str(out)],
-                   check=True, capture_output=True, timeout=900)
-    regimes = {r["regime"]: r["graphs"] for r in json.loads(out.read_text())["regimes"]}
+    regimes = _run(tmp_path, "--regimes", "velora_head", "default")
     forward, head_forward = regimes["default"][0], regimes["velora_head"][0]
     assert forward["triton_launches"] == head_forward["triton_launches"], (forward, head_forward)
     # the kernels that compute the GELU (torch 2.12 also recomputes it in the VeLoRA projection's)
@@ -38,13 +42,6 @@ def test_fewbit_codes_are_written_by_the_activations_kernel(tmp_path):
 def _coefficient_slices(kernel: dict) -> list[str]:
     """What a kernel writes into the blocked [..., D/8, 4] coefficients (g = 2: 4 sub-tokens a block)."""
     return [w for w in kernel["writes"].values() if w.startswith("a slice of (") and w.split("), (")[0].endswith(", 4")]
-
-
-def _run(tmp_path, *args):
-    out = tmp_path / "codegen.json"
-    subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], check=True, capture_output=True,
-                   timeout=900)
-    return {r["regime"]: r["graphs"] for r in json.loads(out.read_text())["regimes"]}
 
 
 @pytest.mark.slow

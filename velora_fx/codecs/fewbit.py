@@ -59,9 +59,13 @@ class FewBitCodec:
             thresholds = self.levels.output_thresholds() if domain == "output" else self.levels.thresholds
         self.thresholds = tuple(float(t) for t in thresholds)
 
+    def _packs(self, shape: tuple[int, ...]) -> bool:
+        """Whether codes of a tensor of ``shape`` are saved as bit planes (else one per byte)."""
+        return self.pack and packed_shape(tuple(shape), self.bits) != tuple(shape)
+
     def reduction_width(self, shape: tuple[int, ...]) -> int | None:
         """Each bit plane sums over groups of eight codes (none when codes are bytes)."""
-        return _PACK if self.pack and packed_shape(tuple(shape), self.bits) != tuple(shape) else None
+        return _PACK if self._packs(shape) else None
 
     def uuid(self) -> str:
         return f"fewbit:{self.function}:{self.bits}:{self.domain}" + ("" if self.pack else ":byte")
@@ -95,7 +99,7 @@ class FewBitCodec:
         for threshold in self.thresholds:
             step = _emit(graph, prims.convert_element_type.default, _emit(graph, compare, x, threshold), torch.int32)
             codes = step if codes is None else _emit(graph, aten.add.Tensor, codes, step)
-        if not self.pack or packed_shape(tuple(val.shape), self.bits) == tuple(val.shape):
+        if not self._packs(val.shape):
             return _emit(graph, prims.convert_element_type.default, codes, torch.uint8)
         return self._pack(graph, codes, val)
 

@@ -135,7 +135,7 @@ class VeloraCodec:
         else:
             v = self._emit_rule(graph, state.update, row, v_old, _emit_subtokens_f32(graph, activation, g))
         dtype = self.coeff_dtype or activation.meta["val"].dtype
-        block = fusable_block(g, int(activation.meta["val"].shape[-1]), self.beside)
+        block = self._block(activation)
         if block == g:
             subtokens = _emit_subtokens_f32(graph, activation, g)
             coeff = self._emit_stored(graph, _emit(graph, aten.sum.dim_IntList,
@@ -158,8 +158,11 @@ class VeloraCodec:
         placed before it, they inline the unrealised producer (a GELU) and compute it a second
         time in a kernel of their own (torch 2.11, 2.12).  Beside a norm the plain sum keeps its
         place: there inductor fused it into the norm's kernel."""
-        block = fusable_block(self.sub_token_size, int(activation.meta["val"].shape[-1]), self.beside)
+        block = self._block(activation)
         return block >= unroll_reductions_threshold() and all(width == block for width in self.beside)
+
+    def _block(self, activation: fx.Node) -> int:
+        return fusable_block(self.sub_token_size, int(activation.meta["val"].shape[-1]), self.beside)
 
     def _emit_stored(self, graph: fx.Graph, coeff: fx.Node, dtype: torch.dtype) -> fx.Node:
         """fp32 coefficients in the stored dtype (clamped to fp16's range when fp16)."""
