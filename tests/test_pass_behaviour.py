@@ -269,10 +269,15 @@ def test_transform_rewrites_a_traced_joint_graph_and_the_partition_saves_coeffic
     fwd, _ = min_cut_rematerialization_partition(gm, joint.joint_inputs, num_fwd_outputs=joint.num_fwd_outputs,
                                                  **joint.partition_kwargs)
     saved = {str(a) for a in fwd.graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs:]}
+    copies = 0
     for site in report.compressed:
         assert not set(site.saved_forms) & saved, site.name
         coeff_bytes = 4 * torch.Size(site.shape).numel() // site.sub_token_size  # fp32 coefficients
-        assert site.bytes_after == coeff_bytes + 4 * site.sub_token_size, site  # + v (fp32)
+        # v is read from its unwritten state input in place; only where the state tensor also takes
+        # the graph's pin (every weight here has a site) is a copy of v saved (fp32)
+        assert site.bytes_after in (coeff_bytes, coeff_bytes + 4 * site.sub_token_size), site
+        copies += site.bytes_after != coeff_bytes
+    assert copies <= 1
 
 
 def test_explain_reports_every_site_and_serialises():

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 import velora_fx
-from velora_fx.codecs.velora import StateRow, VeloraCodec, fusable_block, initial_vector, project
+from velora_fx.codecs.velora import StateRow, VeloraCodec, emit_pin, fusable_block, initial_vector, project
 from velora_fx.passes.rewrite import store_states
 from velora_fx.state import ModelState, next_vector, slot_name
 
@@ -62,19 +62,48 @@ def test_in_graph_rule_matches_the_reference_rule(rule, g, steps, orientation, s
         torch.testing.assert_close(state[orientation, -1], c.flatten()[0])  # the pin
 
 
-def test_rule_none_reads_v_and_only_writes_the_pin():
-    gm = encode_graph((3, 8), 4, "none", width=10)
-    state = torch.zeros(2, 10)
+def _fixed_v_graph(written, coefficient_count=1):
+    """``(x, state) -> (c..., v)`` for rule "none" with the graph's pin (``emit_pin``) in ``state``
+    (``written``) or in a second, unread state tensor."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(3, 8)
+    state = graph.placeholder("state")
+    state.meta["val"] = torch.empty(2, 10)
+    other = graph.placeholder("other")
+    other.meta["val"] = torch.empty(2, 10)
+    outputs, coefficients = [], []
+    for _ in range(coefficient_count):
+        (c, v), new_state = VeloraCodec(4).encode(graph, x, StateRow(state, 0, "none", written=written))
+        assert new_state is None  # a fixed v writes nothing itself
+        coefficients.append(c)
+    host = state if written else other
+    gm = fx.GraphModule(nn.Module(), graph)
+    graph.output((*coefficients, v))
+    with graph.inserting_before(graph.output_node()):
+        pinned = emit_pin(graph, host, coefficients)
+    store_states(gm, {host: pinned})
+    return gm
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_rule_none_reads_v_and_the_graph_writes_one_pin(written):
+    gm = _fixed_v_graph(written, coefficient_count=3)
+    state, other = torch.zeros(2, 10), torch.zeros(2, 10)
     state[0, 0], state[0, 1:5] = 1.0, torch.tensor([0.5, 0.5, 0.5, 0.5])
     before = state.clone()
     x = torch.randn(3, 8)
-    c, v = gm(x, state)
+    *cs, v = gm(x, state, other)
     torch.testing.assert_close(v, before[0, 1:5])
-    assert torch.equal(state[:, :-1], before[:, :-1])
-    torch.testing.assert_close(state[0, -1], c.flatten()[0])
-    torch.testing.assert_close(c.reshape(3, -1), project(x, v))
-    v.zero_()  # what backward reads is a copy, not a view of the state
-    assert torch.equal(state[0, 1:5], before[0, 1:5])
+    for c in cs:
+        torch.testing.assert_close(c.reshape(3, -1), project(x, v))
+    host = state if written else other
+    torch.testing.assert_close(host[0, -1], sum(c.flatten()[0] for c in cs))  # the one pin: all coefficients
+    host[0, -1] = 0.0
+    assert torch.equal(state, before) and torch.equal(other, torch.zeros(2, 10))  # nothing else written
+    # what backward reads of a written state is a copy; an unwritten state's v is read in place
+    v.zero_()
+    assert torch.equal(state[0, 1:5], before[0, 1:5]) == written
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,8 +9,9 @@ code never refers to the state; the state travels as an argument).
 Layout: a weight ``W`` gets a tensor ``[2, 2 + max(W.shape[-2:])]``; row ``o`` is the state of
 ``W`` used in orientation ``o`` (0: the activation's features match ``W.shape[-1]``, as in
 ``nn.Linear``; 1: they match ``W.shape[-2]``, as in transformers' ``Conv1D`` or a tied ``Wᵀ``).
-A row holds ``[initialised flag, v_0 .. v_{g-1}, unused..., pin]``; the pin is one coefficient of
-the last step, written only so that the encode stays in forward (see ``codecs/velora.py``).  Keying
+A row holds ``[initialised flag, v_0 .. v_{g-1}, unused..., pin]``; the pin holds a coefficient (or
+a graph's sum of them) of the last step, written only so that the encodes stay in forward (see
+``codecs/velora.emit_pin``).  Keying
 state by the weight object (held weakly) and orientation mirrors the eager reference, where v
 belongs to the module: a module called twice shares its v, two models never do.
 

@@ -6,7 +6,8 @@ Forward keeps ``c = subtokens(x) @ v`` (one scalar per sub-token of size g); bac
 
 In the compiled graph everything is plain aten: the init rule reads the site's state row (a
 graph input, see ``state.py``) branch-free, the projection is a multiply-and-sum that inductor
-fuses into the kernel producing ``x``, and the new state is written back with one ``copy_``.
+fuses into the kernel producing ``x``, and the new state is written back with one ``copy_`` (with v
+fixed, the graph writes one pin, ``emit_pin``, where possible into a state no site reads).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..passes.graph_utils import RESHAPES, SWAP_LIKE, emit as _emit, sizes, swap
 from .base import register_codec
 
 __all__ = ["project", "reconstruct", "initial_vector", "random_vector", "reconstruction_error", "StateRow",
-           "VeloraCodec"]
+           "VeloraCodec", "emit_pin"]
 
 aten, prims = torch.ops.aten, torch.ops.prims
 _EPS = 1e-12
@@ -72,6 +73,7 @@ class StateRow:
     tensor: fx.Node
     orientation: int
     update: str        # "none" (v already set), "first_batch", "batch", "ema:<decay>"
+    written: bool = True  # this graph writes the state tensor: what backward reads of it must be a copy
 
 
 def _emit_normalised(graph: fx.Graph, u: fx.Node, g: int) -> fx.Node:
@@ -102,12 +104,33 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     return _emit(graph, prims.convert_element_type.default, node, dtype)
 
 
+def _first_element(graph: fx.Graph, coeff: fx.Node) -> fx.Node:
+    return _cast(graph, _emit(graph, aten.select.int, _emit(graph, aten.view.default, coeff, [-1]), 0, 0),
+                 torch.float32)
+
+
+def emit_pin(graph: fx.Graph, state: fx.Node, coefficients: list[fx.Node]) -> fx.Node:
+    """``state`` with its pin (the last element of row 0, never read) set to the sum of each
+    site's first coefficient.  Why: the write is a forward mutation, so this data dependency makes
+    min-cut compute every coefficient in forward (``MUST_SAVE`` alone does not stop it from
+    recomputing them in backward from a kept activation).  One element for the whole graph: one
+    small kernel, and every other state tensor stays unwritten, so backward reads its v in place
+    (no copy of v per site).  Insert after the last coefficient."""
+    total = _first_element(graph, coefficients[0])
+    for coeff in coefficients[1:]:
+        total = _emit(graph, aten.add.Tensor, total, _first_element(graph, coeff))
+    row = _emit(graph, aten.select.int, state, 0, 0)
+    new_row = _emit(graph, aten.select_scatter.default, row, total, 0, int(row.meta["val"].shape[0]) - 1)
+    return _emit(graph, aten.select_scatter.default, state, new_row, 0, 0)
+
+
 @register_codec("velora")
 class VeloraCodec:
     """Rank-1 sub-token projection of one activation (one v per activation group).
 
     encode: ``v = rule(state row, x)``; ``c = sum(subtokens(x) * v, -1)`` (fp32 accumulation);
-            returns ``[c, v]`` to save and the updated state tensor (row: flag, v, pin)
+            returns ``[c, v]`` to save and the updated state tensor (row: flag, v, pin), or None
+            when v stays (rule "none": the pipeline pins the coefficients, ``emit_pin``)
     decode: ``x̂ = view(c[..., None] * v, [..., D]) * scale`` in the activation's dtype."""
 
     name = "velora"
@@ -131,7 +154,8 @@ class VeloraCodec:
         row = _emit(graph, aten.select.int, state.tensor, 0, state.orientation)
         v_old = _emit(graph, aten.slice.Tensor, row, 0, 1, 1 + g)
         if state.update == "none":
-            v = _emit(graph, aten.clone.default, v_old)  # saved for backward: not a view of the state input
+            # saved for backward: a view of the state input where no write can change it under backward
+            v = _emit(graph, aten.clone.default, v_old) if state.written else v_old
         else:
             v = self._emit_rule(graph, state.update, row, v_old, _emit_subtokens_f32(graph, activation, g))
         dtype = self.coeff_dtype or activation.meta["val"].dtype
@@ -142,13 +166,9 @@ class VeloraCodec:
                                                    _emit(graph, aten.mul.Tensor, subtokens, v), [-1]), dtype)
         else:
             coeff = self._emit_blocked(graph, _emit_subtokens_f32(graph, activation, block), v, block, dtype)
-        # one stored coefficient goes into the state row: the state write is a forward mutation,
-        # so this data dependency makes min-cut compute the coefficients in forward (MUST_SAVE
-        # alone does not stop it from recomputing them in backward from a kept activation).  One
-        # element, not a reduction: no extra kernel over c.
-        pin = _cast(graph, _emit(graph, aten.select.int, _emit(graph, aten.view.default, coeff, [-1]), 0, 0),
-                    torch.float32)
-        new_state = self._emit_store(graph, state, row, v, pin)
+        if state.update == "none":  # v stays: the pipeline pins this graph's coefficients at once (emit_pin)
+            return [coeff, v], None
+        new_state = self._emit_store(graph, state, row, v, _first_element(graph, coeff))
         return [coeff, v], new_state
 
     def encodes_after_forward_matmul(self, activation: fx.Node) -> bool:
@@ -220,14 +240,9 @@ class VeloraCodec:
         return _emit(graph, aten.where.self, initialised, kept, fresh)
 
     def _emit_store(self, graph: fx.Graph, state: StateRow, row: fx.Node, v: fx.Node, pin: fx.Node) -> fx.Node:
-        """The state tensor with this row replaced by ``[1, v, (unused...), pin]``; with v fixed
-        (rule "none": the flag is set and v unchanged) only the pin is written, one element, which
-        inductor reinplaces into the state input instead of rebuilding and copying the row."""
+        """The state tensor with this row replaced by ``[1, v, (unused...), pin]`` (an updated v)."""
         g = self.sub_token_size
         width = int(row.meta["val"].shape[0])
-        if state.update == "none":
-            new_row = _emit(graph, aten.select_scatter.default, row, pin, 0, width - 1)
-            return _emit(graph, aten.select_scatter.default, state.tensor, new_row, 0, state.orientation)
         device = v.meta["val"].device
         one = _emit(graph, aten.full.default, [1], 1.0, dtype=torch.float32, device=device, pin_memory=False)
         parts = [one, v]

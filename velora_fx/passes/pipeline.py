@@ -15,7 +15,7 @@ from .._compat import int_hint, is_joint_primal, real_tensors
 from ..codecs.base import get_codec
 from ..codecs.rmm import sketch_rows
 from ..codecs.rmm import structural_error as rmm_structural_error
-from ..codecs.velora import StateRow
+from ..codecs.velora import StateRow, emit_pin
 from ..config import VeloraConfig
 from ..report import GraphReport, SiteReport
 from . import plan_cache
@@ -421,6 +421,8 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
     nodes = {n.name: n for n in gm.graph.nodes}
     current: dict[fx.Node, fx.Node] = {}  # state placeholder -> its latest value in the graph
     encode_nodes, saved_nodes = {}, {}
+    written, pin_host = _written_states(chosen, placeholders, binding, rules)
+    pinned: list[str] = []  # the coefficients of the sites whose v stays (rule "none")
     for d in chosen:
         site = d.group.sites[0]
         if d.codec == "rmm":
@@ -430,15 +432,45 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
             continue
         placeholder = placeholders[binding.state_primal(site.param_index)]
         slot = slots[id(d.group)]
-        state = StateRow(current.get(placeholder, placeholder), slot.orientation, rules[id(d)])
+        state = StateRow(current.get(placeholder, placeholder), slot.orientation, rules[id(d)],
+                         written=placeholder in written)
         codec = get_codec("velora", sub_token_size=d.sub_token_size, coeff_dtype=config.coeff_dtype,
                           scale=config.scale, beside=_widths_beside(nodes[d.group.encode_at], widths or {}))
         names, saved, new_state = rewrite_group(gm, d.group.encode_at, d.sites, codec, state)
         encode_nodes[id(d)], saved_nodes[id(d)] = names, saved
         if new_state is not None:
             current[placeholder] = new_state
+        else:
+            pinned.append(saved[0])
+    if pinned:
+        host = current.get(pin_host, pin_host)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        coefficients = [n for n in gm.graph.nodes if n.name in set(pinned)]
+        with gm.graph.inserting_before(max([host, *coefficients], key=order.__getitem__).next):
+            current[pin_host] = emit_pin(gm.graph, host, coefficients)
     store_states(gm, current)
     return _Rewritten(encode_nodes, saved_nodes, [p.name for p in current])
+
+
+def _written_states(chosen: list[Decision], placeholders: list[fx.Node], binding: GraphBinding, rules: dict
+                    ) -> tuple[set[fx.Node], fx.Node | None]:
+    """The state placeholders this graph writes, and the one that takes the graph's pin: the
+    state of a weight no site here reads (every weight has one), else a state an update rule
+    writes anyway, else the first fixed-v site's.  Every other state stays unwritten, so backward
+    reads its v in place instead of a copy."""
+    def state_of(d: Decision) -> fx.Node:
+        return placeholders[binding.state_primal(d.group.sites[0].param_index)]
+
+    velora = [d for d in chosen if d.codec != "rmm"]
+    fixed = [state_of(d) for d in velora if rules[id(d)] == "none"]
+    written = [state_of(d) for d in velora if rules[id(d)] != "none"]
+    if not fixed:
+        return set(written), None
+    read = set(fixed) | set(written)
+    unread = [placeholders[i] for i in map(binding.state_primal, range(len(placeholders)))
+              if i is not None and placeholders[i] not in read]
+    host = (unread or written or fixed)[0]
+    return set(written) | {host}, host
 
 
 def _encodes_in_backward(saved: SavedSet, coefficients: list[str]) -> bool:
