@@ -280,6 +280,27 @@ def test_transform_rewrites_a_traced_joint_graph_and_the_partition_saves_coeffic
     assert copies <= 1
 
 
+@pytest.mark.parametrize("mode", ["max_memory", "all"])
+def test_a_graph_writes_one_pin_and_backward_reads_each_v_in_place(mode):
+    """Fixed-v sites write nothing of their own state: the graph writes one pin, into the state of
+    a weight no site reads, and backward reads every compressed site's v from its state input
+    itself (no copy of v and no one-element write per site: two kernels per site before v19)."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    model, x = Stack(8, 16, layers=2, act="gelu"), torch.randn(2, 3, 8)
+    joint = velora_fx.trace_joint(model, x)
+    gm, report = velora_fx.transform(joint, sub_token_size=4, mode=mode, codecs=["velora"])
+    assert report.compressed
+    primals = [n.name for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("primals")]
+    states = set(primals[len(primals) - len(joint.state_inputs):])
+    writes = [n.args[0].name for n in gm.graph.nodes
+              if n.target is torch.ops.aten.copy_.default and n.args[0].name in states]
+    _, bwd = min_cut_rematerialization_partition(gm, joint.joint_inputs, num_fwd_outputs=joint.num_fwd_outputs,
+                                                 **joint.partition_kwargs)
+    read = {n.name for n in bwd.graph.find_nodes(op="placeholder")} & states
+    assert len(writes) == 1 and writes[0] not in read
+    assert len(read) == len({s.state for s in report.compressed})
+
+
 def test_explain_reports_every_site_and_serialises():
     model, x = Stack(8, 16, layers=2, act="tanh", attention=True), torch.randn(2, 4, 8)
     report = velora_fx.explain(model, x, sub_token_size=4, mode="max_memory", codecs=["velora"])
