@@ -142,12 +142,13 @@ class VeloraCodec:
         self.scale = scale
         self.beside = tuple(sorted(set(beside)))  # reduction widths of other encodes in x's producer
 
-    def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    def saved_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, copies_vector: bool = True) -> int:
         """What forward saves for an activation of ``shape``: one coefficient per sub-token (in
-        ``coeff_dtype``, default the activation's) and v (fp32, g floats)."""
+        ``coeff_dtype``, default the activation's) and a copy of v (fp32, g floats) unless
+        backward reads v from its unwritten state input (``copies_vector=False``)."""
         numel = math.prod(int(s) for s in shape)
         coeff = torch.empty((), dtype=self.coeff_dtype or dtype).element_size()
-        return numel // self.sub_token_size * coeff + self.sub_token_size * 4
+        return numel // self.sub_token_size * coeff + (self.sub_token_size * 4 if copies_vector else 0)
 
     def encode(self, graph: fx.Graph, activation: fx.Node, state: StateRow) -> tuple[list[fx.Node], fx.Node]:
         g = self.sub_token_size

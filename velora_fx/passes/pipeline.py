@@ -108,6 +108,7 @@ class _Rewritten:
     saved_nodes: dict[int, list[str]]    # id(decision) -> the encode outputs meant to be saved (c, v)
     mutated: list[str]                   # state placeholders written in place
     pointwise: dict[int, list[str]] = field(default_factory=dict)  # id(few-bit decision) -> saved codes
+    copies_vector: set[int] = field(default_factory=set)  # id(decision): saves a copy of v (its state is written)
 
 
 def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding, graph_id: int = 0,
@@ -181,7 +182,7 @@ def run_pipeline(ctx: JointContext, config: VeloraConfig, binding: GraphBinding,
         report.budget_candidates = [dict(c) for c in budget.get("candidates", [])]
         report.message = "; ".join(m for m in (report.message, budget["message"]) if m)
     report.sites = [_site_report(nodes[d.group.encode_at], d, baseline, after, done.saved_nodes.get(id(d), []),
-                                 slots[id(d.group)], config) for d in decisions]
+                                 slots[id(d.group)], config, id(d) in done.copies_vector) for d in decisions]
     report.sites += [codec_report(d, nodes, baseline, after, done.pointwise.get(id(d), []))
                      for d in pointwise_plan]
     state_sites = _state_sites(decisions, slots, done)
@@ -423,6 +424,7 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
     encode_nodes, saved_nodes = {}, {}
     written, pin_host = _written_states(chosen, placeholders, binding, rules)
     pinned: list[str] = []  # the coefficients of the sites whose v stays (rule "none")
+    copies: set[int] = set()  # the sites whose state is written: they save a copy of v
     for d in chosen:
         site = d.group.sites[0]
         if d.codec == "rmm":
@@ -442,6 +444,8 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
             current[placeholder] = new_state
         else:
             pinned.append(saved[0])
+        if placeholder in written:
+            copies.add(id(d))
     if pinned:
         host = current.get(pin_host, pin_host)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -449,7 +453,7 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
         with gm.graph.inserting_before(max([host, *coefficients], key=order.__getitem__).next):
             current[pin_host] = emit_pin(gm.graph, host, coefficients)
     store_states(gm, current)
-    return _Rewritten(encode_nodes, saved_nodes, [p.name for p in current])
+    return _Rewritten(encode_nodes, saved_nodes, [p.name for p in current], copies_vector=copies)
 
 
 def _written_states(chosen: list[Decision], placeholders: list[fx.Node], binding: GraphBinding, rules: dict
@@ -532,7 +536,7 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: SiteE
 
 
 def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
-                 slot, config: VeloraConfig) -> SiteReport:
+                 slot, config: VeloraConfig, copies_vector: bool = True) -> SiteReport:
     group = d.group
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
@@ -548,7 +552,7 @@ def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: Sa
         estimated_error=round(float(d.estimated_error), 6), codec=d.codec if d.compress else "velora",
         state=slot.name if slot is not None and d.compress and d.codec == "velora" else None,
         predicted_bytes_after=get_codec("velora", sub_token_size=d.sub_token_size, coeff_dtype=config.coeff_dtype)
-        .saved_bytes(tuple(int_hint(s) for s in val.shape), val.dtype)
+        .saved_bytes(tuple(int_hint(s) for s in val.shape), val.dtype, copies_vector=copies_vector)
         if d.compress and d.codec == "velora" and all(isinstance(int_hint(s), int) for s in val.shape) else None,
         error_source=d.error_source if d.compress else None, update_share=d.update_share if d.compress else None,
         gradient_error=d.gradient_error if d.compress else None)
