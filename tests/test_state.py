@@ -72,7 +72,7 @@ def _fixed_v_graph(written, coefficient_count=1):
     state.meta["val"] = torch.empty(2, 10)
     other = graph.placeholder("other")
     other.meta["val"] = torch.empty(2, 10)
-    outputs, coefficients = [], []
+    coefficients = []
     for _ in range(coefficient_count):
         (c, v), new_state = VeloraCodec(4).encode(graph, x, StateRow(state, 0, "none", written=written))
         assert new_state is None  # a fixed v writes nothing itself
