@@ -449,7 +449,8 @@ def _rewrite(gm: fx.GraphModule, chosen: list[Decision], slots: dict, rules: dic
     if pinned:
         host = current.get(pin_host, pin_host)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        coefficients = [n for n in gm.graph.nodes if n.name in set(pinned)]
+        wanted = set(pinned)
+        coefficients = [n for n in gm.graph.nodes if n.name in wanted]
         with gm.graph.inserting_before(max([host, *coefficients], key=order.__getitem__).next):
             current[pin_host] = emit_pin(gm.graph, host, coefficients)
     store_states(gm, current)
