@@ -150,7 +150,7 @@ class VeloraCodec:
         coeff = torch.empty((), dtype=self.coeff_dtype or dtype).element_size()
         return numel // self.sub_token_size * coeff + (self.sub_token_size * 4 if copies_vector else 0)
 
-    def encode(self, graph: fx.Graph, activation: fx.Node, state: StateRow) -> tuple[list[fx.Node], fx.Node]:
+    def encode(self, graph: fx.Graph, activation: fx.Node, state: StateRow) -> tuple[list[fx.Node], fx.Node | None]:
         g = self.sub_token_size
         row = _emit(graph, aten.select.int, state.tensor, 0, state.orientation)
         v_old = _emit(graph, aten.slice.Tensor, row, 0, 1, 1 + g)
