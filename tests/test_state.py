@@ -21,7 +21,8 @@ def batches(n, shape=(6, 8), seed=0):
 
 
 def encode_graph(shape, g, rule, width, orientation=0, dtype=torch.float32):
-    """A graph ``(x, state) -> (c, v)`` made of the codec's emitted aten code, state updated in place."""
+    """A graph ``(x, state) -> (c, v)`` made of the codec's emitted aten code, state updated in place
+    (rule "none" updates nothing: the pipeline pins the graph's coefficients, ``emit_pin``)."""
     graph = fx.Graph()
     x = graph.placeholder("x")
     x.meta["val"] = torch.empty(shape, dtype=dtype)
@@ -30,7 +31,7 @@ def encode_graph(shape, g, rule, width, orientation=0, dtype=torch.float32):
     (c, v), new_state = VeloraCodec(g).encode(graph, x, StateRow(state, orientation, rule))
     graph.output((c, v))
     gm = fx.GraphModule(nn.Module(), graph)
-    store_states(gm, {state: new_state})
+    store_states(gm, {state: new_state} if new_state is not None else {})
     return gm
 
 

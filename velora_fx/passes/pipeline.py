@@ -537,7 +537,7 @@ def _commit(decisions: list[Decision], slots: dict, rules: dict, estimate: SiteE
 
 
 def _site_report(activation: fx.Node, d: Decision, baseline: SavedSet, after: SavedSet, encoded: list[str],
-                 slot, config: VeloraConfig, copies_vector: bool = True) -> SiteReport:
+                 slot, config: VeloraConfig, copies_vector: bool) -> SiteReport:
     group = d.group
     val = tensor_val(activation)
     before_forms = baseline.which(group.forms)
