@@ -380,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             doc["runs"].append(record)
             if record["status"] == "ok":
                 bm.log(START, f"{regime:18s} seed {seed}: val loss {record['val_loss_before']:.4f} -> "
-                              f"{record['val_loss']:.4f}, {record['step_ms']:.1f} ms/step, first step "
+                              f"{record['val_loss']:.4f} (train, last 20 steps: "
+                              f"{statistics.fmean(record['train_losses'][-20:]):.4f}; adapter norm "
+                              f"{record['trainable_norm']:.2f}), {record['step_ms']:.1f} ms/step, first step "
                               f"{record['first_step_s']:.1f} s, peak extra "
                               + ("n/a (CPU)" if record["peak_extra_bytes"] is None
                                  else f"{record['peak_extra_bytes'] / 2**20:.1f} MiB"))

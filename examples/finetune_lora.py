@@ -172,8 +172,11 @@ def finetune(base: torch.nn.Module, data: bytes, args: argparse.Namespace, backe
                     start_peak(args.device)
                     resident = torch.cuda.memory_allocated()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    trained = torch.cat([p.detach().flatten().float() for p in params])
     return {**summary(label, times, losses, module, backend, cuda), **before,
             "val_loss": validation_loss(module, data, args), "trainable_params": sum(p.numel() for p in params),
+            # the curve and the adapters' size tell a diverged or collapsed fine-tune from a noisy one
+            "train_losses": losses, "trainable_norm": torch.linalg.vector_norm(trained).item(),
             "resident_bytes": resident, "first_step_peak_extra_bytes": first_peak}
 
 

@@ -41,6 +41,9 @@ def test_lora_quality_tiny(tmp_path):
         for key in ("val_loss_before", "val_loss", "train_loss", "step_ms", "first_step_s"):
             assert math.isfinite(run[key]), (name, key, run[key])
         assert run["val_loss"] < math.log(256) + 1 and run["trainable_params"] > 0
+        # the loss curve and the adapters' norm, what tells a collapsed fine-tune from a noisy one
+        assert len(run["train_losses"]) == 3 and run["train_losses"][-1] == run["train_loss"], name
+        assert run["trainable_norm"] > 0, name
     # one base, one LoRA init (B = 0): every regime starts from the same validation loss
     before = runs["inductor"]["val_loss_before"]
     assert before == pytest.approx(doc["pretrain"]["val_loss"], rel=1e-6)
