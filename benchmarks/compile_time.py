@@ -1,4 +1,5 @@
-"""Compile time of ``memory_budget`` planning: velora_fx against the same compile without it.
+"""Compile time of ``memory_budget`` planning (or, with ``--config default``, of the default backend):
+velora_fx against the same compile without it.
 
 Both sides use inductor's decompositions and min-cut partitioner without code generation
 (``aot_eager_decomp_partition`` / velora_fx's ``compiler="eager"``), so the difference is
@@ -109,13 +110,17 @@ def instrument() -> Stages:
     return stages
 
 
-def make_backend(regime: str):
+def make_backend(regime: str, config: str = "budget"):
+    """``config``: "budget" (``memory_budget=0.5`` with every codec) or "default" (``velora_fx.backend()``
+    as a user calls it); velora_fx's side never generates code (``compiler="eager"``)."""
     if regime == "plain":
         from torch._dynamo.backends.debugging import aot_eager_decomp_partition
         return aot_eager_decomp_partition
     if regime == "inductor":
         return "inductor"
     import velora_fx
+    if config == "default":
+        return velora_fx.backend(compiler="eager")
     return velora_fx.backend(memory_budget=0.5, codecs=CODECS, compiler="eager")
 
 
@@ -127,7 +132,7 @@ def child(args) -> dict[str, Any]:
                          max_positions=max(2048, args.seq + 1))).to(dtype)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     stages = instrument() if args.regime == "velora" else None
-    backend = make_backend(args.regime)
+    backend = make_backend(args.regime, args.config)
     compiled = torch.compile(model, backend=backend)
     profiler = None
     if args.profile:
@@ -168,7 +173,8 @@ def _graph_summary(graph) -> dict[str, Any]:
 def run_child(model: str, regime: str, args, cache_dir: str, process: int = 1) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--regime", regime,
            "--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--process", str(process)]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--process", str(process),
+           "--config", args.config]
     if args.profile:
         cmd += ["--profile", os.path.abspath(args.profile)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TORCHINDUCTOR_CACHE_DIR": cache_dir}
@@ -225,6 +231,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--config", default="budget", choices=["budget", "default"],
+                    help="velora_fx's options: memory_budget=0.5 with every codec, or the default backend()")
     ap.add_argument("--out", default="results/compile_time")
     ap.add_argument("--processes", type=int, default=1,
                     help="runs of each (model, regime), each in a fresh process on the same cache directory")
