@@ -110,7 +110,7 @@ def instrument() -> Stages:
     return stages
 
 
-def make_backend(regime: str, config: str = "budget"):
+def make_backend(regime: str, config: str):
     """``config``: "budget" (``memory_budget=0.5`` with every codec) or "default" (``velora_fx.backend()``
     as a user calls it); velora_fx's side never generates code (``compiler="eager"``)."""
     if regime == "plain":

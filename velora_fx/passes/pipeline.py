@@ -472,8 +472,9 @@ def _written_states(chosen: list[Decision], placeholders: list[fx.Node], binding
     if not fixed:
         return set(written), None
     read = set(fixed) | set(written)
-    unread = [placeholders[i] for i in map(binding.state_primal, range(len(placeholders)))
-              if i is not None and placeholders[i] not in read]
+    # every weight's state: state_primal maps a primal that is a weight to its state's primal, others to None
+    states = [placeholders[s] for s in map(binding.state_primal, range(len(placeholders))) if s is not None]
+    unread = [state for state in states if state not in read]
     host = (unread or written or fixed)[0]
     return set(written) | {host}, host
 
